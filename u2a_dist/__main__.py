@@ -1,0 +1,4 @@
+from u2a_dist.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

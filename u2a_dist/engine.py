@@ -1,0 +1,227 @@
+"""The DeepSpeed engine and everything that touches its ZeRO partitions.
+
+Only this module (and linalg.py) knows that ZeRO-3 holds a 1/W partition of every parameter in
+``p.ds_tensor``; the trainer and the selector see ``local_parts()`` and ``local_grads()``: lists
+of fp32 tensors with the partition layout (zero padding included), on every stage. For stages
+0–2 every rank holds whole parameters, so ``partitioned`` is False and sharded reductions must not
+all-reduce (the selector passes ``group=None`` then).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from u2a_dist.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
+    """Join the process group from RANK/WORLD_SIZE/MASTER_ADDR/PORT (gloo on CPU)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """A DeepSpeed JSON path as given, or relative to the repository/package root."""
+    for candidate in (Path(path), REPO_ROOT / path, Path(__file__).parent / "ds_configs"
+                      / Path(path).name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"runtime.ds_config: {path!r} not found")
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, train: bool = True) -> dict[str, Any]:
+    """The JSON file of runtime.ds_config with the run's batch, stage and precision applied."""
+    path = resolve_ds_config_path(cfg.runtime.ds_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    ds["train_micro_batch_size_per_gpu"] = max(1, cfg.unlearn.batch_size // world_size)
+    ds["gradient_accumulation_steps"] = 1
+    ds.pop("train_batch_size", None)
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.runtime.zero_stage
+    if cfg.runtime.zero_stage == 3:
+        # Parameters under the threshold would stay unpartitioned; the selector's sharded
+        # vectors assume every parameter is partitioned (DESIGN §6).
+        zero["stage3_param_persistence_threshold"] = 0
+    ds["gradient_clipping"] = cfg.unlearn.grad_clip if train else 0.0
+    ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
+    ds["fp16"] = {"enabled": cfg.model.dtype == "float16"}
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+class Engine:
+    """A DeepSpeed engine around one causal LM, with partition-level access for the selector."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, world_size: int,
+                 train: bool = True) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.world_size = world_size
+        self.stage = cfg.runtime.zero_stage
+        self.ds_config = build_ds_config(cfg, world_size, train=train)
+        optimizer = scheduler = None
+        if train:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if cfg.unlearn.optimizer == "adamw":
+                optimizer = torch.optim.AdamW(params, lr=cfg.unlearn.lr,
+                                              weight_decay=cfg.unlearn.weight_decay)
+            else:
+                optimizer = torch.optim.SGD(params, lr=cfg.unlearn.lr,
+                                            weight_decay=cfg.unlearn.weight_decay)
+            warmup = cfg.unlearn.warmup_steps
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        else:
+            model.requires_grad_(False)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.params = [p for p in self.ds.module.parameters() if p.requires_grad or not train]
+        self.partitioned = self.stage == 3
+
+    # ------------------------------------------------------------------ forward / step
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def forward(self, **batch: torch.Tensor):
+        return self.ds(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def zero_grad(self) -> None:
+        # engine.zero_grad() alone leaves micro_step_id set and gradients accumulate (§6).
+        self.ds.zero_grad()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
+
+    def global_grad_norm(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ partitions
+
+    def local_parts(self) -> list[torch.Tensor]:
+        """This rank's parameter storage, in the layout the forward pass reads from.
+
+        ZeRO-3: ``p.ds_tensor`` (a flat 1/W partition, zero padding included). Otherwise: the
+        whole parameter. Writing into these tensors changes the next forward pass, which is
+        what the finite-difference HVP relies on.
+        """
+        if self.stage == 3:
+            return [p.ds_tensor for p in self.params]
+        return [p.data for p in self.params]
+
+    def local_grads(self) -> list[torch.Tensor]:
+        """fp32 copies of this rank's gradient partitions after a backward pass."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            out = []
+            for p in self.params:
+                g = safe_get_local_grad(p)
+                out.append(torch.zeros(p.ds_tensor.numel()) if g is None
+                           else g.detach().float().reshape(-1).clone())
+            return out
+        from deepspeed.utils import safe_get_full_grad
+
+        out = []
+        for p in self.params:
+            g = safe_get_full_grad(p) if self.stage > 0 else p.grad
+            out.append(torch.zeros_like(p, dtype=torch.float32) if g is None
+                       else g.detach().float().clone())
+        return out
+
+    def add_to_local_grads(self, deltas: list[torch.Tensor]) -> None:
+        """g_local += delta for every parameter (used for the analytic prox gradient)."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            for p, d in zip(self.params, deltas):
+                g = safe_get_local_grad(p)
+                safe_set_local_grad(p, g.float().reshape(-1) + d.reshape(-1))
+        elif self.stage == 0:
+            for p, d in zip(self.params, deltas):
+                p.grad.add_(d.view_as(p.grad).to(p.grad.dtype))
+        else:
+            from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+            for p, d in zip(self.params, deltas):
+                safe_set_full_grad(p, safe_get_full_grad(p).float() + d.view_as(p))
+
+    def local_numels(self) -> list[int]:
+        return [t.numel() for t in self.local_parts()]
+
+    def partition_group(self):
+        """Process group for sharded dot products: None when every rank holds everything."""
+        import torch.distributed as dist
+
+        if self.stage == 3 and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    @contextmanager
+    def gathered(self, modifier_rank: int | None = None):
+        """All-gather the whole parameters for the duration of the block (ZeRO-3 only)."""
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.ds.module.parameters()),
+                                                   modifier_rank=modifier_rank):
+                yield
+        else:
+            yield
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights as fp32 CPU tensors (every rank takes part; all get it)."""
+        with self.gathered():
+            return {k: v.detach().float().cpu().clone()
+                    for k, v in self.ds.module.state_dict().items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, directory: Path, tag: str) -> None:
+        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                          load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+
+
+def env_rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

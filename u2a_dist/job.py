@@ -1,0 +1,119 @@
+"""What one run does, independent of how ranks were started (local, deepspeed, Ray).
+
+``preflight`` runs once in the driver before the run directory exists, so that bad config or
+data never leaves a half-made run behind. ``run_rank`` runs in every rank process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from u2a_dist.config import RunConfig, load_config
+from u2a_dist.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Resolve (convert once) the model, check the tokenizer and read every data spec."""
+    from u2a_dist.data.examples import load_completions, load_pairs, load_prompts
+    from u2a_dist.engine import build_ds_config
+    from u2a_dist.models import load_tokenizer, resolve_model_dir
+
+    build_ds_config(cfg, cfg.runtime.world_size)
+    load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
+    load_completions(cfg.data.forget)
+    for spec in (cfg.data.retain, cfg.data.mismatch):
+        if spec is not None:
+            load_completions(spec)
+    for spec in (cfg.data.pa, cfg.data.pa_eval):
+        if spec is not None:
+            load_pairs(spec)
+    for spec in (cfg.eval.harmful_prompts, cfg.eval.harmless_prompts):
+        if spec is not None:
+            load_prompts(spec)
+
+
+def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
+    """Train (U2A when the selector is enabled, else uniform weights), checkpoint, export."""
+    from u2a_dist.engine import init_distributed
+    from u2a_dist.trainer import Trainer
+
+    rank, world_size = init_distributed(cfg.runtime.timeout_s)
+    try:
+        trainer = Trainer(cfg, run_dir, rank, world_size)
+        before = trainer.evaluate() if trainer.pa_eval is not None else {}
+        if trainer.resumed_from is not None and rank == 0:
+            print(f"[u2a] resumed from step {trainer.resumed_from}", flush=True)
+        result = run_training(trainer, progress)
+        after = trainer.evaluate() if trainer.pa_eval is not None else {}
+        if cfg.runtime.checkpoint_every:
+            trainer.save_checkpoint()
+        trainer.export(run_dir.path / "model")
+        summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
+                   "before": before, "after": after}
+        if rank == 0:
+            run_dir.write_json("summary.json", summary)
+            write_report(run_dir, cfg, summary)
+        return summary
+    except Exception as exc:
+        if rank == 0:
+            run_dir.write_json("error.json", {"error": type(exc).__name__, "message": str(exc),
+                                              "traceback": traceback.format_exc()})
+        raise
+
+
+def run_training(trainer, progress=None) -> dict[str, Any]:
+    """The training loop for this run's config: the U2A loop or plain weighted unlearning."""
+    if trainer.cfg.selector.enabled:
+        try:
+            from u2a_dist.selector import run_u2a
+        except ImportError:
+            run_u2a = None
+        if run_u2a is not None:
+            return run_u2a(trainer, progress)
+    return trainer.train(progress=progress)
+
+
+def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> None:
+    lines = ["# u2a-dist run report", "",
+             f"- model: `{cfg.model.name_or_path}`, world size {summary['world_size']}, "
+             f"ZeRO stage {cfg.runtime.zero_stage}",
+             f"- steps: {summary['step']} (stopped: {summary['stopped']}), training time "
+             f"{summary['train_time_s']:.1f} s, evaluation time {summary['eval_time_s']:.1f} s",
+             "", "| metric | before | after |", "|---|---|---|"]
+    for key in sorted(set(summary["before"]) | set(summary["after"])):
+        if key.startswith("timing/"):
+            continue
+        b, a = summary["before"].get(key), summary["after"].get(key)
+        lines.append(f"| {key} | {_fmt(b)} | {_fmt(a)} |")
+    (run_dir.path / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def rank_main(run_dir: str) -> int:
+    """Entry point of one rank process: RANK/WORLD_SIZE/MASTER_* come from the environment."""
+    logging.basicConfig(level=os.environ.get("U2A_LOG_LEVEL", "WARNING"))
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.path / "config.yaml")
+
+    def progress(m: dict[str, Any]) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+                     if k in ("step", "loss", "forget/nll", "pa/accuracy", "time_s")}
+            print(f"[u2a] {json.dumps(shown)}", flush=True)
+
+    run_rank(cfg, rd, progress)
+    return 0
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -1,0 +1,72 @@
+"""Forward passes over whole data sets, sharded across ranks.
+
+Under ZeRO-3 a forward pass is a collective (every layer all-gathers its weights), so every rank
+must make the same number of forward calls with the same batch size even when the data set does
+not divide evenly: each rank's share is padded by repeating its first item, and the padded
+results are dropped after the all-gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from u2a_dist.data.tokenize import collate
+from u2a_dist.losses import sequence_logps
+
+
+def world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def padded_shares(n: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """Strided shares of range(n), each padded to the same multiple of batch_size.
+
+    A padding slot holds -1 and is replaced by a real item before the forward pass.
+    """
+    per = -(-n // world_size)
+    per = -(-per // batch_size) * batch_size
+    shares = []
+    for r in range(world_size):
+        share = list(range(r, n, world_size))
+        shares.append(share + [-1] * (per - len(share)))
+    return shares
+
+
+def all_gather_rows(local: torch.Tensor) -> list[torch.Tensor]:
+    """All-gather equal-shaped tensors from every rank (identity on one process)."""
+    rank, size = world()
+    if size == 1:
+        return [local]
+    out = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(out, local.contiguous())
+    return out
+
+
+@torch.no_grad()
+def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ response log-prob, response length) for every item, on every rank, in item order."""
+    rank, size = world()
+    n = len(items)
+    shares = padded_shares(n, size, batch_size)
+    mine = shares[rank]
+    filler = next((i for i in mine if i >= 0), 0)
+    values = torch.zeros(len(mine), 2, dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
+        batch = collate([items[i] for i in idx], pad_id)
+        logp, ntok = sequence_logps(model, batch)
+        values[start:start + len(idx), 0] = logp.double()
+        values[start:start + len(idx), 1] = ntok.double()
+    gathered = all_gather_rows(values)
+    out = torch.zeros(n, 2, dtype=torch.float64)
+    for r, share in enumerate(shares):
+        for j, i in enumerate(share):
+            if i >= 0:
+                out[i] = gathered[r][j]
+    return out[:, 0], out[:, 1]

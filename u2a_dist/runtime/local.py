@@ -1,0 +1,96 @@
+"""Local launcher: W real rank processes on this machine, rendezvous on 127.0.0.1 (gloo on CPU).
+
+Rank 0's output streams to the console; every rank's full output goes to
+``<run>/logs/rank<r>.log``. If one rank fails the others are stopped, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from u2a_dist.rundir import RunDir
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, port: int, local_rank: int | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"RANK": str(rank), "LOCAL_RANK": str(rank if local_rank is None else local_rank),
+                "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS":
+                env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))})
+    return env
+
+
+class RankFailure(RuntimeError):
+    pass
+
+
+def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
+    """Run ``python -m u2a_dist.runtime.worker`` W times and wait; raise if any rank fails."""
+    logs = run_dir.path / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    files = []
+    for rank in range(world_size):
+        log_file = open(logs / f"rank{rank}.log", "w")
+        files.append(log_file)
+        cmd = [sys.executable, "-m", "u2a_dist.runtime.worker", "--run-dir", str(run_dir.path)]
+        procs.append(subprocess.Popen(cmd, env=rank_env(rank, world_size, port),
+                                      stdout=log_file, stderr=subprocess.STDOUT))
+    shown = 0
+    failed: int | None = None
+    try:
+        while True:
+            if not quiet:
+                shown = _echo_progress(logs / "rank0.log", shown)
+            codes = [p.poll() for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                failed = next(i for i, c in enumerate(codes) if c not in (None, 0))
+                break
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in files:
+            f.close()
+    if not quiet:
+        _echo_progress(logs / "rank0.log", shown)
+    if failed is not None:
+        raise RankFailure(f"rank {failed} failed (exit {procs[failed].returncode}); last lines "
+                          f"of {logs / f'rank{failed}.log'}:\n" + _tail(logs / f"rank{failed}.log"))
+
+
+def _echo_progress(path: Path, shown: int) -> int:
+    if not path.is_file():
+        return shown
+    lines = path.read_text(errors="replace").splitlines()
+    for line in lines[shown:]:
+        if line.startswith("[u2a]"):
+            print(line, flush=True)
+    return len(lines)
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    if not path.is_file():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])

@@ -1,0 +1,431 @@
+"""Weighted unlearning on a DeepSpeed engine: the inner problem of U2A (DESIGN §2).
+
+Every rank runs this same code. A step draws a global batch of B forget examples from the
+support S (a seeded permutation, identical on every rank), each rank takes its B/W share, and the
+rank loss is scaled so that DeepSpeed's gradient average over ranks equals the gradient of
+
+    L_in(θ, w) ≈ |S|/B · Σ_{i∈batch} w_i (ℓ_i + c_m m_i) + c_r KL_r + (λ/2)‖θ − θ0‖²
+
+whatever the world size (tested: 1 and 2 ranks give the same trajectory). The prox gradient
+λ(θ − θ0) is added to the local gradient partitions directly: under ZeRO-3 the parameters are not
+whole outside the forward pass, and the term's Hessian (λI) is known exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from u2a_dist.config import RunConfig
+from u2a_dist.data.examples import Completion, load_completions, load_pairs
+from u2a_dist.data.readers import DataError
+from u2a_dist.data.tokenize import collate, encode, shard
+from u2a_dist.engine import Engine
+from u2a_dist.evaluate import EncodedPairs, encode_pairs, pa_metrics, pair_logps
+from u2a_dist.losses import (
+    NonFiniteLossError,
+    sequence_logps,
+    token_kl_sum,
+    token_logps,
+    unlearn_loss,
+)
+from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
+from u2a_dist.passes import dataset_logps, world
+from u2a_dist.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(value: float | torch.Tensor) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@dataclass
+class ForgetSet:
+    examples: list[Completion]
+    items: list[dict[str, list[int]]]
+    mismatch: list[dict[str, list[int]]] | None  # (x_i, y'_i) for the mismatch term
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class BatchSampler:
+    """Seeded epochs over the support; state is two integers, so resume is exact."""
+
+    def __init__(self, support: list[int], batch_size: int, seed: int) -> None:
+        self.support = list(support)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return [self.support[i] for i in torch.randperm(len(self.support), generator=g)]
+
+    def next_batch(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.cursor >= len(self._order):
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._permutation()
+            take = min(self.batch_size - len(out), len(self._order) - self.cursor)
+            out.extend(self._order[self.cursor:self.cursor + take])
+            self.cursor += take
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"support": self.support, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.support = list(state["support"])
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation()
+
+
+class Trainer:
+    """Builds model, data and engine for one rank; trains with fixed (or selector-set) weights."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir | None, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.rank, self.world_size = world() if rank is None else (rank, world_size or 1)
+        seed_everything(cfg.runtime.seed)
+        resolved = resolve_model_dir(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, resolved)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.forget = self._load_forget()
+        self.pa = self._pairs(cfg.data.pa)
+        self.pa_eval = self._pairs(cfg.data.pa_eval)
+        self.retain = self._load_retain()
+
+        model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
+        self.engine = Engine(cfg, model, self.world_size)
+        # θ0 = the starting model = the frozen reference (DESIGN §2); fp32 local partitions.
+        self.theta0 = [t.detach().float().clone() for t in self.engine.local_parts()]
+        self.ref_engine = None
+        if cfg.unlearn.retain_kl_weight > 0:
+            ref_model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
+            self.ref_engine = Engine(cfg, ref_model, self.world_size, train=False)
+            self.ref_engine.module.eval()
+        self.ref_cache = self._reference_logps()
+
+        n = len(self.forget)
+        self.weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        self.sampler = BatchSampler(list(range(n)), cfg.unlearn.batch_size, cfg.runtime.seed)
+        self.retain_sampler = (BatchSampler(list(range(len(self.retain))),
+                                            cfg.unlearn.batch_size, cfg.runtime.seed + 1)
+                               if self.retain else None)
+        self.step = 0
+        self.train_time = 0.0
+        self.eval_time = 0.0
+        self.round = 0
+        self.resumed_from: int | None = None
+        if run_dir is not None and (tag := run_dir.latest_checkpoint()) is not None:
+            self.load_checkpoint(tag)
+
+    # ------------------------------------------------------------------ data
+
+    def _encode(self, prompt: str, response: str, history=None) -> dict[str, list[int]]:
+        return encode(self.tokenizer, prompt, response, history, self.cfg.data.max_length)
+
+    def _load_forget(self) -> ForgetSet:
+        examples = load_completions(self.cfg.data.forget)
+        if not examples:
+            raise DataError(f"{self.cfg.data.forget.path}: the forget set is empty")
+        items = [self._encode(e.prompt, e.response, e.history) for e in examples]
+        mismatch = None
+        if self.cfg.data.mismatch is not None:
+            answers = [c.response for c in load_completions(self.cfg.data.mismatch)]
+            # One fixed answer per example (i mod M), so m_i is a deterministic function of θ
+            # that the selector can score; over the forget set every answer is used.
+            mismatch = [self._encode(e.prompt, answers[i % len(answers)], e.history)
+                        for i, e in enumerate(examples)]
+        return ForgetSet(examples, items, mismatch)
+
+    def _load_retain(self) -> list[dict[str, list[int]]]:
+        if self.cfg.data.retain is None:
+            return []
+        return [self._encode(c.prompt, c.response, c.history)
+                for c in load_completions(self.cfg.data.retain)]
+
+    def _pairs(self, spec) -> EncodedPairs | None:
+        if spec is None:
+            return None
+        return encode_pairs(self.tokenizer, load_pairs(spec), self.cfg.data.max_length)
+
+    def _reference_logps(self) -> dict[str, torch.Tensor]:
+        """Scalar reference log-probs at θ0, cached once (before any checkpoint is loaded)."""
+        cache: dict[str, torch.Tensor] = {}
+        bs = self.cfg.eval.batch_size
+        model = self.engine.module
+        model.eval()
+        if self.cfg.unlearn.loss == "npo":
+            cache["forget"], _ = dataset_logps(model, self.forget.items, self.pad_id, bs)
+        for name, pairs in (("pa", self.pa), ("pa_eval", self.pa_eval)):
+            if pairs is not None and (name == "pa_eval" or self.cfg.selector.enabled):
+                cache[f"{name}/chosen"], cache[f"{name}/rejected"] = pair_logps(
+                    model, pairs, self.pad_id, bs)
+        model.train()
+        return cache
+
+    # ------------------------------------------------------------------ the inner loss
+
+    def per_example_inner(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph."""
+        batch = collate([self.forget.items[i] for i in idx], self.pad_id)
+        logp, ntok = sequence_logps(model, batch)
+        ref = self.ref_cache["forget"][idx].float() if "forget" in self.ref_cache else None
+        loss = unlearn_loss(self.cfg.unlearn.loss, logp, ntok, ref, self.cfg.unlearn.npo_beta)
+        total = loss
+        if self.cfg.unlearn.mismatch_weight > 0 and self.forget.mismatch is not None:
+            mb = collate([self.forget.mismatch[i] for i in idx], self.pad_id)
+            m_logp, m_ntok = sequence_logps(model, mb)
+            total = total + self.cfg.unlearn.mismatch_weight * (-m_logp / m_ntok.clamp(min=1))
+        return total, loss
+
+    def _retain_kl(self, local_idx: list[int]) -> tuple[torch.Tensor, float]:
+        batch = collate([self.retain[i] for i in local_idx], self.pad_id)
+        logits = self.engine.forward(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad():
+            ref_logits = self.ref_engine.forward(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits
+        kl_sum, count = token_kl_sum(logits, ref_logits, batch["labels"])
+        return kl_sum, all_reduce_sum(count)
+
+    def prox_grads(self) -> list[torch.Tensor]:
+        lam = self.cfg.unlearn.prox_lambda
+        return [lam * (p.detach().float().reshape(-1) - r.reshape(-1))
+                for p, r in zip(self.engine.local_parts(), self.theta0)]
+
+    def prox_value(self) -> float:
+        lam = self.cfg.unlearn.prox_lambda
+        local = sum(float((p.detach().double() - r.double()).pow(2).sum())
+                    for p, r in zip(self.engine.local_parts(), self.theta0))
+        if self.engine.partition_group() is not None:
+            local = all_reduce_sum(local)
+        return 0.5 * lam * local
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step on L_in(·, w); returns the step's metrics (same on all ranks)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch_idx = self.sampler.next_batch()
+        local_idx = shard(batch_idx, self.rank, self.world_size)
+        support_size = len(self.sampler.support)
+        scale = support_size / cfg.unlearn.batch_size
+        w = self.weights[local_idx].float()
+        total, ell = self.per_example_inner(self.engine.ds, local_idx)
+        bad = (~torch.isfinite(total.detach())).any()
+        loss_local = self.world_size * scale * (w * total).sum()
+        kl_value = 0.0
+        if self.ref_engine is not None and self.retain_sampler is not None:
+            r_local = shard(self.retain_sampler.next_batch(), self.rank, self.world_size)
+            kl_sum, count = self._retain_kl(r_local)
+            loss_local = loss_local + cfg.unlearn.retain_kl_weight * self.world_size * \
+                kl_sum / max(count, 1.0)
+            kl_value = all_reduce_sum(kl_sum.detach()) / max(count, 1.0)
+            bad = bad | ~torch.isfinite(kl_sum.detach())
+        if all_reduce_sum(float(bad)) > 0:
+            ids = [self.forget.ids[i] for i, ok in zip(local_idx, torch.isfinite(total.detach()))
+                   if not ok]
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: non-finite unlearning loss"
+                + (f" (examples {ids})" if ids else " (on another rank or in the retain KL)")
+                + "; training stopped, the last good checkpoint is intact")
+        self.engine.backward(loss_local)
+        if cfg.unlearn.prox_lambda > 0:
+            self.engine.add_to_local_grads(self.prox_grads())
+        self.engine.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self.train_time += dt
+        loss = all_reduce_sum(loss_local.detach()) / self.world_size
+        prox = self.prox_value() if cfg.unlearn.prox_lambda > 0 else 0.0
+        forget_nll = -all_reduce_sum(ell.detach().sum()) / cfg.unlearn.batch_size \
+            if cfg.unlearn.loss == "ga" else float("nan")
+        metrics = {"step": self.step, "time_s": round(self.train_time, 4),
+                   "loss": loss + prox, "loss/unlearn": loss, "loss/prox": prox,
+                   "lr": self.engine.lr(), "grad_norm": self.engine.global_grad_norm(),
+                   "timing/step_s": dt, "round": self.round}
+        if cfg.unlearn.loss == "ga":
+            metrics["forget/nll"] = forget_nll
+        if self.ref_engine is not None:
+            metrics["loss/retain_kl"] = kl_value
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(f"step {self.step}: non-finite loss after the update")
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """PA metrics on held-out pairs (cheap, no generation); time logged apart."""
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        if self.pa_eval is not None:
+            model = self.engine.module
+            model.eval()
+            chosen, rejected = pair_logps(model, self.pa_eval, self.pad_id,
+                                          self.cfg.eval.batch_size)
+            model.train()
+            out.update(pa_metrics(chosen, rejected, self.ref_cache["pa_eval/chosen"],
+                                  self.ref_cache["pa_eval/rejected"], self.cfg.selector.dpo_beta))
+        self.eval_time += time.perf_counter() - t0
+        out["timing/eval_s"] = self.eval_time
+        return out
+
+    def target_met(self, metrics: dict[str, float]) -> bool:
+        target = self.cfg.eval.target
+        if target is None or target.metric not in metrics:
+            return False
+        value = metrics[target.metric]
+        return value >= target.value if target.mode == "max" else value <= target.value
+
+    # ------------------------------------------------------------------ loop
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0 and self.run_dir is not None:
+            self.run_dir.append("metrics.jsonl", record)
+
+    def train(self, steps: int | None = None, progress=None) -> dict[str, Any]:
+        """Run until `steps` more steps (default: to unlearn.steps), the target or a floor."""
+        cfg = self.cfg
+        end = cfg.unlearn.steps if steps is None else min(cfg.unlearn.steps, self.step + steps)
+        if self.step == 0 and cfg.eval.every and self.pa_eval is not None:
+            self.log({"step": 0, "time_s": 0.0, **self.evaluate()})
+        stop = None
+        while self.step < end:
+            metrics = self.train_step()
+            if cfg.eval.every and self.step % cfg.eval.every == 0:
+                metrics.update(self.evaluate())
+                if self.target_met(metrics):
+                    stop = "target"
+            self.log(metrics)
+            if progress is not None:
+                progress(metrics)
+            if cfg.runtime.checkpoint_every and self.step % cfg.runtime.checkpoint_every == 0:
+                self.save_checkpoint()
+            if stop:
+                break
+        return {"step": self.step, "stopped": stop or "budget", "train_time_s": self.train_time,
+                "eval_time_s": self.eval_time}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "round": self.round, "train_time": self.train_time,
+                "eval_time": self.eval_time, "weights": self.weights.clone(),
+                "sampler": self.sampler.state_dict(),
+                "retain_sampler": self.retain_sampler.state_dict() if self.retain_sampler
+                else None, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}
+
+    def save_checkpoint(self) -> str:
+        """Write checkpoints/step{k} via a temporary name, then move the `latest` pointer."""
+        assert self.run_dir is not None
+        root = self.run_dir.checkpoints
+        tag = f"step{self.step}"
+        tmp_tag = f"tmp-{tag}"
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        barrier()
+        self.engine.save(root, tmp_tag)
+        barrier()
+        if self.rank == 0:
+            torch.save(self.trainer_state(), root / tmp_tag / "trainer_state.pt")
+            shutil.rmtree(root / tag, ignore_errors=True)
+            (root / tmp_tag).rename(root / tag)
+            from u2a_dist.rundir import atomic_write
+
+            atomic_write(root / "latest", tag + "\n")
+            self._prune(root, keep=tag)
+        barrier()
+        return tag
+
+    @staticmethod
+    def _prune(root, keep: str, max_keep: int = 2) -> None:
+        tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")),
+                      key=lambda p: int(p.name[4:]))
+        for p in tags[:-max_keep]:
+            if p.name != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load_checkpoint(self, tag: str) -> None:
+        assert self.run_dir is not None
+        root = self.run_dir.checkpoints
+        self.engine.load(root, tag)
+        state = torch.load(root / tag / "trainer_state.pt", weights_only=False)
+        self.step = int(state["step"])
+        self.round = int(state["round"])
+        self.train_time = float(state["train_time"])
+        self.eval_time = float(state["eval_time"])
+        self.weights = state["weights"]
+        self.sampler.load_state_dict(state["sampler"])
+        if self.retain_sampler is not None and state["retain_sampler"] is not None:
+            self.retain_sampler.load_state_dict(state["retain_sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["py_rng"])
+        self.resumed_from = self.step
+        if self.rank == 0:
+            self.run_dir.truncate_metrics_after(self.step)
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, out_dir) -> None:
+        """Write model/ (safetensors + config + tokenizer) loadable by from_pretrained."""
+        from pathlib import Path
+
+        state = self.engine.full_state_dict()  # collective: every rank takes part
+        if self.rank == 0:
+            out_dir = Path(out_dir)
+            tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            resolved = resolve_model_dir(self.cfg.model)
+            fresh = load_model(self.cfg.model, resolved, seed=self.cfg.runtime.seed)
+            fresh.load_state_dict(state, strict=True)
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
+        barrier()
+
+
+def response_nll(model, items, pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """Mean-token NLL of each item (used by scripts and tests to check forgetting)."""
+    logp, ntok = dataset_logps(model, items, pad_id, batch_size)
+    return -logp / ntok.clamp(min=1)
+
+
+__all__ = ["Trainer", "BatchSampler", "response_nll", "token_logps"]
