@@ -39,3 +39,81 @@ def train_report(cfg: dict, steps: int, save: bool = False, export: str | None =
         with torch.no_grad():
             out["logits"] = model(input_ids=ids).logits
     return out
+
+
+def _full_from_parts(parts: list[torch.Tensor], params) -> list[torch.Tensor]:
+    """All-gather ZeRO-3 local partitions into whole tensors (test-side, independent of linalg)."""
+    import torch.distributed as dist
+
+    out = []
+    for part, p in zip(parts, params):
+        pieces = [torch.empty_like(part.reshape(-1)) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, part.reshape(-1).contiguous())
+        out.append(torch.cat(pieces)[: p.ds_numel].view(p.ds_shape))
+    return out
+
+
+def _local_from_full(full: list[torch.Tensor], params) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    rank, out = dist.get_rank(), []
+    for f, p in zip(full, params):
+        n = p.ds_tensor.numel()
+        flat = torch.zeros(n * dist.get_world_size())
+        flat[: p.ds_numel] = f.reshape(-1)
+        out.append(flat[rank * n:(rank + 1) * n].clone())
+    return out
+
+
+def selector_checks(cfg: dict, per_example: bool = True,
+                    eps_sweep: list | None = None) -> dict[str, Any]:
+    """FD-HVP against a full-space direction, directional vs per-example scores, state sizes."""
+    from u2a_dist.linalg import NEUMANN_STATE_VECTORS, ShardedVector, finite_difference_hvp
+    from u2a_dist.selector import TrainerProblem, directional_scores, per_example_scores, solve_ihvp
+
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    problem = TrainerProblem(trainer, config.selector.hessian_batch)
+    params = trainer.engine.params
+    g = torch.Generator().manual_seed(123)
+    full_v = [torch.randn(tuple(p.ds_shape), generator=g) for p in params]
+    zeros = problem.zeros()
+    v = ShardedVector(_local_from_full(full_v, params), group=zeros.group,
+                      valid_numel=zeros.valid_numel)
+    before = [t.clone() for t in problem.parts()]
+    hv = finite_difference_hvp(problem.parts(), problem.inner_grad, v,
+                               extra_diag=problem.analytic_curvature())
+    restored = all(torch.equal(a, b) for a, b in zip(before, problem.parts()))
+    if eps_sweep:
+        sweep = {}
+        for eps in eps_sweep:
+            h = finite_difference_hvp(problem.parts(), problem.inner_grad, v, eps=eps,
+                                      extra_diag=problem.analytic_curvature())
+            sweep[eps] = _full_from_parts(h.parts, params)
+        return {"sweep": sweep, "v": full_v, "theta0": trainer.engine.full_state_dict(),
+                "items": trainer.forget.items, "pad_id": trainer.pad_id}
+    grad_j, j_value = problem.outer_grad()
+    ihvp, stats = solve_ihvp(problem, config.selector, grad_j)
+    idx = list(range(len(trainer.forget)))
+    directional, ell = directional_scores(problem, ihvp, idx)
+    out: dict[str, Any] = {
+        "v": full_v, "hv": _full_from_parts(hv.parts, params), "restored": restored,
+        "theta0": trainer.engine.full_state_dict(), "items": trainer.forget.items,
+        "pad_id": trainer.pad_id, "directional": directional, "ell": ell, "stats": stats,
+        "local_numel": zeros.numel_local(), "full_numel": sum(p.ds_numel for p in params),
+        "state_bytes": NEUMANN_STATE_VECTORS * zeros.nbytes_local(), "j": j_value,
+        "param_names": [n for n, p in trainer.engine.module.named_parameters()],
+    }
+    if per_example:
+        out["per_example"], _ = per_example_scores(problem, ihvp, idx)
+    return out
+
+
+def round0_scores(cfg: dict) -> dict[str, Any]:
+    from u2a_dist.selector import select_round0
+
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    hg = select_round0(trainer)
+    return {"scores": hg.scores, "stats": hg.stats, "support": trainer.sampler.support,
+            "weights": trainer.weights}

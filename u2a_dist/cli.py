@@ -1,4 +1,4 @@
-"""`u2a` command line: demo | run | export | judge-train (and more as the parts land)."""
+"""`u2a` command line: demo | run | select | eval | export | judge-train."""
 
 from __future__ import annotations
 
@@ -35,13 +35,15 @@ def demo_config(out: str, model: str) -> dict[str, Any]:
     }
 
 
-def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False) -> dict[str, Any]:
+def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
+            mode: str = "train") -> dict[str, Any]:
     from u2a_dist.job import load_summary, preflight
     from u2a_dist.rundir import RunDir
 
     preflight(cfg)  # every error surfaces before the run directory is touched
     run_dir = RunDir(cfg.out)
     resuming = run_dir.prepare(cfg, overwrite=overwrite)
+    run_dir.write_json("job.json", {"mode": mode})
     if resuming:
         print(f"[u2a] {cfg.out} has a checkpoint ({run_dir.latest_checkpoint()}): resuming",
               flush=True)
@@ -80,7 +82,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _print_before_after(summary: dict[str, Any]) -> None:
     before, after = summary.get("before", {}), summary.get("after", {})
-    for key in ("pa/accuracy", "pa/margin"):
+    for key in ("pa/accuracy", "pa/margin", "forget/nll"):
         if key in before:
             print(f"[u2a] {key}: before {before[key]:.3f} -> after {after[key]:.3f}")
 
@@ -91,6 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = _launch(cfg, launcher, overwrite=args.overwrite)
     _print_before_after(summary)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("before",)}, default=str))
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides + ["selector.enabled=true"])
+    summary = _launch(cfg, args.launcher or cfg.runtime.launcher, overwrite=True, mode="select")
+    top = ", ".join(str(i) for i in summary["support"][:10])
+    print(f"[u2a] scored {summary['n']} negatives -> {cfg.out}/scores.jsonl; support "
+          f"(top-{len(summary['support'])}): {top}{' ...' if len(summary['support']) > 10 else ''}")
+    print(json.dumps(summary["stats"], default=str))
     return 0
 
 
@@ -127,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("select", help="round-0 scores of every negative (scores.jsonl), no "
+                       "training")
+    p.add_argument("--config", required=True)
+    p.add_argument("--launcher", choices=["local", "ray"], default=None)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("export", help="a checkpoint directory -> model/ for from_pretrained")
     p.add_argument("--checkpoint", required=True, help="a run directory or checkpoints/<tag>")

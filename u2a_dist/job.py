@@ -39,19 +39,30 @@ def preflight(cfg: RunConfig) -> None:
             load_prompts(spec)
 
 
+def job_mode(run_dir: RunDir) -> str:
+    """`train` (default) or `select` (round-0 scores only), as the driver wrote it."""
+    path = run_dir.path / "job.json"
+    return json.loads(path.read_text()).get("mode", "train") if path.is_file() else "train"
+
+
 def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
-    """Train (U2A when the selector is enabled, else uniform weights), checkpoint, export."""
+    """Train (U2A when the selector is enabled, else uniform weights), checkpoint, export.
+
+    In `select` mode (``u2a select``): round-0 scores of every negative, no training.
+    """
     from u2a_dist.engine import init_distributed
     from u2a_dist.trainer import Trainer
 
     rank, world_size = init_distributed(cfg.runtime.timeout_s)
     try:
         trainer = Trainer(cfg, run_dir, rank, world_size)
-        before = trainer.evaluate() if trainer.pa_eval is not None else {}
+        if job_mode(run_dir) == "select":
+            return _select_only(trainer, run_dir)
+        before = _snapshot(trainer)
         if trainer.resumed_from is not None and rank == 0:
             print(f"[u2a] resumed from step {trainer.resumed_from}", flush=True)
         result = run_training(trainer, progress)
-        after = trainer.evaluate() if trainer.pa_eval is not None else {}
+        after = _snapshot(trainer)
         if cfg.runtime.checkpoint_every:
             trainer.save_checkpoint()
         trainer.export(run_dir.path / "model")
@@ -66,6 +77,28 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
             run_dir.write_json("error.json", {"error": type(exc).__name__, "message": str(exc),
                                               "traceback": traceback.format_exc()})
         raise
+
+
+def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
+    from u2a_dist.selector import select_round0
+
+    if trainer.rank == 0:
+        (run_dir.path / "scores.jsonl").unlink(missing_ok=True)
+    hg = select_round0(trainer)
+    summary = {"mode": "select", "world_size": trainer.world_size, "n": len(hg.index),
+               "support": trainer.sampler.support, "stats": hg.stats, "step": 0,
+               "stopped": "select", "train_time_s": 0.0, "eval_time_s": 0.0,
+               "before": {}, "after": {}}
+    if trainer.rank == 0:
+        run_dir.write_json("summary.json", summary)
+    return summary
+
+
+def _snapshot(trainer) -> dict[str, float]:
+    """Metrics reported before and after training (evaluation time is counted apart)."""
+    out = trainer.evaluate() if trainer.pa_eval is not None else {}
+    out["forget/nll"] = trainer.forget_nll()
+    return out
 
 
 def run_training(trainer, progress=None) -> dict[str, Any]:

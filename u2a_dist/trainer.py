@@ -105,10 +105,12 @@ class BatchSampler:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"support": self.support, "epoch": self.epoch, "cursor": self.cursor}
+        return {"support": self.support, "epoch": self.epoch, "cursor": self.cursor,
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.support = list(state["support"])
+        self.seed = int(state.get("seed", self.seed))
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation()
 
@@ -288,6 +290,12 @@ class Trainer:
             raise NonFiniteLossError(f"step {self.step}: non-finite loss after the update")
         return metrics
 
+    def set_support(self, support: list[int], weights: torch.Tensor) -> None:
+        """Train on `support` with `weights` from now on (a new seeded epoch order)."""
+        self.weights = weights.double().clone()
+        self.sampler = BatchSampler(support, self.cfg.unlearn.batch_size,
+                                    self.cfg.runtime.seed + 10_007 * (self.round + 1))
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
@@ -305,6 +313,14 @@ class Trainer:
         self.eval_time += time.perf_counter() - t0
         out["timing/eval_s"] = self.eval_time
         return out
+
+    def forget_nll(self) -> float:
+        """Mean token NLL of the whole forget set (does unlearning raise it?)."""
+        model = self.engine.module
+        model.eval()
+        nlls = response_nll(model, self.forget.items, self.pad_id, self.cfg.eval.batch_size)
+        model.train()
+        return float(nlls.mean())
 
     def target_met(self, metrics: dict[str, float]) -> bool:
         target = self.cfg.eval.target
