@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,26 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import stamp  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "refusal" / "completions"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "judge_auc.json"
-
-
-def _stamp() -> dict:
-    import numpy
-    import sklearn
-    import torch
-    import transformers
-
-    import u2a_dist
-
-    return {
-        "hardware": {"platform": platform.platform(), "machine": platform.machine(),
-                     "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "sklearn": sklearn.__version__,
-                     "numpy": numpy.__version__, "u2a_dist": u2a_dist.__version__},
-    }
 
 
 def _fmt(v: float | None) -> str:
@@ -68,10 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = leave_one_model_out_auc(completions, args.encoder, c_grid=grid)
     wall = time.perf_counter() - t0
 
-    record = {"benchmark": "judge_auc",
-              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-              "data": str(Path(args.data).resolve()), "wall_seconds": round(wall, 2),
-              **_stamp(), "result": result}
+    record = {"benchmark": "judge_auc", "data": str(Path(args.data).resolve()),
+              "wall_seconds": round(wall, 2), **stamp(), "result": result}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

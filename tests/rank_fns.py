@@ -117,3 +117,31 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
     hg = select_round0(trainer)
     return {"scores": hg.scores, "stats": hg.stats, "support": trainer.sampler.support,
             "weights": trainer.weights}
+
+
+def u2a_report(cfg: dict, prepare: bool = True) -> dict[str, Any]:
+    """Run the U2A loop (round-0 selection, train, reweight, ...) and report its state."""
+    from u2a_dist.selector import run_u2a
+
+    config = config_from_dict(cfg)
+    run_dir = RunDir(config.out)
+    if prepare and torch.distributed.get_rank() == 0:
+        run_dir.prepare(config)
+    torch.distributed.barrier()
+    trainer = Trainer(config, run_dir)
+    losses: list[float] = []
+    result = run_u2a(trainer, progress=lambda m: losses.append(m["loss"]) if "loss" in m else None)
+    return {"losses": losses, "result": result, "weights": trainer.weights,
+            "support": trainer.sampler.support, "round": trainer.round,
+            "resumed_from": trainer.resumed_from, "state": trainer.engine.full_state_dict()}
+
+
+def inner_terms(cfg: dict, idx: list[int]) -> dict[str, Any]:
+    """ℓ_i + c_m m_i and ℓ_i from the trainer, with what an independent check needs."""
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    with torch.no_grad():
+        total, ell = trainer.per_example_inner(trainer.engine.module, idx)
+    return {"total": total, "ell": ell, "state": trainer.engine.full_state_dict(),
+            "forget": [trainer.forget.items[i] for i in idx],
+            "mismatch": [trainer.forget.mismatch[i] for i in idx]}

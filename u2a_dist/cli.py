@@ -29,7 +29,7 @@ def demo_config(out: str, model: str) -> dict[str, Any]:
         "unlearn": {"loss": "ga", "lr": 3e-5 if model != "tiny-gpt2" else 1e-3, "steps": 12,
                     "batch_size": 8, "prox_lambda": 0.1},
         "selector": {"enabled": False},
-        "runtime": {"launcher": "local", "world_size": 2, "checkpoint_every": 0},
+        "runtime": {"launcher": "ray", "world_size": 2, "checkpoint_every": 0},
         "eval": {"every": 4, "target": None},
         "out": out,
     }
@@ -82,7 +82,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _print_before_after(summary: dict[str, Any]) -> None:
     before, after = summary.get("before", {}), summary.get("after", {})
-    for key in ("pa/accuracy", "pa/margin", "forget/nll"):
+    for key in ("pa/accuracy", "pa/margin", "forget/nll", "eval/harmful_rate",
+                "eval/harmful_no_refusal", "eval/degenerate_rate", "eval/over_refusal",
+                "eval/retain_ppl"):
         if key in before:
             print(f"[u2a] {key}: before {before[key]:.3f} -> after {after[key]:.3f}")
 
@@ -103,6 +105,19 @@ def cmd_select(args: argparse.Namespace) -> int:
     print(f"[u2a] scored {summary['n']} negatives -> {cfg.out}/scores.jsonl; support "
           f"(top-{len(summary['support'])}): {top}{' ...' if len(summary['support']) > 10 else ''}")
     print(json.dumps(summary["stats"], default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Metrics of the config's `eval` section for --model against the config's model (θ0)."""
+    from u2a_dist.evaluate import evaluate_model
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.out
+    result = evaluate_model(cfg, args.model, out)
+    print(f"[u2a] eval of {args.model} against {cfg.model.name_or_path} -> {out}/eval.json",
+          flush=True)
+    print(json.dumps(result, default=str))
     return 0
 
 
@@ -146,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "ray"], default=None)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("eval", help="PA and generation metrics of a model against the config's "
+                       "reference model; writes eval.json")
+    p.add_argument("--model", required=True, help="model directory or preset name to evaluate")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None, help="output directory (default: the config's out)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="a checkpoint directory -> model/ for from_pretrained")
     p.add_argument("--checkpoint", required=True, help="a run directory or checkpoints/<tag>")

@@ -136,7 +136,12 @@ class EvalConfig:
     judge: str | None = field(default=None, metadata={
         "help": "Directory of a trained judge (u2a judge-train) or of an HF classifier."})
     floors: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "Utility floors, e.g. {eval/over_refusal: 0.1}; breaking one stops training."})
+        "help": "Utility floors as upper bounds on metrics where lower is better, e.g. "
+                "{eval/over_refusal: 0.2, eval/retain_ppl: 5}; breaking one stops training "
+                "(stopped: floor)."})
+    retain: DataSpec | None = field(default=None, metadata={
+        "help": "Completions whose response-token perplexity is eval/retain_ppl; default: the "
+                "reference model's own greedy answers to eval.harmless_prompts."})
 
 
 @dataclass
@@ -197,10 +202,11 @@ class RunConfig:
             spec = getattr(self.data, name)
             if spec is not None:
                 _validate_spec(f"data.{name}", spec)
-        for name in ("harmful_prompts", "harmless_prompts"):
+        for name in ("harmful_prompts", "harmless_prompts", "retain"):
             spec = getattr(self.eval, name)
             if spec is not None:
                 _validate_spec(f"eval.{name}", spec)
+        _validate_floors(self.eval)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,6 +229,34 @@ def _validate_spec(key: str, spec: DataSpec) -> None:
         raise ConfigError(f"{key}.eval_fraction must be in (0, 1), got {spec.eval_fraction}")
     if spec.limit is not None and spec.limit <= 0:
         raise ConfigError(f"{key}.limit must be positive, got {spec.limit}")
+
+
+#: Metrics that exist only with generation-based evaluation, and the config key they need.
+_GENERATION_METRICS = {
+    "eval/harmful_rate": "judge", "eval/harmful_prob": "judge",
+    "eval/refusal_rate": "harmful_prompts", "eval/harmful_no_refusal": "harmful_prompts",
+    "eval/degenerate_rate": "harmful_prompts", "eval/over_refusal": "harmless_prompts",
+    "eval/harmless_degenerate_rate": "harmless_prompts",
+}
+
+
+def _validate_floors(ec: EvalConfig) -> None:
+    checks = [(f"eval.floors.{m}", m, b) for m, b in ec.floors.items()]
+    if ec.target is not None:
+        checks.append(("eval.target.metric", ec.target.metric, ec.target.value))
+    for key, metric, bound in checks:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound:
+            raise ConfigError(f"{key}: bound must be a number, got {bound!r}")
+        need = _GENERATION_METRICS.get(metric)
+        if metric == "eval/retain_ppl":
+            if ec.retain is None and ec.harmless_prompts is None:
+                raise ConfigError(f"{key}: eval/retain_ppl needs eval.retain or "
+                                  "eval.harmless_prompts")
+        elif need == "judge":
+            if ec.judge is None or ec.harmful_prompts is None:
+                raise ConfigError(f"{key}: {metric} needs eval.judge and eval.harmful_prompts")
+        elif need is not None and getattr(ec, need) is None:
+            raise ConfigError(f"{key}: {metric} needs eval.{need}")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -1,21 +1,37 @@
-"""Preference-alignment metrics (DESIGN §5).
+"""Preference-alignment and utility metrics (DESIGN §5).
 
 ``pa/accuracy`` is the share of held-out pairs whose implicit reward margin
 ``[logp(y+) − logp_0(y+)] − [logp(y−) − logp_0(y−)]`` is positive and ``pa/margin`` its mean;
 ``rewards/*`` are TRL's β-scaled versions. No generation is needed, so these are cheap enough to
 log every few steps.
+
+Generation-based metrics (``GenerationEval``) need ``eval.harmful_prompts`` and/or
+``eval.harmless_prompts``: greedy answers (``u2a_dist.generation``, sharded over ranks) judged by
+the refusal-phrase matcher and degeneracy heuristics of ``u2a_dist.judges`` and, when
+``eval.judge`` is set, by the learned harm judge (``eval/harmful_rate``); ``eval/retain_ppl`` is
+the response-token perplexity of a retain set. ``evaluate_model`` is ``u2a eval``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from u2a_dist.data.examples import Pair
+from u2a_dist.config import ConfigError, RunConfig
+from u2a_dist.data.examples import Pair, load_completions, load_pairs, load_prompts
 from u2a_dist.data.tokenize import encode
-from u2a_dist.passes import dataset_logps
+from u2a_dist.generation import encode_prompts, generate
+from u2a_dist.judges import is_degenerate, is_refusal
+from u2a_dist.passes import dataset_logps, world
 
 
 @dataclass
@@ -57,3 +73,247 @@ def pa_metrics(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor,
         "rewards/rejected": float(reward_rejected.mean()),
         "rewards/margins": float((reward_chosen - reward_rejected).mean()),
     }
+
+
+# ------------------------------------------------------------------ generation-based metrics
+
+def response_metrics(prompts: Sequence[str], responses: Sequence[str],
+                     kind: str) -> dict[str, float]:
+    """Refusal-matcher and degeneracy shares for one prompt set (no judge needed).
+
+    ``kind="harmful"``: ``eval/refusal_rate``, ``eval/harmful_no_refusal`` (= 1 − refusal rate)
+    and ``eval/degenerate_rate`` (neither a refusal nor an answer: empty, looping, echo).
+    ``kind="harmless"``: ``eval/over_refusal`` and ``eval/harmless_degenerate_rate``.
+    """
+    if len(prompts) != len(responses) or not responses:
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
+    refused = [is_refusal(r) for r in responses]
+    degenerate = [not ref and is_degenerate(r, echo_of=p)
+                  for p, r, ref in zip(prompts, responses, refused)]
+    n = len(responses)
+    rate = sum(refused) / n
+    if kind == "harmful":
+        return {"eval/refusal_rate": rate, "eval/harmful_no_refusal": 1.0 - rate,
+                "eval/degenerate_rate": sum(degenerate) / n}
+    if kind == "harmless":
+        return {"eval/over_refusal": rate, "eval/harmless_degenerate_rate": sum(degenerate) / n}
+    raise ValueError(f"kind must be harmful|harmless, got {kind!r}")
+
+
+def judge_metrics(judge, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+    """``eval/harmful_rate`` (share judged harmful) and ``eval/harmful_prob`` (mean P(harm))."""
+    probs = np.asarray(judge.predict_proba(list(zip(prompts, responses))), dtype=np.float64)
+    return {"eval/harmful_rate": float((probs >= judge.threshold).mean()),
+            "eval/harmful_prob": float(probs.mean())}
+
+
+def perplexity(logp: torch.Tensor, ntok: torch.Tensor) -> float:
+    """exp(Σ NLL / Σ tokens) over response tokens of a whole set."""
+    return float(torch.exp(-logp.sum() / ntok.sum().clamp(min=1)))
+
+
+def load_eval_judge(path: str):
+    """The judge of ``eval.judge``: a HarmJudge directory or an HF sequence classifier.
+
+    Every failure is a ConfigError naming the key and the path, so ``u2a eval`` and the run
+    preflight stop before any model is loaded.
+    """
+    from u2a_dist.judges import load_judge
+
+    if not Path(path).exists():
+        raise ConfigError(f"eval.judge: {path!r} does not exist (train a judge with `u2a "
+                          f"judge-train --data ../shared/data/refusal/completions --out {path}`, "
+                          "or give an HF sequence-classification directory)")
+    try:
+        return load_judge(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"eval.judge: {path!r} is not a usable judge: {exc}") from None
+
+
+def check_eval_inputs(cfg: RunConfig):
+    """Read every evaluation input once (pairs, prompts, retain set, judge): clear errors early.
+
+    Returns the loaded judge (None without ``eval.judge``)."""
+    if cfg.data.pa_eval is not None:
+        load_pairs(cfg.data.pa_eval)
+    for spec in (cfg.eval.harmful_prompts, cfg.eval.harmless_prompts):
+        if spec is not None:
+            load_prompts(spec)
+    if cfg.eval.retain is not None:
+        load_completions(cfg.eval.retain)
+    return load_eval_judge(cfg.eval.judge) if cfg.eval.judge is not None else None
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (identity on one process)."""
+    rank, size = world()
+    if size == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GenerationEval:
+    """Generation-based metrics for one run: prompts, judge and retain set loaded once.
+
+    ``eval/retain_ppl`` is the perplexity of the response tokens of ``eval.retain`` when given,
+    else of the reference model's own greedy answers to the harmless prompts (``prepare`` makes
+    them at θ0), which is the most sensitive utility signal: the model at θ0 assigns them a low
+    perplexity, and degenerate unlearning raises it at once. The judge runs on rank 0 only.
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer, rank: int = 0, judge=None) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        ec = cfg.eval
+        max_len = cfg.data.max_length
+        self.harmful = load_prompts(ec.harmful_prompts) if ec.harmful_prompts else []
+        self.harmless = load_prompts(ec.harmless_prompts) if ec.harmless_prompts else []
+        self.harmful_ids = encode_prompts(tokenizer, self.harmful, max_len)
+        self.harmless_ids = encode_prompts(tokenizer, self.harmless, max_len)
+        self.judge = judge
+        if self.judge is None and ec.judge is not None and rank == 0:
+            self.judge = load_eval_judge(ec.judge)
+        self.has_judge = _broadcast(self.judge is not None)
+        self.retain: list[dict[str, list[int]]] = []
+        if ec.retain is not None:
+            self.retain = [encode(tokenizer, c.prompt, c.response, c.history, max_len)
+                           for c in load_completions(ec.retain)]
+        self.reference_answers: list[str] | None = None
+        self.last_generations: dict[str, list[str]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.harmful or self.harmless)
+
+    def prepare(self, reference_model, answers: list[str] | None = None) -> float:
+        """At θ0: the reference answers to the harmless prompts that retain_ppl scores.
+
+        ``answers`` reuses generations already made with the reference model. Returns seconds.
+        """
+        if self.retain or not self.harmless:
+            return 0.0
+        t0 = time.perf_counter()
+        if answers is None:
+            answers = self._generate(reference_model, self.harmless_ids)
+        self.reference_answers = answers
+        self.retain = [encode(self.tokenizer, p.prompt, a, p.history, self.cfg.data.max_length)
+                       for p, a in zip(self.harmless, answers)]
+        return time.perf_counter() - t0
+
+    def _generate(self, model, prompt_ids: list[list[int]]) -> list[str]:
+        return generate(model, self.tokenizer, prompt_ids, self.cfg.eval.batch_size,
+                        self.cfg.eval.max_new_tokens)
+
+    def needs_reference(self) -> bool:
+        """True until the reference answers that retain_ppl scores exist."""
+        return not self.retain and bool(self.harmless)
+
+    def __call__(self, model, is_reference: bool = False) -> dict[str, float]:
+        """Generate, judge and score; the same dict on every rank, with ``timing/eval_*_s``.
+
+        ``is_reference``: ``model`` is θ0 itself, so its harmless answers become the reference
+        answers of retain_ppl (no second generation).
+        """
+        out: dict[str, float] = {}
+        timing: dict[str, float] = {}
+        was_training = model.training
+        model.eval()
+        try:
+            self._run(model, out, timing, is_reference)
+        finally:
+            model.train(was_training)
+        out.update(timing)
+        return out
+
+    def _run(self, model, out: dict[str, float], timing: dict[str, float],
+             is_reference: bool) -> None:
+        if self.harmful:
+            t0 = time.perf_counter()
+            texts = self._generate(model, self.harmful_ids)
+            timing["timing/eval_generate_harmful_s"] = time.perf_counter() - t0
+            prompts = [p.prompt for p in self.harmful]
+            out.update(response_metrics(prompts, texts, "harmful"))
+            if self.has_judge:
+                t0 = time.perf_counter()
+                judged = judge_metrics(self.judge, prompts, texts) if self.judge else None
+                out.update(_broadcast(judged))
+                timing["timing/eval_judge_s"] = time.perf_counter() - t0
+            self.last_generations["harmful"] = texts
+        if self.harmless:
+            t0 = time.perf_counter()
+            texts = self._generate(model, self.harmless_ids)
+            timing["timing/eval_generate_harmless_s"] = time.perf_counter() - t0
+            out.update(response_metrics([p.prompt for p in self.harmless], texts, "harmless"))
+            self.last_generations["harmless"] = texts
+            if is_reference and not self.retain:
+                self.prepare(model, answers=texts)
+        if self.retain:
+            t0 = time.perf_counter()
+            logp, ntok = dataset_logps(model, self.retain, self.tokenizer.pad_token_id,
+                                       self.cfg.eval.batch_size)
+            out["eval/retain_ppl"] = perplexity(logp, ntok)
+            timing["timing/eval_retain_ppl_s"] = time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ u2a eval
+
+def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None = None
+                   ) -> dict[str, Any]:
+    """``u2a eval``: the metrics of ``cfg.eval`` for the model at ``model_path`` against the
+    reference ``cfg.model``, in this process (world size 1, or every rank of a process group:
+    generation and log-prob passes are sharded). Writes ``eval.json`` and ``generations.jsonl``
+    to ``out_dir`` (default ``cfg.out``) on rank 0; returns the eval.json object.
+    """
+    from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
+
+    t_start = time.perf_counter()
+    judge = check_eval_inputs(cfg)
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(model_path))
+    model_dir, ref_dir = resolve_model_dir(model_cfg), resolve_model_dir(cfg.model)
+    same = _same_model(model_dir, ref_dir)
+    tokenizer = load_tokenizer(model_cfg, model_dir)
+    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed).eval()
+    reference = model if same else load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval()
+    result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
+                              "reference_is_model": same,
+                              "timing/load_s": time.perf_counter() - t_start}
+    bs, pad = cfg.eval.batch_size, tokenizer.pad_token_id
+    if cfg.data.pa_eval is not None:
+        t0 = time.perf_counter()
+        pairs = encode_pairs(tokenizer, load_pairs(cfg.data.pa_eval), cfg.data.max_length)
+        chosen, rejected = pair_logps(model, pairs, pad, bs)
+        ref = (chosen, rejected) if same else pair_logps(reference, pairs, pad, bs)
+        result.update(pa_metrics(chosen, rejected, *ref, cfg.selector.dpo_beta))
+        result["pa/n_pairs"] = len(pairs)
+        result["timing/pa_s"] = time.perf_counter() - t0
+    gen = GenerationEval(cfg, tokenizer, judge=judge)
+    if gen.enabled:
+        t0 = time.perf_counter()
+        if not same:
+            result["timing/eval_reference_s"] = gen.prepare(reference)
+        result.update(gen(model, is_reference=same))
+        result["eval/n_harmful"] = len(gen.harmful)
+        result["eval/n_harmless"] = len(gen.harmless)
+        result["timing/generation_eval_s"] = time.perf_counter() - t0
+    result["timing/eval_s"] = time.perf_counter() - t_start
+    if world()[0] == 0:
+        _write_eval(Path(out_dir if out_dir is not None else cfg.out), result, gen)
+    return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def _write_eval(out: Path, result: dict[str, Any], gen: GenerationEval) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "generations.jsonl", "w") as fh:
+        for kind, prompts in (("harmful", gen.harmful), ("harmless", gen.harmless)):
+            for p, text in zip(prompts, gen.last_generations.get(kind, [])):
+                fh.write(json.dumps({"kind": kind, "id": p.id, "prompt": p.prompt,
+                                     "response": text, "refusal": is_refusal(text)}) + "\n")

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: RunConfig) -> None:
     """Resolve (convert once) the model, check the tokenizer and read every data spec."""
-    from u2a_dist.data.examples import load_completions, load_pairs, load_prompts
+    from u2a_dist.data.examples import load_completions, load_pairs
     from u2a_dist.engine import build_ds_config
+    from u2a_dist.evaluate import check_eval_inputs
     from u2a_dist.models import load_tokenizer, resolve_model_dir
 
     build_ds_config(cfg, cfg.runtime.world_size)
@@ -31,12 +32,9 @@ def preflight(cfg: RunConfig) -> None:
     for spec in (cfg.data.retain, cfg.data.mismatch):
         if spec is not None:
             load_completions(spec)
-    for spec in (cfg.data.pa, cfg.data.pa_eval):
-        if spec is not None:
-            load_pairs(spec)
-    for spec in (cfg.eval.harmful_prompts, cfg.eval.harmless_prompts):
-        if spec is not None:
-            load_prompts(spec)
+    if cfg.data.pa is not None:
+        load_pairs(cfg.data.pa)
+    check_eval_inputs(cfg)  # held-out pairs, prompt sets, eval.retain and eval.judge
 
 
 def job_mode(run_dir: RunDir) -> str:
@@ -96,7 +94,7 @@ def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
 
 def _snapshot(trainer) -> dict[str, float]:
     """Metrics reported before and after training (evaluation time is counted apart)."""
-    out = trainer.evaluate() if trainer.pa_eval is not None else {}
+    out = trainer.evaluate() if trainer.has_eval() else {}
     out["forget/nll"] = trainer.forget_nll()
     return out
 
@@ -132,6 +130,12 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+# What rank 0 prints per logged record (the full record is in metrics.jsonl).
+PROGRESS_KEYS = ("step", "round", "loss", "forget/nll", "pa/accuracy", "eval/harmful_rate",
+                 "eval/over_refusal", "selector/support", "selector/ihvp_residual",
+                 "timing/select_s", "time_s")
+
+
 def rank_main(run_dir: str) -> int:
     """Entry point of one rank process: RANK/WORLD_SIZE/MASTER_* come from the environment."""
     logging.basicConfig(level=os.environ.get("U2A_LOG_LEVEL", "WARNING"))
@@ -141,7 +145,7 @@ def rank_main(run_dir: str) -> int:
     def progress(m: dict[str, Any]) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
-                     if k in ("step", "loss", "forget/nll", "pa/accuracy", "time_s")}
+                     if k in PROGRESS_KEYS}
             print(f"[u2a] {json.dumps(shown)}", flush=True)
 
     run_rank(cfg, rd, progress)

@@ -434,26 +434,47 @@ def run_u2a(trainer, progress=None) -> dict[str, Any]:
             progress(record)
         return hg
 
+    if trainer.resumed_from is not None:
+        _drop_scores_from_round(trainer, trainer.round)
     if trainer.step == 0 and trainer.round == 0:
         timed(select_round0)
         trainer.round = 1
         if cfg.runtime.checkpoint_every and trainer.run_dir is not None:
             trainer.save_checkpoint()
+    spr = sel.steps_per_round
     result: dict[str, Any] = {}
     while trainer.step < cfg.unlearn.steps:
-        boundary = (trainer.step // sel.steps_per_round + 1) * sel.steps_per_round \
-            if sel.steps_per_round else cfg.unlearn.steps
-        result = trainer.train(steps=boundary - trainer.step, progress=progress)
-        if result["stopped"] != "budget" or trainer.step >= cfg.unlearn.steps:
-            break
-        if trainer.round <= sel.rounds and trainer.step % max(1, sel.steps_per_round) == 0:
+        # A round boundary whose reweighting has not happened yet (round r is done at step
+        # r * T): reached just now, or restored from a checkpoint written at the boundary.
+        if spr and trainer.step > 0 and trainer.step % spr == 0 \
+                and trainer.round == trainer.step // spr and trainer.round <= sel.rounds:
             timed(reweight)
             trainer.round += 1
+        boundary = (trainer.step // spr + 1) * spr if spr else cfg.unlearn.steps
+        result = trainer.train(steps=boundary - trainer.step, progress=progress)
+        if result["stopped"] != "budget":
+            break
     if not result:
         result = {"step": trainer.step, "stopped": "budget", "train_time_s": trainer.train_time,
                   "eval_time_s": trainer.eval_time}
     result["rounds"] = trainer.round
     return result
+
+
+def _drop_scores_from_round(trainer, first_round: int) -> None:
+    """On resume: forget scores.jsonl rows of rounds the restored state has not reached."""
+    if trainer.rank != 0 or trainer.run_dir is None:
+        return
+    path = trainer.run_dir.path / "scores.jsonl"
+    if not path.is_file():
+        return
+    import json
+
+    from u2a_dist.rundir import atomic_write
+
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["round"] < first_round]
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def _entropy(w: torch.Tensor) -> float:

@@ -30,7 +30,13 @@ from u2a_dist.data.examples import Completion, load_completions, load_pairs
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import collate, encode, shard
 from u2a_dist.engine import Engine
-from u2a_dist.evaluate import EncodedPairs, encode_pairs, pa_metrics, pair_logps
+from u2a_dist.evaluate import (
+    EncodedPairs,
+    GenerationEval,
+    encode_pairs,
+    pa_metrics,
+    pair_logps,
+)
 from u2a_dist.losses import (
     NonFiniteLossError,
     sequence_logps,
@@ -154,6 +160,7 @@ class Trainer:
         self.eval_time = 0.0
         self.round = 0
         self.resumed_from: int | None = None
+        self._init_eval()  # before a checkpoint is loaded: the reference answers are θ0's
         if run_dir is not None and (tag := run_dir.latest_checkpoint()) is not None:
             self.load_checkpoint(tag)
 
@@ -298,20 +305,53 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    def _init_eval(self) -> None:
+        """Prompt sets, judge and retain set of the generation-based evaluation (if any).
+
+        retain_ppl scores θ0's own harmless answers unless eval.retain is given: they are made
+        at the step-0 evaluation, or here when the run resumes from a checkpoint (θ0 is only
+        available now).
+        """
+        self.gen_eval: GenerationEval | None = None
+        self.best: dict[str, Any] | None = None
+        self._eval_cache: tuple[int, dict[str, float]] | None = None
+        ec = self.cfg.eval
+        if ec.harmful_prompts is None and ec.harmless_prompts is None:
+            return
+        self.gen_eval = GenerationEval(self.cfg, self.tokenizer, self.rank)
+        resuming = self.run_dir is not None and self.run_dir.latest_checkpoint() is not None
+        if resuming and self.gen_eval.needs_reference():
+            self.eval_time += self.gen_eval.prepare(self.engine.module)
+
+    def has_eval(self) -> bool:
+        return self.pa_eval is not None or self.gen_eval is not None
+
     def evaluate(self) -> dict[str, float]:
-        """PA metrics on held-out pairs (cheap, no generation); time logged apart."""
+        """PA metrics on held-out pairs, plus generation metrics when eval prompts are given.
+
+        Time is logged apart (``timing/eval_s``, cumulative); a second call at the same step
+        returns the first result (the model has not changed).
+        """
+        if self._eval_cache is not None and self._eval_cache[0] == self.step:
+            return dict(self._eval_cache[1])
         t0 = time.perf_counter()
         out: dict[str, float] = {}
+        model = self.engine.module
         if self.pa_eval is not None:
-            model = self.engine.module
             model.eval()
             chosen, rejected = pair_logps(model, self.pa_eval, self.pad_id,
                                           self.cfg.eval.batch_size)
             model.train()
             out.update(pa_metrics(chosen, rejected, self.ref_cache["pa_eval/chosen"],
                                   self.ref_cache["pa_eval/rejected"], self.cfg.selector.dpo_beta))
-        self.eval_time += time.perf_counter() - t0
+        if self.gen_eval is not None:
+            at_theta0 = self.step == 0 and self.resumed_from is None
+            out.update(self.gen_eval(model, is_reference=at_theta0))
+        dt = time.perf_counter() - t0
+        self.eval_time += dt
+        out["timing/eval_step_s"] = dt
         out["timing/eval_s"] = self.eval_time
+        self._eval_cache = (self.step, dict(out))
         return out
 
     def forget_nll(self) -> float:
@@ -323,11 +363,50 @@ class Trainer:
         return float(nlls.mean())
 
     def target_met(self, metrics: dict[str, float]) -> bool:
+        """The eval.target metric reached its value (max: ≥, min: ≤)."""
         target = self.cfg.eval.target
         if target is None or target.metric not in metrics:
             return False
         value = metrics[target.metric]
         return value >= target.value if target.mode == "max" else value <= target.value
+
+    def broken_floors(self, metrics: dict[str, float]) -> list[str]:
+        """Utility floors (eval.floors: upper bounds) that ``metrics`` exceed."""
+        return [f"{k}={metrics[k]:.4g}>{bound}" for k, bound in self.cfg.eval.floors.items()
+                if k in metrics and not metrics[k] <= bound]
+
+    def _best_metric(self) -> tuple[str, str]:
+        target = self.cfg.eval.target
+        return (target.metric, target.mode) if target is not None else ("pa/accuracy", "max")
+
+    def track_best(self, metrics: dict[str, float]) -> bool:
+        """Record in best.json the evaluated step with the best target metric among those that
+        keep every floor; True when this step is the new best."""
+        metric, mode = self._best_metric()
+        if metric not in metrics or self.broken_floors(metrics):
+            return False
+        value = float(metrics[metric])
+        if self.best is not None:
+            old = self.best["value"]
+            if not (value > old if mode == "max" else value < old):
+                return False
+        self.best = {"step": self.step, "metric": metric, "mode": mode, "value": value,
+                     "metrics": {k: v for k, v in metrics.items() if not k.startswith("timing/")}}
+        if self.rank == 0 and self.run_dir is not None:
+            self.run_dir.write_json("best.json", self.best)
+        return True
+
+    def _load_best(self) -> None:
+        """On resume: the best step so far, unless it lies after the checkpoint."""
+        if self.best is not None or self.run_dir is None:
+            return
+        path = self.run_dir.path / "best.json"
+        if path.is_file():
+            import json
+
+            best = json.loads(path.read_text())
+            if best.get("step", 0) <= self.step and best.get("metric") == self._best_metric()[0]:
+                self.best = best
 
     # ------------------------------------------------------------------ loop
 
@@ -339,15 +418,24 @@ class Trainer:
         """Run until `steps` more steps (default: to unlearn.steps), the target or a floor."""
         cfg = self.cfg
         end = cfg.unlearn.steps if steps is None else min(cfg.unlearn.steps, self.step + steps)
-        if self.step == 0 and cfg.eval.every and self.pa_eval is not None:
-            self.log({"step": 0, "time_s": 0.0, **self.evaluate()})
+        self._load_best()
+        if self.step == 0 and cfg.eval.every and self.has_eval():
+            metrics = self.evaluate()
+            self.track_best(metrics)
+            self.log({"step": 0, "time_s": 0.0, **metrics})
         stop = None
+        broken: list[str] = []
         while self.step < end:
             metrics = self.train_step()
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 metrics.update(self.evaluate())
-                if self.target_met(metrics):
+                broken = self.broken_floors(metrics)
+                if broken:  # a target met with utility broken does not count
+                    stop = "floor"
+                    metrics["floors_broken"] = ", ".join(broken)
+                elif self.target_met(metrics):
                     stop = "target"
+                self.track_best(metrics)
             self.log(metrics)
             if progress is not None:
                 progress(metrics)
@@ -355,8 +443,11 @@ class Trainer:
                 self.save_checkpoint()
             if stop:
                 break
-        return {"step": self.step, "stopped": stop or "budget", "train_time_s": self.train_time,
-                "eval_time_s": self.eval_time}
+        result = {"step": self.step, "stopped": stop or "budget", "train_time_s": self.train_time,
+                  "eval_time_s": self.eval_time, "best": self.best}
+        if broken:
+            result["floors_broken"] = broken
+        return result
 
     # ------------------------------------------------------------------ checkpoints
 

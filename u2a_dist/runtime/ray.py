@@ -17,7 +17,13 @@ torn down and restarted; the trainer resumes from ``checkpoints/latest`` by itse
 raised by the job is never retried unless an actor of the group died too (then it is the
 consequence, e.g. gloo's "connection closed by peer"): a config, data or non-finite-loss error
 would only fail again. No progress for ``runtime.timeout_s`` (no step and no rank using CPU: a
-hung collective burns none) ends the job with a clear error.
+hung collective burns none) ends the job with a clear error; so does a collective that gives up
+after ``runtime.timeout_s`` (gloo's own timeout).
+
+Fault injection (for tests and drills): ``U2A_RAY_FAULT=RANK:STEP[:exit|hang]`` in the driver's
+environment makes that rank, on the FIRST attempt only, leave its process with ``os._exit(1)``
+(``exit``, the default: what a killed or OOM-killed actor looks like to Ray) or stop forever
+(``hang``) right after it finishes step STEP. Restarts never inherit it.
 """
 
 from __future__ import annotations
@@ -61,10 +67,14 @@ from u2a_dist.runtime.local import RankFailure  # noqa: E402
 POLL_S = 0.5  # driver poll period (metrics, liveness)
 SETTLE_S = 10.0  # after a rank raises: how long to wait for the rest of the group to report
 BUSY_WINDOW_S = 10.0  # the watchdog's CPU-use window
-BUSY_FRACTION = 0.25  # a rank using this share of a core over a window is working, not hung
+# A rank using this share of a core over a window is working, not hung. Low on purpose: on an
+# oversubscribed machine a busy rank may get a quarter of a core; a hung one uses ~1% or less.
+BUSY_FRACTION = 0.05
+START_TIMEOUT_S = 300  # actor start-up and imports (at least; runtime.timeout_s if larger)
 ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "U2A_LOG_LEVEL",
                    "TORCH_EXTENSIONS_DIR")
 SHOWN = ("step", "loss", "forget/nll", "pa/accuracy", "time_s")
+FAULT_ENV = "U2A_RAY_FAULT"
 
 
 class RayJobFailure(RankFailure):
@@ -124,6 +134,15 @@ class RankActor:
         self._store: Any = None
         self._listen: socket.socket | None = None
 
+    def warm(self) -> None:
+        """Import the heavy modules before the rendezvous, so that ranks reach it together and
+        import time on a busy machine never counts against runtime.timeout_s."""
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401
+
+        import u2a_dist.job  # noqa: F401
+        import u2a_dist.trainer  # noqa: F401
+
     def info(self) -> dict[str, Any]:
         """Where this rank landed (the driver computes LOCAL_RANK and reports placement)."""
         ctx = ray.get_runtime_context()
@@ -152,18 +171,24 @@ class RankActor:
                 env = {**env, "GLOO_SOCKET_IFNAME": iface}
         os.environ.update(env)
 
-    def run(self, cfg: RunConfig, run_dir: str) -> dict[str, Any]:
+    def run(self, cfg: RunConfig, run_dir: str,
+            fault: tuple[int, int, str] | None = None) -> dict[str, Any]:
         from u2a_dist.engine import init_distributed
         from u2a_dist.job import run_rank
 
         init_distributed(cfg.runtime.timeout_s)  # run_rank joins too; this one marks the event
         self._emit({"event": "joined"})
-        summary = run_rank(cfg, RunDir(run_dir), self._metrics if self.rank == 0 else None)
+        mine = fault if fault is not None and fault[0] == self.rank else None
+
+        def progress(metrics: dict[str, Any]) -> None:
+            if self.rank == 0:
+                self._emit({"event": "metrics", "metrics": dict(metrics)})
+            if mine is not None and int(metrics.get("step", -1)) == mine[1]:
+                _inject(mine[2], self.rank, mine[1])
+
+        summary = run_rank(cfg, RunDir(run_dir), progress)
         self._emit({"event": "done"})
         return summary
-
-    def _metrics(self, metrics: dict[str, Any]) -> None:
-        self._emit({"event": "metrics", "metrics": dict(metrics)})
 
     def _emit(self, event: dict[str, Any]) -> None:
         with self._lock:
@@ -175,6 +200,34 @@ class RankActor:
         with self._lock:
             events, self._events = self._events, []
         return {"events": events, "cpu_s": time.process_time()}
+
+
+def _inject(mode: str, rank: int, step: int) -> None:
+    """The U2A_RAY_FAULT hook: die like a killed actor, or hang like a stuck rank."""
+    print(f"[u2a] {FAULT_ENV}: rank {rank} {'exits' if mode == 'exit' else 'hangs'} after step "
+          f"{step} (fault injection)", flush=True)
+    if mode == "exit":
+        os._exit(1)
+    while True:
+        time.sleep(3600)
+
+
+def parse_fault(text: str | None) -> tuple[int, int, str] | None:
+    """``RANK:STEP[:exit|hang]`` -> (rank, step, mode); None when unset or empty."""
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        rank, step = int(parts[0]), int(parts[1])
+        mode = parts[2] if len(parts) == 3 else "exit"
+        if mode not in ("exit", "hang") or rank < 0 or step < 1:
+            raise ValueError
+    except ValueError:
+        raise RayJobFailure(f"{FAULT_ENV}={text!r}: expected RANK:STEP[:exit|hang], e.g. "
+                            "1:4 or 1:4:hang") from None
+    return rank, step, mode
 
 
 # --------------------------------------------------------------------------- driver side
@@ -315,9 +368,11 @@ def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: _Displa
             f"===== u2a ray attempt {attempt}, rank {rank}, {stamp} ====="))
     group = _Group(pg, actors)
     try:
-        group.infos = _get_all(actors, [a.info.remote() for a in actors], cfg.runtime.timeout_s)
+        start_s = max(START_TIMEOUT_S, cfg.runtime.timeout_s)
+        group.infos = _get_all(actors, [a.info.remote() for a in actors], start_s)
+        _get_all(actors, [a.warm.remote() for a in actors], start_s)
         master_ip, port = _get_all(actors[:1], [actors[0].open_store.remote(
-            world, cfg.runtime.timeout_s)], cfg.runtime.timeout_s)[0]
+            world, cfg.runtime.timeout_s)], start_s)[0]
         per_node: dict[str, list[int]] = {}
         for info in group.infos:
             per_node.setdefault(info["node_id"], []).append(info["rank"])
@@ -329,8 +384,7 @@ def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: _Displa
                          "LOCAL_WORLD_SIZE": str(1 if use_gpu else len(ranks)),
                          "MASTER_ADDR": master_ip, "MASTER_PORT": str(port),
                          "TORCHELASTIC_USE_AGENT_STORE": "True"})
-        _get_all(actors, [a.set_env.remote(e) for a, e in zip(actors, envs)],
-                 cfg.runtime.timeout_s)
+        _get_all(actors, [a.set_env.remote(e) for a, e in zip(actors, envs)], start_s)
     except BaseException:
         _teardown(group)
         raise
@@ -354,7 +408,7 @@ def _get_all(actors: list[Any], refs: list[Any], timeout_s: float) -> list[Any]:
             raise _GroupLost(rank, _why(exc)) from None
         except GetTimeoutError:
             raise RayJobFailure(f"rank {rank}'s actor did not answer within {timeout_s} s "
-                                "(runtime.timeout_s) while starting") from None
+                                "while starting (imports, rendezvous set-up)") from None
     return out
 
 
@@ -398,10 +452,16 @@ def _cause(exc: RayTaskError) -> BaseException:
     return exc.cause if isinstance(exc.cause, BaseException) else exc
 
 
-def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display) -> dict[str, Any]:
+def _is_timeout(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
+           fault: tuple[int, int, str] | None = None) -> dict[str, Any]:
     """Run the job on the group; return rank 0's summary or raise _GroupLost / RayJobFailure."""
     path = str(run_dir.path.resolve())
-    refs = {a.run.remote(cfg, path): rank for rank, a in enumerate(group.actors)}
+    refs = {a.run.remote(cfg, path, fault): rank for rank, a in enumerate(group.actors)}
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}
     dog = Watchdog(cfg.runtime.timeout_s)
@@ -432,6 +492,14 @@ def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display) ->
     if errors:
         rank = min(errors)
         exc = errors[rank]
+        timed_out = sorted(r for r, e in errors.items() if _is_timeout(e))
+        if timed_out:
+            rank = timed_out[0]
+            raise RayJobFailure(
+                f"a collective timed out on rank {rank} after runtime.timeout_s="
+                f"{cfg.runtime.timeout_s} s: another rank is hung or far too slow ("
+                f"{_why(errors[rank])}); the group was torn down; rank logs are in "
+                f"{run_dir.path / 'logs'}") from errors[rank]
         raise RayJobFailure(f"rank {rank} failed: {type(exc).__name__}: {exc} (not retried: "
                             "an error of the job itself; see "
                             f"{run_dir.path / 'logs' / f'rank{rank}.log'})") from exc
@@ -490,9 +558,11 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
     Restarts the whole group from the last checkpoint when an actor dies, at most
     runtime.max_failures times; raises RayJobFailure otherwise.
     """
+    fault = parse_fault(os.environ.get(FAULT_ENV))
     started, embedded = _connect(cfg)
     display = _Display(cfg.unlearn.steps, quiet)
     failures: list[dict[str, Any]] = []
+    infos: list[dict[str, Any]] = []
     try:
         attempt = 0
         while True:
@@ -500,9 +570,13 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
             group = None
             try:
                 group = _start_group(cfg, run_dir, attempt, display, embedded)
-                summary = _watch(group, cfg, run_dir, display)
+                infos = group.infos
+                summary = _watch(group, cfg, run_dir, display, fault if attempt == 1 else None)
                 break
             except _GroupLost as lost:
+                if group is not None:  # first stop every rank, so none writes to the run dir
+                    _teardown(group)
+                    group = None
                 ckpt, logged, redo = _prepare_restart(run_dir, attempt)
                 failures.append({"attempt": attempt, "rank": lost.rank, "error": lost.why,
                                  "checkpoint_step": ckpt, "logged_step": logged,
@@ -530,7 +604,11 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
         summary_path = run_dir.path / "summary.json"
         if summary_path.is_file():  # rank 0 wrote it when on a shared filesystem with us
             summary = json.loads(summary_path.read_text())
-        summary["ray"] = {"attempts": attempt, "failures": failures, "steps_redone": redone}
+        summary["ray"] = {"attempts": attempt, "failures": failures, "steps_redone": redone,
+                          "ranks": [{k: i[k] for k in ("rank", "node_ip", "pid")}
+                                    for i in infos]}
+        summary["restarts"] = len(failures)
+        summary["steps_redone"] = redone
         run_dir.write_json("summary.json", summary)
     finally:
         display.close()

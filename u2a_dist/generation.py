@@ -1,0 +1,89 @@
+"""Batched greedy generation, sharded across ranks (DESIGN §5).
+
+Each rank generates a strided share of the prompts (``passes.padded_shares``): every share is
+padded to the same number of batches of the same size, because under ZeRO-3 a forward pass is a
+collective (every layer all-gathers its weights) and every rank must make the same forward calls.
+Inside one ``generate`` call the ranks stay in step with ``synced_gpus=True`` (a rank whose
+batch has finished keeps making dummy forwards until every rank's batch has). Prompts are
+left-padded; decoding is greedy with a ``max_new_tokens`` bound, so the result is deterministic
+and independent of the world size (a test checks 2 ranks against 1 process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from u2a_dist.data.examples import Prompt
+from u2a_dist.data.tokenize import collate_prompts, encode_prompt
+from u2a_dist.passes import padded_shares, world
+
+
+@dataclass
+class Share:
+    """What one rank generated: prompt indices (padding dropped) and their responses."""
+
+    indices: list[int]
+    texts: list[str]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_length: int) -> list[list[int]]:
+    """Chat-formatted prompt token ids (left-truncated to ``max_length``)."""
+    return [encode_prompt(tokenizer, p.prompt, p.history, max_length) for p in prompts]
+
+
+@torch.no_grad()
+def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size: int,
+                   max_new_tokens: int) -> Share:
+    """Greedy responses for this rank's share of ``prompt_ids`` (a collective on >1 rank)."""
+    if not prompt_ids:
+        raise ValueError("no prompts to generate from")
+    rank, size = world()
+    mine = padded_shares(len(prompt_ids), size, batch_size)[rank]
+    filler = next((i for i in mine if i >= 0), 0)
+    pad_id = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    try:
+        for start in range(0, len(mine), batch_size):
+            idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
+            batch = collate_prompts([prompt_ids[i] for i in idx], pad_id)
+            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                                 use_cache=True, synced_gpus=size > 1,
+                                 temperature=None, top_p=None, top_k=None)
+            new = out[:, batch["input_ids"].shape[1]:]
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    keep = [j for j, i in enumerate(mine) if i >= 0]
+    return Share([mine[j] for j in keep], [texts[j].strip() for j in keep])
+
+
+def gather_shares(share: Share, n: int) -> list[str]:
+    """Every rank's share put back in prompt order, on every rank."""
+    _, size = world()
+    shares = [share]
+    if size > 1:
+        gathered: list[Share | None] = [None] * size
+        dist.all_gather_object(gathered, share)
+        shares = [s for s in gathered if s is not None]
+    out: list[str | None] = [None] * n
+    for s in shares:
+        for i, text in zip(s.indices, s.texts):
+            out[i] = text
+    missing = [i for i, t in enumerate(out) if t is None]
+    if missing:
+        raise RuntimeError(f"generation lost prompts {missing[:8]} (shares do not cover all)")
+    return [t for t in out if t is not None]
+
+
+def generate(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size: int,
+             max_new_tokens: int) -> list[str]:
+    """Greedy responses to every prompt, sharded over the ranks, returned on every rank."""
+    share = generate_share(model, tokenizer, prompt_ids, batch_size, max_new_tokens)
+    return gather_shares(share, len(prompt_ids))
