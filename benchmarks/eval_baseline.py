@@ -52,14 +52,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated configs")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--runs", default="runs/eval_baseline", help="eval output directories")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a recipe's existing <runs>/<recipe>/eval.json instead of running "
+                         "it again (recorded as reused, with its own timing/eval_s)")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every recipe")
     args = ap.parse_args(argv)
 
     results = []
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         out_dir = Path(args.runs) / Path(recipe).stem
-        print(f"[eval_baseline] {recipe} ...", flush=True)
-        results.append(run_one(args.model, recipe, out_dir, args.overrides))
+        if args.reuse and (out_dir / "eval.json").is_file():
+            metrics = json.loads((out_dir / "eval.json").read_text())
+            results.append({"recipe": recipe, "reused": str(out_dir / "eval.json"),
+                            "wall_seconds": round(metrics["timing/eval_s"], 1),
+                            "metrics": metrics})
+        else:
+            print(f"[eval_baseline] {recipe} ...", flush=True)
+            results.append(run_one(args.model, recipe, out_dir, args.overrides))
         m = results[-1]["metrics"]
         shown = ", ".join(f"{k}={m[k]:.3f}" for k in SHOWN if k in m)
         print(f"[eval_baseline] {recipe}: {shown}; {results[-1]['wall_seconds']} s", flush=True)

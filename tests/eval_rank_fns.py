@@ -51,7 +51,7 @@ def sharded_generation(n: int, batch_size: int, max_new_tokens: int,
     engine = Engine(cfg, perturbed_tiny(), dist.get_world_size(), train=False)
     ids = tiny_prompt_ids(n)
     share = generate_share(engine.module, tokenizer, ids, batch_size, max_new_tokens)
-    texts = gather_shares(share, n)
+    texts = gather_shares(share, n).texts
     partitioned = all(p.ds_tensor.numel() < p.ds_numel for p in engine.params
                       if p.ds_numel >= dist.get_world_size())
     return {"rank": dist.get_rank(), "indices": share.indices, "share": share.texts,

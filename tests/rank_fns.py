@@ -11,15 +11,20 @@ from u2a_dist.rundir import RunDir
 from u2a_dist.trainer import Trainer
 
 
-def train_report(cfg: dict, steps: int, save: bool = False, export: str | None = None,
-                 prepare: bool = True) -> dict[str, Any]:
-    """Train `steps` steps and report losses, partition sizes and (optionally) export."""
+def _trainer_in_run_dir(cfg: dict, prepare: bool) -> Trainer:
+    """A Trainer on the config's run directory (rank 0 creates it first unless resuming)."""
     config = config_from_dict(cfg)
     run_dir = RunDir(config.out)
     if prepare and torch.distributed.get_rank() == 0:
         run_dir.prepare(config)
     torch.distributed.barrier()
-    trainer = Trainer(config, run_dir)
+    return Trainer(config, run_dir)
+
+
+def train_report(cfg: dict, steps: int, save: bool = False, export: str | None = None,
+                 prepare: bool = True) -> dict[str, Any]:
+    """Train `steps` steps and report losses, partition sizes and (optionally) export."""
+    trainer = _trainer_in_run_dir(cfg, prepare)
     losses = []
     trainer.train(steps=steps, progress=lambda m: losses.append(m["loss"]))
     if save:
@@ -123,12 +128,7 @@ def u2a_report(cfg: dict, prepare: bool = True) -> dict[str, Any]:
     """Run the U2A loop (round-0 selection, train, reweight, ...) and report its state."""
     from u2a_dist.selector import run_u2a
 
-    config = config_from_dict(cfg)
-    run_dir = RunDir(config.out)
-    if prepare and torch.distributed.get_rank() == 0:
-        run_dir.prepare(config)
-    torch.distributed.barrier()
-    trainer = Trainer(config, run_dir)
+    trainer = _trainer_in_run_dir(cfg, prepare)
     losses: list[float] = []
     result = run_u2a(trainer, progress=lambda m: losses.append(m["loss"]) if "loss" in m else None)
     return {"losses": losses, "result": result, "weights": trainer.weights,

@@ -9,6 +9,7 @@ it kills every Ray process on the machine, other people's included.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -152,6 +153,35 @@ def listeners(pids: list[int]) -> list[tuple[int, str, str, int]]:
     return out
 
 
+def _hex_ip(text: str) -> str:
+    """An address of /proc/net/tcp{,6} (little-endian 32-bit words) as text."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    mapped = getattr(ip, "ipv4_mapped", None)  # written as psutil does: ::ffff:127.0.0.1
+    return f"::ffff:{mapped}" if mapped is not None else str(ip)
+
+
+def namespace_listeners(pid: int) -> set[tuple[str, int]]:
+    """Every LISTEN (ip, port) of the network namespace that `pid` lives in.
+
+    psutil reads the CALLER's /proc/net tables, so it sees no socket of a process in another
+    namespace; /proc/<pid>/net/tcp{,6} are that process's namespace's tables.
+    """
+    found = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 3 and cols[3] == "0A":  # TCP_LISTEN
+                ip, port = cols[1].split(":")
+                found.add((_hex_ip(ip), int(port, 16)))
+    return found
+
+
 @dataclass
 class ListenerWatch:
     """Samples listening sockets of a process tree (plus marker / namespace matches) until
@@ -169,9 +199,10 @@ class ListenerWatch:
     def sample(self) -> None:
         pids = list(self.roots) + matching_pids(self.markers) if self.markers else list(
             self.roots)
-        for ns in self.namespaces:
-            pids += netns_pids(ns)
         self.seen.update(listeners(pids))
+        for ns in self.namespaces:  # the whole namespace: only this test's processes live there
+            for pid in netns_pids(ns)[:1]:
+                self.seen.update((pid, ns, ip, port) for ip, port in namespace_listeners(pid))
         self.samples += 1
 
     def _loop(self) -> None:

@@ -120,15 +120,18 @@ def test_generation_is_batched_bounded_and_batch_invariant() -> None:
     ids = tiny_prompt_ids(7)
     batched = generate(model, tokenizer, ids, batch_size=3, max_new_tokens=10)
     single = generate(model, tokenizer, ids, batch_size=1, max_new_tokens=10)
-    assert batched == single  # left padding does not change greedy answers
-    assert len(set(batched)) > 2  # the perturbed model says different things
-    assert max(len(t.encode()) for t in batched) <= 10  # max_new_tokens bounds every answer
+    assert batched == single  # left padding does not change greedy answers (texts and ids)
+    assert len(set(batched.texts)) > 2  # the perturbed model says different things
+    assert max(len(t) for t in batched.tokens) <= 10  # max_new_tokens bounds every answer
+    eos = tokenizer.eos_token_id
+    assert all(eos not in t[:-1] for t in batched.tokens)  # cut after the first eos
+    assert any(len(t) == 10 for t in batched.tokens)
 
 
 def test_two_ranks_generate_their_shares_and_match_one_process(tmp_path: Path) -> None:
     n, bs, new = 7, 2, 10
     tokenizer = load_tokenizer(ModelConfig())
-    expected = generate(perturbed_tiny().eval(), tokenizer, tiny_prompt_ids(n), bs, new)
+    expected = generate(perturbed_tiny().eval(), tokenizer, tiny_prompt_ids(n), bs, new).texts
     ranks = run_ranks(2, "tests.eval_rank_fns:sharded_generation",
                       {"n": n, "batch_size": bs, "max_new_tokens": new,
                        "out": str(tmp_path / "run")})
@@ -201,6 +204,12 @@ def test_u2a_eval_bad_input_names_the_path(tmp_path: Path, capsys) -> None:
 
     missing = tmp_path / "no_judge"
     assert f"eval.judge: {str(missing)!r} does not exist" in run(judge=str(missing))
+    half = tmp_path / "half_judge"
+    half.mkdir()
+    (half / "judge.json").write_text("{}")
+    err = run(judge=str(half))
+    assert f"eval.judge: {str(half)!r} is not a usable judge" in err
+    assert str(half / "head.safetensors") in err
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     err = run(harmful_prompts={"path": str(empty), "schema": "prompts"})

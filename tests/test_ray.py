@@ -50,7 +50,7 @@ def local_run(tmp_path_factory) -> Path:
     """The reference: the local launcher (plain processes) on the same config."""
     root = tmp_path_factory.mktemp("local")
     cfg = write_config(root / "cfg.yaml", job_config(root / "run"))
-    res = run_u2a(["run", "--config", str(cfg), "--launcher", "local"], base_env(), timeout=300)
+    res = run_u2a(["run", "--config", str(cfg), "--launcher", "local"], base_env(), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert len(losses(root / "run")) == STEPS
     return root / "run"
@@ -84,6 +84,13 @@ def test_watchdog_needs_silence_and_idle_cpu():
     assert not dog.expired(now=49.0) and dog.expired(now=51.0)
     dog.event(now=51.0)
     assert not dog.expired(now=80.0)
+    # A rank stalled on major page faults (memory pressure) is slow, not hung.
+    dog = Watchdog(30.0, now=0.0)
+    dog.cpu({0: 0.0}, now=0.0, faults={0: 0})
+    dog.cpu({0: 0.1}, now=20.0, faults={0: 500})
+    assert not dog.expired(now=45.0)
+    dog.cpu({0: 0.2}, now=40.0, faults={0: 510})
+    assert dog.expired(now=51.0)
     assert parse_fault("1:4") == (1, 4, "exit") and parse_fault("0:2:hang") == (0, 2, "hang")
     assert parse_fault(None) is None
     with pytest.raises(RayJobFailure, match="RANK:STEP"):
@@ -104,7 +111,7 @@ def test_ray_job_submit_on_loopback_cluster_matches_local(tmp_path, local_run):
              "--address", cluster.dashboard, "--working-dir", ".",
              "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
              "--", "python", "launcher/ray_submit.py", "--config", str(cfg)],
-            cluster.env, timeout=420, watch=watch)
+            cluster.env, timeout=600, watch=watch)
         elapsed = time.monotonic() - t0
         out = res.stdout + res.stderr
         assert res.returncode == 0, out[-5000:]
@@ -135,7 +142,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     watch = ListenerWatch()
     res = run_u2a(["demo", "--model", "tiny-gpt2", "--out", str(tmp_path / "demo"),
                    "unlearn.steps=2", "eval.every=2", "data.max_length=64"],
-                  base_env(), timeout=300, watch=watch)
+                  base_env(), timeout=600, watch=watch)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
     assert "(ray launcher)" in out and "[u2a] ray: 2 ranks on 1 node(s)" in out, out[-3000:]
@@ -156,11 +163,12 @@ def test_killed_actor_restarts_from_checkpoint_with_nothing_lost(tmp_path, local
     torn down, restarted from step 3, and ends with the uninterrupted run's weights."""
     cfg = write_config(tmp_path / "cfg.yaml", job_config(tmp_path / "run"))
     res = run_u2a(["run", "--config", str(cfg), "--launcher", "ray"],
-                  base_env(U2A_RAY_FAULT="1:5"), timeout=420)
+                  base_env(U2A_RAY_FAULT="1:5"), timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
     assert "rank 1's actor died" in out and "restarting from checkpoint step 3" in out, out[-4000:]
     assert "2 logged step(s) past it (4-5) will be redone" in out, out[-4000:]
+    assert "finished after 1 restart(s); 2 step(s) redone in all" in out, out[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps_redone"] == 2
     assert summary["resumed_from"] == 3 and summary["step"] == STEPS
@@ -179,17 +187,18 @@ def test_hung_collective_times_out_with_a_clear_error(tmp_path):
     one clear line, not a hang, and is not retried."""
     cfg = write_config(tmp_path / "cfg.yaml",
                        job_config(tmp_path / "run", checkpoint_every=0, timeout_s=20))
-    t0 = time.monotonic()
     res = run_u2a(["run", "--config", str(cfg), "--launcher", "ray"],
-                  base_env(U2A_RAY_FAULT="1:2:hang"), timeout=300)
-    elapsed = time.monotonic() - t0
+                  base_env(U2A_RAY_FAULT="1:2:hang"), timeout=600)
+    # From rank 0's last log line (step 2, just before the hang) to the end of the job: the
+    # timeout, the settle time after a rank's error, teardown; not a hang.
+    after_hang = time.time() - (tmp_path / "run" / "metrics.jsonl").stat().st_mtime
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("u2a: error:")]
     assert len(errors) == 1, res.stderr[-3000:]
     assert "runtime.timeout_s" in errors[0] and ("hung" in errors[0]), errors[0]
-    print(f"hang detected after {elapsed:.0f} s: {errors[0]}")
+    print(f"job ended {after_hang:.0f} s after the last step: {errors[0]}")
     assert "Traceback" not in res.stderr
-    assert elapsed < 200, elapsed
+    assert 20 <= after_hang < 20 + 120, after_hang
     steps = [s for s, _ in losses(tmp_path / "run")]
     assert steps == [1, 2], steps  # rank 0 could not finish step 3 without rank 1
 
@@ -217,7 +226,7 @@ def test_two_nodes_in_network_namespaces(tmp_path, local_run):
                            job_config(tmp_path / "run", placement_strategy="SPREAD",
                                       ray_address=f"{ip_a}:6379"))
         watch = ListenerWatch(namespaces=list(hosts.names))
-        res = run_u2a(["run", "--config", str(cfg), "--launcher", "ray"], env, timeout=420,
+        res = run_u2a(["run", "--config", str(cfg), "--launcher", "ray"], env, timeout=600,
                       netns=ns_a, watch=watch)
         out = res.stdout + res.stderr
         assert res.returncode == 0, out[-5000:]
@@ -229,10 +238,10 @@ def test_two_nodes_in_network_namespaces(tmp_path, local_run):
     assert alive == [] and not hosts.exists()
     placement = ranks_of(tmp_path / "run")[-1]
     node_ips = [r["node_ip"] for r in placement["ranks"]]
-    assert node_ips == [ip_a, ip_b], node_ips  # one rank per node, each with its own address
+    assert sorted(node_ips) == [ip_a, ip_b], node_ips  # one rank per node, own addresses
     assert len({r["node_id"] for r in placement["ranks"]}) == 2
     assert "2 ranks on 2 node(s) (SPREAD)" in out
-    assert placement["master"].startswith(f"{ip_a}:")
+    assert placement["master"] == f"{node_ips[0]}:{placement['master'].rsplit(':', 1)[1]}"
     assert_same_run(tmp_path / "run", local_run)
     # Listeners: our rendezvous store and gloo bind the node address itself. Ray's own C++
     # servers (GCS, raylet) bind the wildcard whenever the node IP is not loopback (Ray 2.60 has
@@ -240,8 +249,8 @@ def test_two_nodes_in_network_namespaces(tmp_path, local_run):
     # veth address, which we check.
     allowed = LOOPBACK | {ip_a, ip_b, f"::ffff:{ip_a}", f"::ffff:{ip_b}"}
     master_port = int(placement["master"].rsplit(":", 1)[1])
-    assert any(ip == ip_a and port == master_port for _, _, ip, port in watch.seen), (
-        sorted(watch.seen))
+    assert any(ip == node_ips[0] and port == master_port for _, _, ip, port in watch.seen), (
+        sorted(watch.seen))  # rank 0's store, on its node's address, not on the wildcard
     assert watch.bad(allowed | WILDCARD) == [], watch.bad(allowed | WILDCARD)
     for ns, ip in zip(hosts.names, hosts.ips):
         flat = {a for values in addrs[ns].values() for a in values}

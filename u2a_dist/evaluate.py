@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from u2a_dist.config import ConfigError, RunConfig
 from u2a_dist.data.examples import Pair, load_completions, load_pairs, load_prompts
-from u2a_dist.data.tokenize import encode
-from u2a_dist.generation import encode_prompts, generate
+from u2a_dist.data.tokenize import IGNORE, encode
+from u2a_dist.generation import Share, encode_prompts, generate
 from u2a_dist.judges import is_degenerate, is_refusal
 from u2a_dist.passes import dataset_logps, world
 
@@ -118,14 +118,22 @@ def load_eval_judge(path: str):
     Every failure is a ConfigError naming the key and the path, so ``u2a eval`` and the run
     preflight stop before any model is loaded.
     """
-    from u2a_dist.judges import load_judge
+    from u2a_dist.judges import HarmJudge, default_encoder_path, load_judge
 
     if not Path(path).exists():
         raise ConfigError(f"eval.judge: {path!r} does not exist (train a judge with `u2a "
                           f"judge-train --data ../shared/data/refusal/completions --out {path}`, "
                           "or give an HF sequence-classification directory)")
     try:
-        return load_judge(path)
+        judge = load_judge(path)
+        if isinstance(judge, HarmJudge):  # its encoder loads lazily: check it is there now
+            encoder = judge.encoder_path
+            if encoder is None:
+                default_encoder_path()
+            elif not Path(encoder).exists() and (encoder.startswith((".", "/", "~"))
+                                                 or encoder.count("/") != 1):
+                raise FileNotFoundError(f"its sentence encoder {encoder!r} does not exist")
+        return judge
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"eval.judge: {path!r} is not a usable judge: {exc}") from None
 
@@ -187,9 +195,11 @@ class GenerationEval:
     def enabled(self) -> bool:
         return bool(self.harmful or self.harmless)
 
-    def prepare(self, reference_model, answers: list[str] | None = None) -> float:
+    def prepare(self, reference_model, answers: Share | None = None) -> float:
         """At θ0: the reference answers to the harmless prompts that retain_ppl scores.
 
+        They are scored as generated (the prompt ids, then the generated ids, with no eos
+        added where the ``max_new_tokens`` cap cut an answer), not re-tokenised from text.
         ``answers`` reuses generations already made with the reference model. Returns seconds.
         """
         if self.retain or not self.harmless:
@@ -197,12 +207,12 @@ class GenerationEval:
         t0 = time.perf_counter()
         if answers is None:
             answers = self._generate(reference_model, self.harmless_ids)
-        self.reference_answers = answers
-        self.retain = [encode(self.tokenizer, p.prompt, a, p.history, self.cfg.data.max_length)
-                       for p, a in zip(self.harmless, answers)]
+        self.reference_answers = answers.texts
+        self.retain = [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t}
+                       for p, t in zip(self.harmless_ids, answers.tokens) if t]
         return time.perf_counter() - t0
 
-    def _generate(self, model, prompt_ids: list[list[int]]) -> list[str]:
+    def _generate(self, model, prompt_ids: list[list[int]]) -> Share:
         return generate(model, self.tokenizer, prompt_ids, self.cfg.eval.batch_size,
                         self.cfg.eval.max_new_tokens)
 
@@ -231,7 +241,7 @@ class GenerationEval:
              is_reference: bool) -> None:
         if self.harmful:
             t0 = time.perf_counter()
-            texts = self._generate(model, self.harmful_ids)
+            texts = self._generate(model, self.harmful_ids).texts
             timing["timing/eval_generate_harmful_s"] = time.perf_counter() - t0
             prompts = [p.prompt for p in self.harmful]
             out.update(response_metrics(prompts, texts, "harmful"))
@@ -243,12 +253,13 @@ class GenerationEval:
             self.last_generations["harmful"] = texts
         if self.harmless:
             t0 = time.perf_counter()
-            texts = self._generate(model, self.harmless_ids)
+            answers = self._generate(model, self.harmless_ids)
             timing["timing/eval_generate_harmless_s"] = time.perf_counter() - t0
-            out.update(response_metrics([p.prompt for p in self.harmless], texts, "harmless"))
-            self.last_generations["harmless"] = texts
+            out.update(response_metrics([p.prompt for p in self.harmless], answers.texts,
+                                        "harmless"))
+            self.last_generations["harmless"] = answers.texts
             if is_reference and not self.retain:
-                self.prepare(model, answers=texts)
+                self.prepare(model, answers=answers)
         if self.retain:
             t0 = time.perf_counter()
             logp, ntok = dataset_logps(model, self.retain, self.tokenizer.pad_token_id,

@@ -24,10 +24,13 @@ from u2a_dist.passes import padded_shares, world
 
 @dataclass
 class Share:
-    """What one rank generated: prompt indices (padding dropped) and their responses."""
+    """Generations of some prompts (one rank's share, or all of them after ``gather_shares``):
+    prompt indices, decoded responses, and the generated token ids themselves (up to and
+    including the first eos; no eos when the ``max_new_tokens`` cap cut the answer)."""
 
     indices: list[int]
     texts: list[str]
+    tokens: list[list[int]]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_length: int) -> list[list[int]]:
@@ -48,6 +51,7 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     was_training = model.training
     model.eval()
     texts: list[str] = []
+    tokens: list[list[int]] = []
     try:
         for start in range(0, len(mine), batch_size):
             idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
@@ -58,32 +62,40 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
                                  temperature=None, top_p=None, top_k=None)
             new = out[:, batch["input_ids"].shape[1]:]
             texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            tokens.extend(_until_eos(row.tolist(), tokenizer.eos_token_id) for row in new)
     finally:
         model.train(was_training)
     keep = [j for j, i in enumerate(mine) if i >= 0]
-    return Share([mine[j] for j in keep], [texts[j].strip() for j in keep])
+    return Share([mine[j] for j in keep], [texts[j].strip() for j in keep],
+                 [tokens[j] for j in keep])
 
 
-def gather_shares(share: Share, n: int) -> list[str]:
-    """Every rank's share put back in prompt order, on every rank."""
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    """Generated ids up to and including the first eos (what follows it is padding)."""
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def gather_shares(share: Share, n: int) -> Share:
+    """Every rank's share put together in prompt order (indices 0..n-1), on every rank."""
     _, size = world()
     shares = [share]
     if size > 1:
         gathered: list[Share | None] = [None] * size
         dist.all_gather_object(gathered, share)
         shares = [s for s in gathered if s is not None]
-    out: list[str | None] = [None] * n
+    texts: list[str | None] = [None] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
     for s in shares:
-        for i, text in zip(s.indices, s.texts):
-            out[i] = text
-    missing = [i for i, t in enumerate(out) if t is None]
+        for i, text, ids in zip(s.indices, s.texts, s.tokens):
+            texts[i], tokens[i] = text, ids
+    missing = [i for i, t in enumerate(texts) if t is None]
     if missing:
         raise RuntimeError(f"generation lost prompts {missing[:8]} (shares do not cover all)")
-    return [t for t in out if t is not None]
+    return Share(list(range(n)), [t for t in texts if t is not None], tokens)
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size: int,
-             max_new_tokens: int) -> list[str]:
+             max_new_tokens: int) -> Share:
     """Greedy responses to every prompt, sharded over the ranks, returned on every rank."""
     share = generate_share(model, tokenizer, prompt_ids, batch_size, max_new_tokens)
     return gather_shares(share, len(prompt_ids))

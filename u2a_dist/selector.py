@@ -104,7 +104,9 @@ def solve_ihvp(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector,
     result = neumann_ihvp(matvec, b, cfg.neumann_terms, alpha, delta, tol=cfg.neumann_tol)
     stats.update({"selector/damping": delta, "selector/alpha": alpha,
                   "selector/ihvp_residual": result.residual,
-                  "selector/ihvp_terms": result.terms_used, "selector/hvps": cache.get("hvps", 0)})
+                  "selector/ihvp_terms": result.terms_used, "selector/hvps": cache.get("hvps", 0),
+                  # ‖(H+δI)v_k − ∇J‖/‖∇J‖ of the partial sums, from the recurrence (no HVPs)
+                  "selector/ihvp_term_norms": [round(x, 6) for x in result.term_norms]})
     return result.v, stats
 
 

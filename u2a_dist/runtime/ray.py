@@ -16,9 +16,10 @@ works wherever the driver runs). When an actor dies (killed, OOM, node lost) the
 torn down and restarted; the trainer resumes from ``checkpoints/latest`` by itself. An exception
 raised by the job is never retried unless an actor of the group died too (then it is the
 consequence, e.g. gloo's "connection closed by peer"): a config, data or non-finite-loss error
-would only fail again. No progress for ``runtime.timeout_s`` (no step and no rank using CPU: a
-hung collective burns none) ends the job with a clear error; so does a collective that gives up
-after ``runtime.timeout_s`` (gloo's own timeout).
+would only fail again. A collective that gives up after ``runtime.timeout_s`` (gloo's own
+timeout) ends the job with a clear error; so does no progress at all for twice that (no step
+event and no rank using CPU or taking page faults: a hung rank burns neither), the backstop for
+hangs outside collectives.
 
 Fault injection (for tests and drills): ``U2A_RAY_FAULT=RANK:STEP[:exit|hang]`` in the driver's
 environment makes that rank, on the FIRST attempt only, leave its process with ``os._exit(1)``
@@ -51,6 +52,7 @@ from ray.exceptions import (  # noqa: E402
     NodeDiedError,
     OutOfMemoryError,
     RayActorError,
+    RayError,
     RayTaskError,
 )
 from ray.util.placement_group import (  # noqa: E402
@@ -70,7 +72,10 @@ BUSY_WINDOW_S = 10.0  # the watchdog's CPU-use window
 # A rank using this share of a core over a window is working, not hung. Low on purpose: on an
 # oversubscribed machine a busy rank may get a quarter of a core; a hung one uses ~1% or less.
 BUSY_FRACTION = 0.05
-START_TIMEOUT_S = 300  # actor start-up and imports (at least; runtime.timeout_s if larger)
+BUSY_FAULTS = 50  # ... or taking this many major page faults in a window (stalled on memory)
+WATCHDOG_FACTOR = 2  # the watchdog's silence limit, in runtime.timeout_s
+START_TIMEOUT_S = 600  # actor start-up and imports (at least; runtime.timeout_s if larger)
+PLACE_TIMEOUT_S = 120  # waiting for the placement group (at least; runtime.timeout_s if larger)
 ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "U2A_LOG_LEVEL",
                    "TORCH_EXTENSIONS_DIR")
 SHOWN = ("step", "loss", "forget/nll", "pa/accuracy", "time_s")
@@ -186,7 +191,8 @@ class RankActor:
             if mine is not None and int(metrics.get("step", -1)) == mine[1]:
                 _inject(mine[2], self.rank, mine[1])
 
-        summary = run_rank(cfg, RunDir(run_dir), progress)
+        summary = run_rank(cfg, RunDir(run_dir),
+                           progress if self.rank == 0 or mine is not None else None)
         self._emit({"event": "done"})
         return summary
 
@@ -199,7 +205,10 @@ class RankActor:
         """New events since the last poll and this process's CPU seconds (for the watchdog)."""
         with self._lock:
             events, self._events = self._events, []
-        return {"events": events, "cpu_s": time.process_time()}
+        import resource
+
+        return {"events": events, "cpu_s": time.process_time(),
+                "faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}
 
 
 def _inject(mode: str, rank: int, step: int) -> None:
@@ -233,11 +242,12 @@ def parse_fault(text: str | None) -> tuple[int, int, str] | None:
 # --------------------------------------------------------------------------- driver side
 
 class Watchdog:
-    """No progress for `timeout_s` means a hang: no event, and no rank busy on the CPU.
+    """No progress for `timeout_s` means a hang: no event, and no rank busy.
 
     A collective waiting for a peer burns no CPU, while a long phase without step events
     (model loading, evaluation, selector scoring) does; Ray's own threads in an idle actor use
-    about 1% of a core, far below BUSY_FRACTION.
+    about 1% of a core, far below BUSY_FRACTION. A rank stalled on major page faults (a machine
+    short of memory, re-reading evicted pages) uses little CPU but is not hung either.
     """
 
     def __init__(self, timeout_s: float, now: float | None = None) -> None:
@@ -245,21 +255,29 @@ class Watchdog:
         self.last = time.monotonic() if now is None else now
         self._window_start = self.last
         self._cpu0: dict[int, float] = {}
+        self._faults0: dict[int, int] = {}
 
     def event(self, now: float | None = None) -> None:
         self.last = time.monotonic() if now is None else now
 
-    def cpu(self, cpu_s: dict[int, float], now: float | None = None) -> None:
+    def cpu(self, cpu_s: dict[int, float], now: float | None = None,
+            faults: dict[int, int] | None = None) -> None:
+        """Per-rank CPU seconds (and major page faults) so far; judged once per window."""
         now = time.monotonic() if now is None else now
+        faults = faults or {}
         span = now - self._window_start
         if span < BUSY_WINDOW_S:
             for rank, value in cpu_s.items():
                 self._cpu0.setdefault(rank, value)
+            for rank, count in faults.items():
+                self._faults0.setdefault(rank, count)
             return
         if any(value - self._cpu0.get(rank, value) >= BUSY_FRACTION * span
-               for rank, value in cpu_s.items()):
+               for rank, value in cpu_s.items()) or any(
+                count - self._faults0.get(rank, count) >= BUSY_FAULTS
+                for rank, count in faults.items()):
             self.last = now
-        self._window_start, self._cpu0 = now, dict(cpu_s)
+        self._window_start, self._cpu0, self._faults0 = now, dict(cpu_s), dict(faults)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) - self.last > self.timeout_s
@@ -345,15 +363,16 @@ def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: _Displa
     use_gpu = ray.cluster_resources().get("GPU", 0) >= world
     if use_gpu:
         bundle["GPU"] = 1
+    place_s = max(PLACE_TIMEOUT_S, cfg.runtime.timeout_s)
     pg = placement_group([dict(bundle) for _ in range(world)],
                          strategy=cfg.runtime.placement_strategy)
     try:
-        ray.get(pg.ready(), timeout=cfg.runtime.timeout_s)
+        ray.get(pg.ready(), timeout=place_s)
     except GetTimeoutError:
         remove_placement_group(pg)
         raise RayJobFailure(
             f"Ray could not place {world} bundles of {bundle} ({cfg.runtime.placement_strategy}) "
-            f"within {cfg.runtime.timeout_s} s; the cluster has {ray.available_resources()} "
+            f"within {place_s:.0f} s; the cluster has {ray.available_resources()} "
             "available") from None
     env = _actor_env(embedded)
     logs = run_dir.path / "logs"
@@ -406,6 +425,8 @@ def _get_all(actors: list[Any], refs: list[Any], timeout_s: float) -> list[Any]:
             if exc.actor_init_failed:
                 raise RayJobFailure(f"rank {rank}'s actor failed to start: {exc}") from None
             raise _GroupLost(rank, _why(exc)) from None
+        except (OutOfMemoryError, NodeDiedError) as exc:
+            raise _GroupLost(rank, _why(exc)) from None
         except GetTimeoutError:
             raise RayJobFailure(f"rank {rank}'s actor did not answer within {timeout_s} s "
                                 "while starting (imports, rendezvous set-up)") from None
@@ -435,12 +456,15 @@ def _teardown(group: _Group, wait_s: float = 30.0) -> None:
         while time.monotonic() < deadline:
             try:
                 ray.get(actor.poll.remote(), timeout=1)
-            except RayActorError:
-                break
             except GetTimeoutError:
                 continue
+            except RayError:  # dead: killed, OOM-killed (OutOfMemoryError), node gone
+                break
             time.sleep(0.2)
-    remove_placement_group(group.pg)
+    try:
+        remove_placement_group(group.pg)
+    except RayError:  # the cluster is going away; nothing left to free
+        pass
 
 
 def _why(exc: BaseException) -> str:
@@ -464,7 +488,9 @@ def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
     refs = {a.run.remote(cfg, path, fault): rank for rank, a in enumerate(group.actors)}
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}
-    dog = Watchdog(cfg.runtime.timeout_s)
+    # The backstop for hangs outside collectives: a hung collective fails on its own, with
+    # gloo's error, after runtime.timeout_s; the watchdog gives it that long again.
+    dog = Watchdog(WATCHDOG_FACTOR * cfg.runtime.timeout_s)
     settle_until: float | None = None
     while len(results) + len(errors) < len(refs):
         pending = [r for r, rank in refs.items() if rank not in results and rank not in errors]
@@ -485,7 +511,8 @@ def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
             break
         if dog.expired():
             raise RayJobFailure(
-                f"no progress for {cfg.runtime.timeout_s} s (runtime.timeout_s): no step was "
+                f"no progress for {dog.timeout_s:.0f} s ({WATCHDOG_FACTOR} x runtime.timeout_s="
+                f"{cfg.runtime.timeout_s}): no step was "
                 "logged and no rank used the CPU; a collective is probably hung. The group was "
                 f"torn down; rank logs are in {run_dir.path / 'logs'}")
     _poll(group, dog, display)
@@ -508,6 +535,7 @@ def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
 
 def _poll(group: _Group, dog: Watchdog, display: _Display) -> None:
     cpu: dict[int, float] = {}
+    faults: dict[int, int] = {}
     refs = [a.poll.remote() for a in group.actors]
     for rank, ref in enumerate(refs):
         try:
@@ -518,12 +546,12 @@ def _poll(group: _Group, dog: Watchdog, display: _Display) -> None:
             raise _GroupLost(rank, _why(exc)) from None
         except GetTimeoutError:
             continue
-        cpu[rank] = state["cpu_s"]
+        cpu[rank], faults[rank] = state["cpu_s"], state["faults"]
         for event in state["events"]:
             dog.event()
             if event["event"] == "metrics":
                 display.metrics(event["metrics"])
-    dog.cpu(cpu)
+    dog.cpu(cpu, faults=faults)
 
 
 def _checkpoint_step(run_dir: RunDir) -> int | None:
