@@ -139,7 +139,10 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         return finite_difference_hvp(problem.parts(), problem.inner_grad, x, extra_diag=lam)
 
     ks = []
-    if alpha is not None:
+    if alpha is not None and model not in args.measure_k.split(","):
+        ks = [{"k": k, "residual_recurrence": norms[k]} for k in _ints(args.k) if k < len(norms)]
+        ks.append({"k": stats["selector/ihvp_terms"], "residual": stats["selector/ihvp_residual"]})
+    elif alpha is not None:
         for k in _ints(args.k):
             t0 = time.perf_counter()
             res = neumann_ihvp(matvec, grad_j, k, alpha, delta, tol=0.0)
@@ -166,8 +169,14 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
         a.plot([x["n"] for x in pe], [x["per_example_s"] for x in pe], "s--",
                label=f"{r['model']}: per-example grad")
         ks = r["residual_vs_k"]
-        if ks:
-            b.plot([x["k"] for x in ks], [x["residual"] for x in ks], "o-", label=r["model"])
+        rec = [x for x in ks if x.get("residual_recurrence") is not None]
+        meas = [x for x in ks if x.get("residual") is not None]
+        if meas:
+            b.plot([x["k"] for x in meas], [x["residual"] for x in meas], "o-",
+                   label=f"{r['model']}: measured")
+        if rec:
+            b.plot([x["k"] for x in rec], [x["residual_recurrence"] for x in rec], "x:",
+                   label=f"{r['model']}: recurrence")
     a.set(xscale="log", yscale="log", xlabel="negatives scored N", ylabel="seconds",
           title="scoring time")
     b.set(yscale="log", xlabel="Neumann terms K", ylabel="‖(H+δI)v − ∇J‖ / ‖∇J‖",
@@ -187,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="largest N also scored with per-example gradients: one number, or "
                          "MODEL=N,... per model (the rest then take 1024)")
     ap.add_argument("--k", default="1,2,4,8,16", help="Neumann terms for the residual sweep")
+    ap.add_argument("--measure-k", default="tiny-gpt2",
+                    help="models whose residual is measured for every K (one series each); the "
+                         "others report the recurrence residual of the main series")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--hessian-batch", type=int, default=16)
@@ -203,10 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # torch.distributed's deprecation notices fire on every ZeRO-3 collective.
     warnings.filterwarnings("ignore", category=FutureWarning)
     from u2a_dist.engine import init_distributed
-    from u2a_dist.runtime.local import free_port
+    from u2a_dist.runtime.local import LoopbackStore, rank_env
 
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    store = LoopbackStore(1)  # the rendezvous, on 127.0.0.1 only
+    os.environ.update(rank_env(0, 1, store.port))
     init_distributed()
     t0 = time.perf_counter()
     results = [bench_model(m.strip(), args) for m in args.models.split(",") if m.strip()]

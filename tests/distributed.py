@@ -23,10 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_ranks(world_size: int, fn: str, kwargs: dict[str, Any], timeout: int = 600) -> list[Any]:
-    from u2a_dist.runtime.local import free_port, rank_env
+    from u2a_dist.runtime.local import LoopbackStore, rank_env
 
     tmp = Path(tempfile.mkdtemp(prefix="u2a-ranks-"))
-    port = free_port()
+    store = LoopbackStore(world_size)  # the rendezvous, on 127.0.0.1 only, for the whole run
+    port = store.port
     procs = []
     for rank in range(world_size):
         env = rank_env(rank, world_size, port)
@@ -47,6 +48,7 @@ def run_ranks(world_size: int, fn: str, kwargs: dict[str, Any], timeout: int = 6
         log.close()
         if code != 0:
             failed.append((rank, code))
+    store.close()
     if failed:
         for p, _ in procs:
             if p.poll() is None:

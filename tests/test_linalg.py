@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from u2a_dist.linalg import (
+    FD_RMS_FLOOR,
     NEUMANN_STATE_VECTORS,
     IHVPResult,
     NeumannDivergenceError,
@@ -34,7 +35,7 @@ from u2a_dist.linalg import (
     neumann_ihvp,
     power_iteration,
     resolve_damping_and_alpha,
-    sharded_norm,
+    sharded_rms,
     trainable_parameters,
 )
 
@@ -368,7 +369,7 @@ def _gloo_worker(rank: int, world: int, port: int, outdir: str) -> None:
         before = [t.clone() for t in local]
         b = ShardedVector(grad_fn_of(half_outer)(), valid_numel=valid)
         v = ShardedVector.random_like(b, 5)
-        out["eps"] = fd_epsilon(sharded_norm(local), v.norm())
+        out["eps"] = fd_epsilon(sharded_rms(local, valid_numel=valid), v.norm())
         hv = finite_difference_hvp(local, grad_fn, v, extra_diag=PROX)
         out["restored"] = all(torch.equal(a, c) for a, c in zip(before, local, strict=True))
         out["v_parts"], out["hv_parts"] = [t.clone() for t in v.parts], hv.parts
@@ -655,9 +656,12 @@ def test_fd_hvp_rejects_aliased_gradients_and_zero_direction() -> None:
 
 
 def test_fd_epsilon_rule() -> None:
-    # ||eps v|| = rel_step * max(1, ||theta||): fixed relative perturbation, whatever ||v||
-    assert fd_epsilon(50.0, 4.0, rel_step=1e-3) == pytest.approx(1e-3 * 50.0 / 4.0)
-    assert fd_epsilon(0.1, 2.0, rel_step=1e-3) == pytest.approx(1e-3 / 2.0)
+    # ||eps v|| = rel_step * max(floor, rms(theta)): fixed perturbation size, whatever ||v||
+    assert fd_epsilon(0.2, 4.0, rel_step=1e-3) == pytest.approx(1e-3 * 0.2 / 4.0)
+    assert fd_epsilon(1e-5, 2.0, rel_step=1e-3) == pytest.approx(1e-3 * FD_RMS_FLOOR / 2.0)
+    # the RMS over ranks excludes ZeRO-3 padding and counts replicated parts once
+    parts = [torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([1.0])]
+    assert sharded_rms(parts, valid_numel=[2, 1]) == pytest.approx(math.sqrt(26.0 / 3.0))
     with pytest.raises(ValueError):
         fd_epsilon(1.0, 0.0)
     with pytest.raises(ValueError):

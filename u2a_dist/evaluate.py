@@ -247,7 +247,8 @@ class GenerationEval:
             out.update(response_metrics(prompts, texts, "harmful"))
             if self.has_judge:
                 t0 = time.perf_counter()
-                judged = judge_metrics(self.judge, prompts, texts) if self.judge else None
+                judged = (judge_metrics(self.judge, prompts, texts) if self.judge is not None
+                          else None)
                 out.update(_broadcast(judged))
                 timing["timing/eval_judge_s"] = time.perf_counter() - t0
             self.last_generations["harmful"] = texts

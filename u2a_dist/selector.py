@@ -34,7 +34,7 @@ from u2a_dist.linalg import (
     identity_ihvp,
     neumann_ihvp,
     resolve_damping_and_alpha,
-    sharded_norm,
+    sharded_rms,
 )
 from u2a_dist.losses import NonFiniteLossError, check_finite
 
@@ -123,8 +123,8 @@ def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
     if v_norm == 0:
         return torch.zeros(len(idx), dtype=torch.float64), ell
     if eps == "auto":
-        step = fd_epsilon(sharded_norm([p.detach() for p in params], v.group, v.replicated),
-                          v_norm)
+        step = fd_epsilon(sharded_rms([p.detach() for p in params], v.group, v.replicated,
+                                      v.valid_numel), v_norm)
     else:
         step = float(eps)
     saved = [p.detach().clone() for p in params]

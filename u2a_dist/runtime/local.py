@@ -2,16 +2,23 @@
 
 Rank 0's output streams to the console; every rank's full output goes to
 ``<run>/logs/rank<r>.log``. If one rank fails the others are stopped, so nothing hangs.
+
+Nothing listens beyond loopback: ``init_process_group`` would make rank 0 host the rendezvous
+store on every interface (``::``), so the launcher hosts it instead, on a socket it bound to
+127.0.0.1, and the ranks join it as clients (``TORCHELASTIC_USE_AGENT_STORE``, as under
+torchrun's agent); gloo's own sockets are pinned to the loopback interface.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from u2a_dist.rundir import RunDir
 
@@ -22,11 +29,52 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def loopback_iface() -> str:
+    """The network interface that carries 127.0.0.1 (``lo`` on Linux)."""
+    try:
+        import psutil
+
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+                return name
+    except ImportError:
+        pass
+    return "lo"
+
+
+class LoopbackStore:
+    """The rendezvous TCPStore, hosted by the launcher on a socket bound to 127.0.0.1 only."""
+
+    def __init__(self, world_size: int, timeout_s: int = 600) -> None:
+        from torch.distributed import TCPStore
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self.store: Any = TCPStore("127.0.0.1", self.port, world_size, True,
+                                   datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                                   master_listen_fd=self._sock.fileno())
+
+    def close(self) -> None:
+        # The store owns the descriptor and closes it when it is destroyed: only forget it here.
+        self.store = None
+        self._sock.detach()
+
+    def __enter__(self) -> LoopbackStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def rank_env(rank: int, world_size: int, port: int, local_rank: int | None = None) -> dict:
+    """Environment of one rank joining the launcher's LoopbackStore on `port`."""
     env = dict(os.environ)
     env.update({"RANK": str(rank), "LOCAL_RANK": str(rank if local_rank is None else local_rank),
                 "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": loopback_iface(),
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS":
                 env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))})
     return env
@@ -40,7 +88,8 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
     """Run ``python -m u2a_dist.runtime.worker`` W times and wait; raise if any rank fails."""
     logs = run_dir.path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    store = LoopbackStore(world_size)
+    port = store.port
     procs = []
     files = []
     for rank in range(world_size):
@@ -73,6 +122,7 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
                 p.kill()
         for f in files:
             f.close()
+        store.close()
     if not quiet:
         _echo_progress(logs / "rank0.log", shown)
     if failed is not None:
