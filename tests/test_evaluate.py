@@ -269,7 +269,8 @@ def test_recipes_load_and_pass_preflight(name: str, shared_data: Path, monkeypat
     monkeypatch.chdir(REPO)  # recipes use paths relative to the repository root
     overrides = []
     if not (REPO / "runs" / "judge" / "judge.json").is_file():
-        overrides.append("eval.judge=null")  # made by `u2a judge-train`; absent in a fresh tree
+        # made by `u2a judge-train`; absent in a fresh tree: judge by the refusal matcher
+        overrides += ["eval.judge=null", "eval.target.metric=eval/harmful_no_refusal"]
     if not smollm2_available():
         overrides.append("model.name_or_path=tiny-gpt2")
     cfg = load_config(REPO / "configs" / name, overrides)
