@@ -68,6 +68,9 @@ def _main() -> None:
     module, _, name = fn_path.partition(":")
     result = getattr(importlib.import_module(module), name)(**kwargs)
     torch.save(result, out)
+    from u2a_dist.runtime.worker import exit_rank
+
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,5 +16,21 @@ def main(argv: list[str] | None = None) -> int:
     return rank_main(args.run_dir)
 
 
+def exit_rank(code: int) -> None:
+    """Leave the process group and exit without running C++ static destructors.
+
+    A rank that simply returns can abort at interpreter shutdown ("terminate called without an
+    active exception", SIGABRT) when c10d/gloo threads are destroyed while still joinable, which
+    turns a finished rank into a failed one. Everything the rank writes is already on disk.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())
