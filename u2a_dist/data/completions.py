@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from u2a_dist.data.examples import _need  # the one text-field check of every reader
 from u2a_dist.data.readers import DataError
 
 FILE_SUFFIX = "_evaluations"
@@ -66,15 +67,6 @@ def _flag(value: Any, where: str, key: str) -> int | None:
     raise DataError(f"{where}: field {key!r} must be 0 or 1 (int or string), got {value!r}")
 
 
-def _text(row: dict[str, Any], key: str, where: str) -> str:
-    if key not in row or row[key] is None:
-        raise DataError(f"{where}: missing field {key!r} (row has {sorted(row)})")
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
-    return value
-
-
 def _load_file(path: Path) -> list[LabelledCompletion]:
     model, setting = parse_file_name(path)
     try:
@@ -97,8 +89,8 @@ def _load_file(path: Path) -> list[LabelledCompletion]:
         out.append(LabelledCompletion(
             source_model=model,
             setting=setting,
-            prompt=_text(row, "prompt", where),
-            response=_text(row, "response", where),
+            prompt=_need(where, row, "prompt"),
+            response=_need(where, row, "response"),
             category=None if category is None else str(category),
             harmful=_flag(row.get("is_jailbreak_llamaguard2"), where, "is_jailbreak_llamaguard2"),
             no_refusal=_flag(row.get("is_jailbreak_substring_matching"), where,
