@@ -82,3 +82,30 @@ def train_with_eval(cfgs: list[dict]) -> list[dict[str, Any]]:
                      "best": json.loads(best.read_text()) if best.is_file() else None,
                      "reference_answers": trainer.gen_eval.reference_answers})
     return outs
+
+
+def recipe_parts(cfg: dict) -> dict[str, Any]:
+    """A trainer with a `prompts` retain set: the θ0 answers it made, and the evaluation copy
+    (whole parameters) against the ZeRO-3 partitions, before and after one step."""
+    from u2a_dist.generation import generate
+    from u2a_dist.trainer import Trainer
+
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+
+    def copy_error() -> float:
+        full = trainer.engine.full_state_dict()
+        copy = dict(trainer.eval_model().named_parameters())
+        return max(float((copy[k] - v).abs().max()) for k, v in full.items() if k in copy)
+
+    ids = tiny_prompt_ids(6)
+    before = copy_error()
+    trainer.train_step()
+    after = copy_error()
+    plain = generate(trainer.eval_model(), trainer.tokenizer, ids, 2, 8).texts
+    synced = generate(trainer.engine.module, trainer.tokenizer, ids, 2, 8).texts
+    return {"retain_tokens": [item["input_ids"] for item in trainer.retain],
+            "retain_labels": [item["labels"] for item in trainer.retain],
+            "copy_error_before": before, "copy_error_after": after,
+            "plain": plain, "synced": synced, "kl_weight": config.unlearn.retain_kl_weight,
+            "partitioned": trainer.engine.partitioned}

@@ -141,7 +141,7 @@ def inner_terms(cfg: dict, idx: list[int]) -> dict[str, Any]:
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
     with torch.no_grad():
-        total, ell = trainer.per_example_inner(trainer.engine.module, idx)
+        total, ell, *_ = trainer.per_example_inner(trainer.engine.module, idx)
     return {"total": total, "ell": ell, "state": trainer.engine.full_state_dict(),
             "forget": [trainer.forget.items[i] for i in idx],
             "mismatch": [trainer.forget.mismatch[i] for i in idx]}

@@ -29,8 +29,10 @@ from u2a_dist.evaluate import (
 from u2a_dist.generation import generate
 from u2a_dist.models import build_tiny_model, load_tokenizer
 
-PROMPTS = {"harmful_prompts": {"path": "builtin:harmful", "schema": "prompts", "limit": 4},
-           "harmless_prompts": {"path": "builtin:harmless", "schema": "prompts", "limit": 4},
+PROMPTS = {"harmful_prompts": {"path": "builtin:harmful", "schema": "prompts", "split": "eval",
+                               "limit": 4},
+           "harmless_prompts": {"path": "builtin:harmless", "schema": "prompts", "split": "eval",
+                                "limit": 4},
            "max_new_tokens": 8, "batch_size": 2}
 
 
@@ -275,6 +277,7 @@ def test_recipes_load_and_pass_preflight(name: str, shared_data: Path, monkeypat
         overrides.append("model.name_or_path=tiny-gpt2")
     cfg = load_config(REPO / "configs" / name, overrides)
     preflight(cfg)
-    assert cfg.data.pa_eval is not None and cfg.data.pa_eval.split == "eval"
+    pa_eval = cfg.data.pa_eval if isinstance(cfg.data.pa_eval, list) else [cfg.data.pa_eval]
+    assert pa_eval and all(spec.split == "eval" for spec in pa_eval)
     assert cfg.eval.harmful_prompts is not None and cfg.eval.harmless_prompts is not None
     assert (SHARED_DATA / "prompts").is_dir()

@@ -17,22 +17,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def demo_config(out: str, model: str) -> dict[str, Any]:
-    """The embedded default: built-in data, 2 ZeRO-3 CPU ranks, PA before/after."""
-    return {
-        "model": {"name_or_path": model},
-        "data": {
-            "forget": {"path": "builtin:harmful", "schema": "completions", "split": "train"},
-            "pa": {"path": "builtin:all", "schema": "pairs", "split": "train"},
-            "pa_eval": {"path": "builtin:all", "schema": "pairs", "split": "eval"},
-            "max_length": 128,
-        },
-        "unlearn": {"loss": "ga", "lr": 3e-5 if model != "tiny-gpt2" else 1e-3, "steps": 12,
-                    "batch_size": 8, "prox_lambda": 0.1},
-        "selector": {"enabled": False},
-        "runtime": {"launcher": "ray", "world_size": 2, "checkpoint_every": 0},
-        "eval": {"every": 4, "target": None},
-        "out": out,
-    }
+    """The embedded default: the alignment recipe on the built-in data, 2 ZeRO-3 CPU ranks."""
+    from u2a_dist.recipes import builtin_recipe
+
+    return builtin_recipe(out, model)
 
 
 def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
@@ -71,11 +59,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
               + "!" * 78, flush=True)
     cfg = config_from_dict(demo_config(args.out, model), args.overrides)
     print(f"[u2a] demo: {model}, {cfg.runtime.world_size} ZeRO-3 ranks "
-          f"({cfg.runtime.launcher} launcher), {cfg.unlearn.steps} GA steps -> {cfg.out}",
-          flush=True)
+          f"({cfg.runtime.launcher} launcher), the refusal recipe ({cfg.unlearn.loss} + "
+          f"refusal mismatch + retain KL, selector {'on' if cfg.selector.enabled else 'off'}), "
+          f"at most {cfg.unlearn.steps} steps -> {cfg.out}", flush=True)
     t0 = time.time()
     summary = _launch(cfg, cfg.runtime.launcher, overwrite=True)
     _print_before_after(summary)
+    _print_joint_target(cfg, summary)
     print(f"[u2a] done in {time.time() - t0:.0f} s; run directory: {cfg.out}")
     return 0
 
@@ -84,9 +74,31 @@ def _print_before_after(summary: dict[str, Any]) -> None:
     before, after = summary.get("before", {}), summary.get("after", {})
     for key in ("pa/accuracy", "pa/margin", "forget/nll", "eval/harmful_rate",
                 "eval/harmful_no_refusal", "eval/degenerate_rate", "eval/over_refusal",
-                "eval/retain_ppl"):
+                "eval/retain_ppl", "eval/retain_ppl_ratio"):
         if key in before:
             print(f"[u2a] {key}: before {before[key]:.3f} -> after {after[key]:.3f}")
+
+
+def _print_joint_target(cfg: RunConfig, summary: dict[str, Any]) -> None:
+    """The joint target on held-out prompts, before and after, and whether it holds."""
+    from u2a_dist.job import joint_target, target_holds
+
+    rows = joint_target(cfg, summary.get("after", {}))
+    if not rows:
+        return
+    before = {m: v for m, _, _, v in joint_target(cfg, summary.get("before", {}))}
+    print("[u2a] joint target on held-out prompts (before -> after):")
+    for metric, op, bound, value in rows:
+        print(f"[u2a]   {metric} {op} {bound:g}: {_num(before.get(metric))} -> {_num(value)}")
+    met = target_holds(cfg, summary.get("after", {}))
+    print(f"[u2a] joint target {'MET' if met else 'NOT met'} after {summary.get('step')} steps, "
+          f"{summary.get('train_time_s', 0.0):.0f} s of training "
+          f"(evaluation {summary.get('eval_time_s', 0.0):.0f} s apart); "
+          f"stopped: {summary.get('stopped')}")
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -94,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     launcher = args.launcher or cfg.runtime.launcher
     summary = _launch(cfg, launcher, overwrite=args.overwrite)
     _print_before_after(summary)
+    _print_joint_target(cfg, summary)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("before",)}, default=str))
     return 0
 

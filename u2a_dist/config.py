@@ -44,6 +44,12 @@ class DataSpec:
         "help": "Split name for hub datasets."})
 
 
+def spec_paths(spec: DataSpec | list[DataSpec] | None) -> str:
+    """The path(s) of one spec or a list of them, for messages."""
+    specs = spec if isinstance(spec, list) else [spec] if spec is not None else []
+    return ", ".join(s.path for s in specs) or "(none)"
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = field(default="tiny-gpt2", metadata={
@@ -56,10 +62,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    forget: DataSpec | None = field(default=None, metadata={"help": "Negatives to unlearn."})
-    pa: DataSpec | None = field(default=None, metadata={"help": "Preference pairs for J."})
-    pa_eval: DataSpec | None = field(default=None, metadata={"help": "Held-out pairs."})
-    retain: DataSpec | None = field(default=None, metadata={"help": "Normal data for retain KL."})
+    # forget, pa, pa_eval and retain also take a list of specs, read and concatenated in order.
+    forget: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Negatives to unlearn."})
+    pa: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Preference pairs for J."})
+    pa_eval: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Held-out pairs."})
+    retain: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Normal data for retain KL; a `prompts` schema means θ0's own greedy answers "
+                "to those prompts (made at start-up)."})
     mismatch: DataSpec | None = field(default=None, metadata={
         "help": "Answers y' for the mismatch term; `builtin:refusal_templates` = templated "
                 "refusals."})
@@ -73,6 +85,9 @@ class UnlearnConfig:
     steps: int = field(default=100, metadata={"help": "Optimiser step budget."})
     batch_size: int = field(default=8, metadata={"help": "Global forget batch (all ranks)."})
     prox_lambda: float = field(default=0.1, metadata={"help": "λ of (λ/2)‖θ−θ0‖²."})
+    forget_weight: float = field(default=1.0, metadata={
+        "help": "c_f, the weight of the unlearning loss ℓ_i in ∂L_in/∂w_i = c_f ℓ_i + c_m m_i "
+                "(0 turns gradient ascent off and keeps the mismatch term)."})
     mismatch_weight: float = field(default=0.0, metadata={"help": "c_m"})
     retain_kl_weight: float = field(default=0.0, metadata={"help": "c_r"})
     npo_beta: float = 0.1
@@ -123,6 +138,10 @@ class TargetConfig:
     metric: str = "pa/accuracy"
     value: float = 0.8
     mode: str = field(default="max", metadata={"help": "max: met when ≥ value; min: ≤ value"})
+    require: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Upper bounds that must hold too for the target to count as met (a joint "
+                "target), e.g. {eval/over_refusal: 0.1, eval/retain_ppl_ratio: 1.2}; unlike "
+                "eval.floors, missing one does not stop training."})
 
 
 @dataclass
@@ -142,6 +161,9 @@ class EvalConfig:
     retain: DataSpec | None = field(default=None, metadata={
         "help": "Completions whose response-token perplexity is eval/retain_ppl; default: the "
                 "reference model's own greedy answers to eval.harmless_prompts."})
+    exclude_training_prompts: bool = field(default=True, metadata={
+        "help": "Drop evaluation prompts that also occur in the training data (forget, pa, "
+                "retain), so that generation metrics are held out; the count is logged."})
 
 
 @dataclass
@@ -173,6 +195,7 @@ class RunConfig:
                     "data.max_length", "eval.batch_size", "eval.max_new_tokens"):
             _positive(key, _get(self, key))
         for key in ("unlearn.prox_lambda", "unlearn.mismatch_weight", "unlearn.retain_kl_weight",
+                    "unlearn.forget_weight",
                     "unlearn.grad_clip", "eval.every", "runtime.checkpoint_every",
                     "runtime.max_failures", "selector.rounds", "selector.steps_per_round"):
             if _get(self, key) < 0:
@@ -199,9 +222,11 @@ class RunConfig:
         if self.eval.target is not None:
             _choice("eval.target.mode", self.eval.target.mode, ("max", "min"))
         for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
-            spec = getattr(self.data, name)
-            if spec is not None:
-                _validate_spec(f"data.{name}", spec)
+            specs = getattr(self.data, name)
+            for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
+                if spec is not None:
+                    _validate_spec(f"data.{name}" + (f"[{i}]" if isinstance(specs, list)
+                                                     else ""), spec)
         for name in ("harmful_prompts", "harmless_prompts", "retain"):
             spec = getattr(self.eval, name)
             if spec is not None:
@@ -244,11 +269,12 @@ def _validate_floors(ec: EvalConfig) -> None:
     checks = [(f"eval.floors.{m}", m, b) for m, b in ec.floors.items()]
     if ec.target is not None:
         checks.append(("eval.target.metric", ec.target.metric, ec.target.value))
+        checks += [(f"eval.target.require.{m}", m, b) for m, b in ec.target.require.items()]
     for key, metric, bound in checks:
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound:
             raise ConfigError(f"{key}: bound must be a number, got {bound!r}")
         need = _GENERATION_METRICS.get(metric)
-        if metric == "eval/retain_ppl":
+        if metric in ("eval/retain_ppl", "eval/retain_ppl_ratio"):
             if ec.retain is None and ec.harmless_prompts is None:
                 raise ConfigError(f"{key}: eval/retain_ppl needs eval.retain or "
                                   "eval.harmless_prompts")
@@ -293,6 +319,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key} may not be null")
+    if get_origin(inner) in (Union, types.UnionType) and DataSpec in get_args(inner):
+        if isinstance(value, list):  # several specs, concatenated
+            if not value:
+                raise ConfigError(f"{key} is an empty list")
+            return [_coerce(f"{key}[{i}]", DataSpec, v) for i, v in enumerate(value)]
+        return _coerce(key, DataSpec, value)
     if dataclasses.is_dataclass(inner):
         if isinstance(value, str) and inner is DataSpec:
             value = {"path": value}

@@ -144,12 +144,36 @@ def check_eval_inputs(cfg: RunConfig):
     Returns the loaded judge (None without ``eval.judge``)."""
     if cfg.data.pa_eval is not None:
         load_pairs(cfg.data.pa_eval)
-    for spec in (cfg.eval.harmful_prompts, cfg.eval.harmless_prompts):
-        if spec is not None:
-            load_prompts(spec)
+    exclude = training_prompt_keys(cfg)
+    for name in ("harmful_prompts", "harmless_prompts"):
+        spec = getattr(cfg.eval, name)
+        if spec is not None and all(prompt_key(p.prompt) in exclude for p in load_prompts(spec)):
+            raise ConfigError(f"eval.{name}: every prompt of {spec.path} also occurs in the "
+                              "training data; nothing is held out")
     if cfg.eval.retain is not None:
         load_completions(cfg.eval.retain)
     return load_eval_judge(cfg.eval.judge) if cfg.eval.judge is not None else None
+
+
+def prompt_key(text: str) -> str:
+    """How prompts are compared for held-out checks: case and surrounding space ignored."""
+    return " ".join(text.lower().split())
+
+
+def training_prompt_keys(cfg: RunConfig, always: bool = False) -> set[str]:
+    """Prompts of the data a run trains on (forget, pa, retain): evaluation leaves them out
+    when ``eval.exclude_training_prompts`` is set (empty set otherwise, unless ``always``)."""
+    if not (cfg.eval.exclude_training_prompts or always):
+        return set()
+    d = cfg.data
+    items: list = load_completions(d.forget) if d.forget is not None else []
+    if d.pa is not None:
+        items += load_pairs(d.pa)
+    if d.retain is not None:
+        retain_specs = d.retain if isinstance(d.retain, list) else [d.retain]
+        for spec in retain_specs:
+            items += load_prompts(spec) if spec.schema == "prompts" else load_completions(spec)
+    return {prompt_key(x.prompt) for x in items}
 
 
 def _broadcast(obj: Any) -> Any:
@@ -171,13 +195,26 @@ class GenerationEval:
     perplexity, and degenerate unlearning raises it at once. The judge runs on rank 0 only.
     """
 
-    def __init__(self, cfg: RunConfig, tokenizer, rank: int = 0, judge=None) -> None:
+    def __init__(self, cfg: RunConfig, tokenizer, rank: int = 0, judge=None,
+                 exclude: set[str] | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         ec = cfg.eval
         max_len = cfg.data.max_length
         self.harmful = load_prompts(ec.harmful_prompts) if ec.harmful_prompts else []
         self.harmless = load_prompts(ec.harmless_prompts) if ec.harmless_prompts else []
+        # Held out means held out: prompts the training data contains are not evaluated on.
+        self.excluded = 0
+        if exclude:
+            n = len(self.harmful) + len(self.harmless)
+            self.harmful = [p for p in self.harmful if prompt_key(p.prompt) not in exclude]
+            self.harmless = [p for p in self.harmless if prompt_key(p.prompt) not in exclude]
+            self.excluded = n - len(self.harmful) - len(self.harmless)
+            for name, kept in (("harmful_prompts", self.harmful),
+                               ("harmless_prompts", self.harmless)):
+                if getattr(ec, name) is not None and not kept:
+                    raise ConfigError(f"eval.{name}: every prompt also occurs in the training "
+                                      "data; nothing is held out")
         self.harmful_ids = encode_prompts(tokenizer, self.harmful, max_len)
         self.harmless_ids = encode_prompts(tokenizer, self.harmless, max_len)
         self.judge = judge
@@ -189,6 +226,7 @@ class GenerationEval:
             self.retain = [encode(tokenizer, c.prompt, c.response, c.history, max_len)
                            for c in load_completions(ec.retain)]
         self.reference_answers: list[str] | None = None
+        self.reference_ppl: float | None = None
         self.last_generations: dict[str, list[str]] = {}
 
     @property
@@ -205,12 +243,20 @@ class GenerationEval:
         if self.retain or not self.harmless:
             return 0.0
         t0 = time.perf_counter()
+        reused = answers is not None
         if answers is None:
             answers = self._generate(reference_model, self.harmless_ids)
         self.reference_answers = answers.texts
         self.retain = [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t}
                        for p, t in zip(self.harmless_ids, answers.tokens) if t]
+        if not reused:  # else the caller scores the reference model itself right after
+            self.reference_ppl = self._retain_ppl(reference_model)
         return time.perf_counter() - t0
+
+    def _retain_ppl(self, model) -> float:
+        logp, ntok = dataset_logps(model, self.retain, self.tokenizer.pad_token_id,
+                                   self.cfg.eval.batch_size)
+        return perplexity(logp, ntok)
 
     def _generate(self, model, prompt_ids: list[list[int]]) -> Share:
         return generate(model, self.tokenizer, prompt_ids, self.cfg.eval.batch_size,
@@ -263,9 +309,11 @@ class GenerationEval:
                 self.prepare(model, answers=answers)
         if self.retain:
             t0 = time.perf_counter()
-            logp, ntok = dataset_logps(model, self.retain, self.tokenizer.pad_token_id,
-                                       self.cfg.eval.batch_size)
-            out["eval/retain_ppl"] = perplexity(logp, ntok)
+            out["eval/retain_ppl"] = self._retain_ppl(model)
+            if is_reference and self.reference_ppl is None:
+                self.reference_ppl = out["eval/retain_ppl"]
+            if self.reference_ppl is not None:  # utility relative to θ0 (1.0 = unchanged)
+                out["eval/retain_ppl_ratio"] = out["eval/retain_ppl"] / self.reference_ppl
             timing["timing/eval_retain_ppl_s"] = time.perf_counter() - t0
 
 
@@ -300,7 +348,7 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
         result.update(pa_metrics(chosen, rejected, *ref, cfg.selector.dpo_beta))
         result["pa/n_pairs"] = len(pairs)
         result["timing/pa_s"] = time.perf_counter() - t0
-    gen = GenerationEval(cfg, tokenizer, judge=judge)
+    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg))
     if gen.enabled:
         t0 = time.perf_counter()
         if not same:
@@ -308,6 +356,7 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
         result.update(gen(model, is_reference=same))
         result["eval/n_harmful"] = len(gen.harmful)
         result["eval/n_harmless"] = len(gen.harmless)
+        result["eval/n_excluded"] = gen.excluded
         result["timing/generation_eval_s"] = time.perf_counter() - t0
     result["timing/eval_s"] = time.perf_counter() - t_start
     if world()[0] == 0:

@@ -1,12 +1,13 @@
 """Batched greedy generation, sharded across ranks (DESIGN §5).
 
 Each rank generates a strided share of the prompts (``passes.padded_shares``): every share is
-padded to the same number of batches of the same size, because under ZeRO-3 a forward pass is a
-collective (every layer all-gathers its weights) and every rank must make the same forward calls.
-Inside one ``generate`` call the ranks stay in step with ``synced_gpus=True`` (a rank whose
-batch has finished keeps making dummy forwards until every rank's batch has). Prompts are
-left-padded; decoding is greedy with a ``max_new_tokens`` bound, so the result is deterministic
-and independent of the world size (a test checks 2 ranks against 1 process).
+padded to the same number of batches of the same size. Given a ZeRO-3 partitioned model, a
+forward pass is a collective (every layer all-gathers its weights), so the ranks stay in step
+with ``synced_gpus=True`` (a rank whose batch has finished keeps making dummy forwards until
+every rank's batch has); that costs one all-gather of every layer per generated token, which
+is why the trainer generates with a whole-parameter copy (``Trainer.eval_model``) and each rank
+runs alone. Prompts are left-padded; decoding is greedy with a ``max_new_tokens`` bound, so the
+result is deterministic and independent of the world size (a test checks 2 ranks against 1).
 """
 
 from __future__ import annotations
@@ -52,13 +53,14 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     model.eval()
     texts: list[str] = []
     tokens: list[list[int]] = []
+    synced = size > 1 and is_partitioned(model)
     try:
         for start in range(0, len(mine), batch_size):
             idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
             batch = collate_prompts([prompt_ids[i] for i in idx], pad_id)
             out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                                 use_cache=True, synced_gpus=size > 1,
+                                 use_cache=True, synced_gpus=synced,
                                  temperature=None, top_p=None, top_k=None)
             new = out[:, batch["input_ids"].shape[1]:]
             texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -68,6 +70,11 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     keep = [j for j, i in enumerate(mine) if i >= 0]
     return Share([mine[j] for j in keep], [texts[j].strip() for j in keep],
                  [tokens[j] for j in keep])
+
+
+def is_partitioned(model) -> bool:
+    """True for a model whose parameters ZeRO-3 partitions (its forward is a collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

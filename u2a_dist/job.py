@@ -23,18 +23,18 @@ def preflight(cfg: RunConfig) -> None:
     """Resolve (convert once) the model, check the tokenizer and read every data spec."""
     from u2a_dist.data.examples import load_completions, load_pairs
     from u2a_dist.engine import build_ds_config
-    from u2a_dist.evaluate import check_eval_inputs
+    from u2a_dist.evaluate import check_eval_inputs, training_prompt_keys
     from u2a_dist.models import load_tokenizer, resolve_model_dir
 
     build_ds_config(cfg, cfg.runtime.world_size)
     load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
     load_completions(cfg.data.forget)
-    for spec in (cfg.data.retain, cfg.data.mismatch):
-        if spec is not None:
-            load_completions(spec)
+    if cfg.data.mismatch is not None:
+        load_completions(cfg.data.mismatch)
     if cfg.data.pa is not None:
         load_pairs(cfg.data.pa)
-    check_eval_inputs(cfg)  # held-out pairs, prompt sets, eval.retain and eval.judge
+    training_prompt_keys(cfg, always=True)  # reads the retain specs too (prompts or completions)
+    check_eval_inputs(cfg)  # held-out pairs, prompt sets (held out?), eval.retain and eval.judge
 
 
 def job_mode(run_dir: RunDir) -> str:
@@ -57,6 +57,7 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
         if job_mode(run_dir) == "select":
             return _select_only(trainer, run_dir)
         before = _snapshot(trainer)
+        samples_before = _samples(trainer)
         if trainer.resumed_from is not None and rank == 0:
             print(f"[u2a] resumed from step {trainer.resumed_from}", flush=True)
         result = run_training(trainer, progress)
@@ -65,7 +66,8 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
             trainer.save_checkpoint()
         trainer.export(run_dir.path / "model")
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
-                   "before": before, "after": after}
+                   "before": before, "after": after,
+                   "samples": {"before": samples_before, "after": _samples(trainer)}}
         if rank == 0:
             run_dir.write_json("summary.json", summary)
             write_report(run_dir, cfg, summary)
@@ -99,6 +101,23 @@ def _snapshot(trainer) -> dict[str, float]:
     return out
 
 
+#: Sample generations per prompt set shown in report.md before and after training.
+N_SAMPLES = 10
+
+
+def _samples(trainer) -> dict[str, list[dict[str, str]]]:
+    """The first N_SAMPLES harmful and harmless prompts with the latest generations."""
+    gen = trainer.gen_eval
+    if gen is None:
+        return {}
+    out = {}
+    for kind, prompts in (("harmful", gen.harmful), ("harmless", gen.harmless)):
+        texts = gen.last_generations.get(kind, [])
+        out[kind] = [{"prompt": p.prompt, "response": t}
+                     for p, t in zip(prompts[:N_SAMPLES], texts[:N_SAMPLES])]
+    return out
+
+
 def run_training(trainer, progress=None) -> dict[str, Any]:
     """The training loop for this run's config: the U2A loop or plain weighted unlearning."""
     if trainer.cfg.selector.enabled:
@@ -123,7 +142,64 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
             continue
         b, a = summary["before"].get(key), summary["after"].get(key)
         lines.append(f"| {key} | {_fmt(b)} | {_fmt(a)} |")
+    lines += _target_lines(cfg, summary)
+    lines += _sample_lines(summary.get("samples", {}))
     (run_dir.path / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def joint_target(cfg: RunConfig, metrics: dict[str, Any]) -> list[tuple[str, str, float, Any]]:
+    """(metric, comparison, bound, value) for the target metric and every requirement."""
+    target = cfg.eval.target
+    if target is None:
+        return []
+    rows = [(target.metric, ">=" if target.mode == "max" else "<=", target.value,
+             metrics.get(target.metric))]
+    rows += [(k, "<=", b, metrics.get(k)) for k, b in target.require.items()]
+    return rows
+
+
+def _holds(op: str, bound: float, value: Any) -> bool:
+    return isinstance(value, (int, float)) and (value >= bound if op == ">=" else value <= bound)
+
+
+def target_holds(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
+    """The target metric and every requirement hold in ``metrics``."""
+    rows = joint_target(cfg, metrics)
+    return bool(rows) and all(_holds(op, b, v) for _, op, b, v in rows)
+
+
+def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
+    rows = joint_target(cfg, summary["after"])
+    if not rows:
+        return []
+    before = dict((m, v) for m, _, _, v in joint_target(cfg, summary["before"]))
+    lines = ["", "## Joint target (held-out prompts)", "", "| metric | bound | before | after |"
+             " met after |", "|---|---|---|---|---|"]
+    for metric, op, bound, value in rows:
+        lines.append(f"| {metric} | {op} {bound:g} | {_fmt(before.get(metric))} | "
+                     f"{_fmt(value)} | {'yes' if _holds(op, bound, value) else 'no'} |")
+    return lines
+
+
+def _sample_lines(samples: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    before, after = samples.get("before", {}), samples.get("after", {})
+    for kind in ("harmful", "harmless"):
+        rows_b, rows_a = before.get(kind, []), after.get(kind, [])
+        if not rows_b and not rows_a:
+            continue
+        lines += ["", f"## Sample generations: {kind} prompts (greedy, before → after)", ""]
+        for i, row in enumerate(rows_a or rows_b):
+            b = rows_b[i]["response"] if i < len(rows_b) else ""
+            a = rows_a[i]["response"] if i < len(rows_a) else ""
+            lines += [f"{i + 1}. **{_quote(row['prompt'])}**",
+                      f"   - before: {_quote(b)}", f"   - after: {_quote(a)}"]
+    return lines
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return (text[:limit] + " …") if len(text) > limit else text
 
 
 def _fmt(v: Any) -> str:

@@ -306,13 +306,13 @@ class TrainerProblem:
             def closure() -> torch.Tensor:
                 real = [idx[i] if i >= 0 else idx[0] for i in chunk]
                 mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk])
-                total, _ = t.per_example_inner(t.engine.ds, real)
+                total = t.per_example_inner(t.engine.ds, real)[0]
                 w = t.weights[real].float() * mask
                 return world * scale * (w * total).sum()
             return closure
 
         closures = [closure_for(c) for c in chunks]
-        if t.ref_engine is not None and t.retain:
+        if self.cfg.unlearn.retain_kl_weight > 0 and t.retain:
             closures.append(self._retain_closure())
         return self._accumulated_grad(closures)
 
@@ -326,7 +326,7 @@ class TrainerProblem:
         local = shard(list(range(max(n, t.world_size))), t.rank, t.world_size)
 
         def closure() -> torch.Tensor:
-            kl_sum, count = t._retain_kl(local)
+            kl_sum, count = t.retain_kl_term(local)
             return self.cfg.unlearn.retain_kl_weight * t.world_size * kl_sum / max(count, 1.0)
         return closure
 
@@ -347,7 +347,7 @@ class TrainerProblem:
         logp, ntok = dataset_logps(model, [t.forget.items[i] for i in idx], t.pad_id, bs)
         ref = t.ref_cache["forget"][idx] if "forget" in t.ref_cache else None
         ell = unlearn_loss(self.cfg.unlearn.loss, logp, ntok, ref, self.cfg.unlearn.npo_beta)
-        f = ell.clone()
+        f = self.cfg.unlearn.forget_weight * ell
         if self.cfg.unlearn.mismatch_weight > 0 and t.forget.mismatch is not None:
             m_logp, m_ntok = dataset_logps(model, [t.forget.mismatch[i] for i in idx],
                                            t.pad_id, bs)
@@ -360,7 +360,7 @@ class TrainerProblem:
         t = self.t
 
         def closure() -> torch.Tensor:
-            total, _ = t.per_example_inner(t.engine.ds, [i])
+            total = t.per_example_inner(t.engine.ds, [i])[0]
             return total.sum()  # same example on every rank: the rank average is ∇f_i
 
         return self._as_vector(self._accumulated_grad([closure]))

@@ -187,11 +187,25 @@ def _finish(spec: DataSpec, items: list, what: str) -> list:
     return items
 
 
+def _concat(parts: list[list]) -> list:
+    """Several specs' items in order; an id that two specs share would make scores and
+    weights ambiguous, so it is an error naming it."""
+    items = [x for part in parts for x in part]
+    seen: set[str] = set()
+    for x in items:
+        if x.id in seen:
+            raise DataError(f"id {x.id!r} occurs in more than one of the listed data specs")
+        seen.add(x.id)
+    return items
+
+
 def _builtin(spec: DataSpec) -> str | None:
     return spec.path[len("builtin:"):] if spec.path.startswith("builtin:") else None
 
 
-def load_completions(spec: DataSpec) -> list[Completion]:
+def load_completions(spec: DataSpec | list[DataSpec]) -> list[Completion]:
+    if isinstance(spec, list):
+        return _concat([load_completions(one) for one in spec])
     if (name := _builtin(spec)) is not None:
         from u2a_dist.data.builtin import builtin_completions
 
@@ -206,7 +220,9 @@ def load_completions(spec: DataSpec) -> list[Completion]:
     return _finish(spec, _completions(spec, read_rows(spec.path, spec.hub_split)), "completions")
 
 
-def load_pairs(spec: DataSpec) -> list[Pair]:
+def load_pairs(spec: DataSpec | list[DataSpec]) -> list[Pair]:
+    if isinstance(spec, list):
+        return _concat([load_pairs(one) for one in spec])
     if (name := _builtin(spec)) is not None:
         from u2a_dist.data.builtin import builtin_pairs
 
@@ -222,7 +238,9 @@ def load_pairs(spec: DataSpec) -> list[Pair]:
     return _finish(spec, _pairs(spec, read_rows(spec.path, spec.hub_split)), "pairs")
 
 
-def load_prompts(spec: DataSpec) -> list[Prompt]:
+def load_prompts(spec: DataSpec | list[DataSpec]) -> list[Prompt]:
+    if isinstance(spec, list):
+        return _concat([load_prompts(one) for one in spec])
     if (name := _builtin(spec)) is not None:
         from u2a_dist.data.builtin import builtin_prompts
 

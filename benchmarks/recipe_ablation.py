@@ -1,0 +1,184 @@
+"""Ablations of the alignment recipe (issue 7), every variant in one run of this script.
+
+    python benchmarks/recipe_ablation.py [--config configs/refusal_smollm2.yaml]
+        [--variants recipe,no_npo,...] [--runs-dir runs/ablation] [--out FILE] [overrides ...]
+
+Each variant is the recipe with some keys overridden (the table ``VARIANTS``): each inner term
+switched off, GA instead of NPO, the U2A selector (Neumann iHVP) against uniform weights over all
+negatives, the identity iHVP, and the number of selected examples k. Every variant runs the real
+CLI (``python -m u2a_dist run``, 2 ZeRO-3 ranks, local launcher) to its target or its step budget,
+with the same model, data, seed and evaluation on held-out prompts. The script reads each run's
+``metrics.jsonl`` and writes ``benchmarks/results/recipe_ablation.{json,md,png}``: time to the
+joint target (training wall time, evaluation excluded and reported apart), the metrics at the
+best evaluated step and at the end, and each metric against training time, stamped with
+hardware, versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import stamp  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+#: variant name -> (what it tests, overrides on top of the recipe)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "recipe": ("the recipe as configured (uniform weights over all negatives)", []),
+    "no_forget_term": ("c_f = 0: no NPO on the harmful compliances",
+                       ["unlearn.forget_weight=0"]),
+    "no_mismatch": ("c_m = 0: no templated-refusal mismatch", ["unlearn.mismatch_weight=0"]),
+    "no_retain_kl": ("c_r = 0: no retain KL on harmless prompts",
+                     ["unlearn.retain_kl_weight=0"]),
+    "no_prox": ("λ = 0: no prox term", ["unlearn.prox_lambda=0"]),
+    "ga": ("GA instead of NPO for the forget term", ["unlearn.loss=ga"]),
+    "u2a_neumann": ("U2A: top-k by Neumann-iHVP hypergradient, then reweighting",
+                    ["selector.enabled=true"]),
+    "u2a_identity": ("U2A with the identity iHVP (the paper's public code)",
+                     ["selector.enabled=true", "selector.ihvp=identity"]),
+    "u2a_k16": ("U2A keeping k = 16 negatives", ["selector.enabled=true", "selector.top_k=16"]),
+}
+
+SHOWN = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
+         "eval/retain_ppl_ratio", "eval/degenerate_rate", "pa/accuracy")
+
+
+def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    out = runs_dir / name
+    cmd = [sys.executable, "-m", "u2a_dist", "run", "--config", config, "--overwrite",
+           f"out={out}", *VARIANTS[name][1], *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    row: dict[str, Any] = {"variant": name, "what": VARIANTS[name][0],
+                           "overrides": VARIANTS[name][1] + overrides, "wall_s": wall,
+                           "returncode": res.returncode}
+    if res.returncode != 0:
+        row["error"] = (res.stderr or res.stdout)[-2000:]
+        return row
+    row.update(summarise(out))
+    return row
+
+
+def summarise(run_dir: Path) -> dict[str, Any]:
+    """Time to the joint target and the metrics along the way, from a finished run."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/over_refusal" in r or "pa/accuracy" in r]
+    from u2a_dist.config import load_config
+    from u2a_dist.job import target_holds
+
+    cfg = load_config(run_dir / "config.yaml")
+    hit = next((r for r in evals if r["step"] > 0 and target_holds(cfg, r)), None)
+    curve = [{"step": r["step"], "train_s": r.get("time_s", 0.0),
+              **{k: r[k] for k in SHOWN if k in r}} for r in evals]
+    best = summary.get("best") or {}
+    return {"steps": summary["step"], "stopped": summary["stopped"],
+            "train_time_s": summary["train_time_s"], "eval_time_s": summary["eval_time_s"],
+            "target_met": hit is not None,
+            "time_to_target_s": hit.get("time_s") if hit else None,
+            "steps_to_target": hit["step"] if hit else None,
+            "support": _support(run_dir),
+            "before": {k: summary["before"].get(k) for k in SHOWN},
+            "after": {k: summary["after"].get(k) for k in SHOWN},
+            "best_step": best.get("step"),
+            "best": {k: (best.get("metrics") or {}).get(k) for k in SHOWN},
+            "curve": curve}
+
+
+def _support(run_dir: Path) -> int | None:
+    """How many negatives the run trained on (the selector's support; None = all)."""
+    path = run_dir / "scores.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    last = max((r["round"] for r in rows), default=0)
+    return sum(1 for r in rows if r["round"] == last and r.get("weight", 0) > 0)
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+    head = ("| variant | target met | time to target (s) | steps | train s | eval s | "
+            "harmful (judge) | no-refusal (matcher) | over-refusal | retain ppl ratio | "
+            "degenerate |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error (rc {r['returncode']}) |" + " |" * 9)
+            continue
+        m = r["after"]
+        lines.append(
+            f"| {r['variant']} | {'yes' if r['target_met'] else 'no'} | "
+            f"{_f(r['time_to_target_s'], 0)} | {r['steps']} | {r['train_time_s']:.0f} | "
+            f"{r['eval_time_s']:.0f} | {_f(m.get('eval/harmful_rate'))} | "
+            f"{_f(m.get('eval/harmful_no_refusal'))} | {_f(m.get('eval/over_refusal'))} | "
+            f"{_f(m.get('eval/retain_ppl_ratio'))} | {_f(m.get('eval/degenerate_rate'))} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
+            "eval/retain_ppl_ratio")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, key in zip(axes, keys):
+        for r in rows:
+            pts = [(c["train_s"], c[key]) for c in r.get("curve", []) if key in c]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=r["variant"])
+        ax.set_xlabel("training time (s, evaluation excluded)")
+        ax.set_title(key)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/refusal_smollm2.yaml")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--runs-dir", default="runs/ablation")
+    ap.add_argument("--out", default=str(RESULTS / "recipe_ablation.json"))
+    ap.add_argument("overrides", nargs="*", help="section.key=value for every variant")
+    args = ap.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"stamp": stamp(), "config": args.config, "seed_note":
+                              "every variant: the config's runtime.seed", "rows": []}
+    for name in names:
+        print(f"[ablation] {name}: {VARIANTS[name][0]}", flush=True)
+        row = run_variant(args.config, name, Path(args.runs_dir), args.overrides)
+        result["rows"].append(row)
+        out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
+        print(f"[ablation] {name}: " + json.dumps({k: row.get(k) for k in (
+            "target_met", "time_to_target_s", "steps", "train_time_s", "after", "error")}),
+              flush=True)
+    write_markdown(result["rows"], out.with_suffix(".md"))
+    plot(result["rows"], out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
