@@ -53,8 +53,12 @@ SHOWN = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
          "eval/retain_ppl_ratio", "eval/degenerate_rate", "pa/accuracy")
 
 
-def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str]) -> dict[str, Any]:
+def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str],
+                reuse: bool = False) -> dict[str, Any]:
     out = runs_dir / name
+    if reuse and (out / "summary.json").is_file():  # a finished run: read it, do not rerun
+        return {"variant": name, "what": VARIANTS[name][0], "reused": str(out),
+                "overrides": VARIANTS[name][1], **summarise(out)}
     cmd = [sys.executable, "-m", "u2a_dist", "run", "--config", config, "--overwrite",
            f"out={out}", *VARIANTS[name][1], *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -84,7 +88,8 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     curve = [{"step": r["step"], "train_s": r.get("time_s", 0.0),
               **{k: r[k] for k in SHOWN if k in r}} for r in evals]
     best = summary.get("best") or {}
-    return {"steps": summary["step"], "stopped": summary["stopped"],
+    return {"steps": summary["step"], "step_budget": cfg.unlearn.steps,
+            "stopped": summary["stopped"],
             "train_time_s": summary["train_time_s"], "eval_time_s": summary["eval_time_s"],
             "target_met": hit is not None,
             "time_to_target_s": hit.get("time_s") if hit else None,
@@ -108,7 +113,7 @@ def _support(run_dir: Path) -> int | None:
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
-    head = ("| variant | target met | time to target (s) | steps | train s | eval s | "
+    head = ("| variant | target met | time to target (s) | steps (budget) | train s | eval s | "
             "harmful (judge) | no-refusal (matcher) | over-refusal | retain ppl ratio | "
             "degenerate |")
     lines = [head, "|" + "---|" * 11]
@@ -119,7 +124,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         m = r["after"]
         lines.append(
             f"| {r['variant']} | {'yes' if r['target_met'] else 'no'} | "
-            f"{_f(r['time_to_target_s'], 0)} | {r['steps']} | {r['train_time_s']:.0f} | "
+            f"{_f(r['time_to_target_s'], 0)} | {r['steps']} ({r['step_budget']}) | "
+            f"{r['train_time_s']:.0f} | "
             f"{r['eval_time_s']:.0f} | {_f(m.get('eval/harmful_rate'))} | "
             f"{_f(m.get('eval/harmful_no_refusal'))} | {_f(m.get('eval/over_refusal'))} | "
             f"{_f(m.get('eval/retain_ppl_ratio'))} | {_f(m.get('eval/degenerate_rate'))} |")
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--runs-dir", default="runs/ablation")
     ap.add_argument("--out", default=str(RESULTS / "recipe_ablation.json"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="summarise a variant's finished run in --runs-dir instead of rerunning")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every variant")
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                               "every variant: the config's runtime.seed", "rows": []}
     for name in names:
         print(f"[ablation] {name}: {VARIANTS[name][0]}", flush=True)
-        row = run_variant(args.config, name, Path(args.runs_dir), args.overrides)
+        row = run_variant(args.config, name, Path(args.runs_dir), args.overrides, args.reuse)
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
         print(f"[ablation] {name}: " + json.dumps({k: row.get(k) for k in (
