@@ -204,6 +204,35 @@ class Engine:
         else:
             yield
 
+    @torch.no_grad()
+    def copy_params_into(self, target: torch.nn.Module) -> None:
+        """Write the whole current parameters into ``target`` (an unpartitioned module with the
+        same parameter names); every rank takes part and every rank's target gets them.
+
+        Under ZeRO-3 this all-gathers the partitions ``p.ds_tensor`` directly (rank r holds
+        elements ``[r·s, (r+1)·s)`` of the flattened parameter, zero padding at the end) and
+        never enters ``GatheredParameters``: measured here, leaving that context re-partitions
+        the parameters so that the selector's finite differences, which write into
+        ``p.ds_tensor``, no longer reached the forward pass (directional scores lost all
+        correlation with per-example gradients).
+        """
+        mine = dict(target.named_parameters())
+        if self.stage != 3:
+            for name, p in self.ds.module.named_parameters():
+                mine[name].copy_(p.data)
+            return
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        for name, p in self.ds.module.named_parameters():
+            part = p.ds_tensor.detach().contiguous()
+            if world > 1:
+                flat = torch.empty(part.numel() * world, dtype=part.dtype)
+                dist.all_gather_into_tensor(flat, part)
+            else:
+                flat = part
+            mine[name].copy_(flat[:p.ds_numel].view(p.ds_shape))
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights as fp32 CPU tensors (every rank takes part; all get it)."""
         with self.gathered():

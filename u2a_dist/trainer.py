@@ -222,7 +222,10 @@ class Trainer:
         """Scalar reference log-probs at θ0, cached once (before any checkpoint is loaded)."""
         cache: dict[str, torch.Tensor] = {}
         bs = self.cfg.eval.batch_size
-        model = self.eval_model()  # θ0, whole: no per-layer all-gathers in these passes
+        # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
+        # log-probs from the copy, the selector test's directional scores stopped matching the
+        # per-example ones (tests/test_selector.py); the cause is not yet understood.
+        model = self.engine.module
         was_training = model.training
         model.eval()
         if self.cfg.unlearn.loss == "npo":
@@ -395,10 +398,7 @@ class Trainer:
         if self._eval_copy is None:
             self._eval_copy = load_model(self.cfg.model, self._resolved, seed=self.cfg.runtime.seed)
             self._eval_copy.eval().requires_grad_(False)
-        mine = dict(self._eval_copy.named_parameters())
-        with torch.no_grad(), self.engine.gathered():
-            for name, p in module.named_parameters():
-                mine[name].copy_(p.data)
+        self.engine.copy_params_into(self._eval_copy)
         return self._eval_copy
 
     def has_eval(self) -> bool:
