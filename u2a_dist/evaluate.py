@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from u2a_dist.config import ConfigError, RunConfig
 from u2a_dist.data.examples import Pair, load_completions, load_pairs, load_prompts
-from u2a_dist.data.tokenize import IGNORE, encode
-from u2a_dist.generation import Share, encode_prompts, generate
+from u2a_dist.data.tokenize import encode
+from u2a_dist.generation import Share, answer_items, encode_prompts, generate
 from u2a_dist.judges import is_degenerate, is_refusal
 from u2a_dist.passes import dataset_logps, world
 
@@ -247,8 +247,7 @@ class GenerationEval:
         if answers is None:
             answers = self._generate(reference_model, self.harmless_ids)
         self.reference_answers = answers.texts
-        self.retain = [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t}
-                       for p, t in zip(self.harmless_ids, answers.tokens) if t]
+        self.retain = answer_items(self.harmless_ids, answers)
         if not reused:  # else the caller scores the reference model itself right after
             self.reference_ppl = self._retain_ppl(reference_model)
         return time.perf_counter() - t0

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from u2a_dist.data.examples import Prompt
-from u2a_dist.data.tokenize import collate_prompts, encode_prompt
+from u2a_dist.data.tokenize import IGNORE, collate_prompts, encode_prompt
 from u2a_dist.passes import padded_shares, world
 
 
@@ -70,6 +70,13 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     keep = [j for j, i in enumerate(mine) if i >= 0]
     return Share([mine[j] for j in keep], [texts[j].strip() for j in keep],
                  [tokens[j] for j in keep])
+
+
+def answer_items(prompt_ids: Sequence[list[int]], answers: Share) -> list[dict[str, list[int]]]:
+    """Prompts with their generated answers as training/scoring items: the generated ids as
+    they came (no re-tokenisation), loss on the answer tokens only; empty answers dropped."""
+    return [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t}
+            for p, t in zip(prompt_ids, answers.tokens) if t]
 
 
 def is_partitioned(model) -> bool:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from u2a_dist.config import RunConfig, spec_paths
 from u2a_dist.data.examples import Completion, load_completions, load_pairs
 from u2a_dist.data.readers import DataError
-from u2a_dist.data.tokenize import IGNORE, collate, encode, shard
+from u2a_dist.data.tokenize import collate, encode, shard
 from u2a_dist.engine import Engine
 from u2a_dist.evaluate import (
     EncodedPairs,
@@ -195,7 +195,7 @@ class Trainer:
         if spec is None:
             return []
         from u2a_dist.data.examples import load_prompts
-        from u2a_dist.generation import encode_prompts, generate
+        from u2a_dist.generation import answer_items, encode_prompts, generate
 
         items: list[dict[str, list[int]]] = []
         for one in spec if isinstance(spec, list) else [spec]:
@@ -209,8 +209,7 @@ class Trainer:
             answers = generate(self.reference, self.tokenizer, prompt_ids,
                                self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
             self.setup_time += time.perf_counter() - t0
-            items += [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t}
-                      for p, t in zip(prompt_ids, answers.tokens) if t]
+            items += answer_items(prompt_ids, answers)
         return items
 
     def _pairs(self, spec) -> EncodedPairs | None:
@@ -244,10 +243,10 @@ class Trainer:
         """(c_f ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph, and the
         retain KL's token sum and global token count for retain examples ``retain_idx``.
 
-        The forget, mismatch and retain sequences go through ONE forward pass: under ZeRO-3
-        each forward (and its backward) all-gathers every layer, and on CPU with gloo those
-        collectives, not the arithmetic, dominate a step (measured on SmolLM2, 2 ranks: three
-        separate passes took about 22 s per step).
+        The forget, mismatch and retain sequences go through one forward pass, so ZeRO-3
+        all-gathers every layer once per step instead of three times. On 2 CPU ranks with
+        SmolLM2 this did not shorten a step (about 19 s): the matmuls dominate there (py-spy),
+        but the gathers grow with the world size and the network.
         """
         groups = [[self.forget.items[i] for i in idx]]
         mismatch = self.cfg.unlearn.mismatch_weight > 0 and self.forget.mismatch is not None
@@ -392,9 +391,8 @@ class Trainer:
         instead lets each rank generate its share alone (measured on SmolLM2, 2 ranks: about
         20× faster). Other stages hold whole parameters already.
         """
-        module = self.engine.module
         if not self.engine.partitioned:
-            return module
+            return self.engine.module
         if self._eval_copy is None:
             self._eval_copy = load_model(self.cfg.model, self._resolved, seed=self.cfg.runtime.seed)
             self._eval_copy.eval().requires_grad_(False)
