@@ -81,7 +81,7 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/over_refusal" in r or "pa/accuracy" in r]
     from u2a_dist.config import load_config
-    from u2a_dist.job import target_holds
+    from u2a_dist.evaluate import target_holds
 
     cfg = load_config(run_dir / "config.yaml")
     hit = next((r for r in evals if r["step"] > 0 and target_holds(cfg, r)), None)

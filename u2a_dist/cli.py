@@ -81,7 +81,7 @@ def _print_before_after(summary: dict[str, Any]) -> None:
 
 def _print_joint_target(cfg: RunConfig, summary: dict[str, Any]) -> None:
     """The joint target on held-out prompts, before and after, and whether it holds."""
-    from u2a_dist.job import joint_target, target_holds
+    from u2a_dist.evaluate import joint_target, target_holds
 
     rows = joint_target(cfg, summary.get("after", {}))
     if not rows:

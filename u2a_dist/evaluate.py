@@ -155,6 +155,27 @@ def check_eval_inputs(cfg: RunConfig):
     return load_eval_judge(cfg.eval.judge) if cfg.eval.judge is not None else None
 
 
+def joint_target(cfg: RunConfig, metrics: dict[str, Any]) -> list[tuple[str, str, float, Any]]:
+    """(metric, comparison, bound, value) for the target metric and every requirement."""
+    target = cfg.eval.target
+    if target is None:
+        return []
+    rows = [(target.metric, ">=" if target.mode == "max" else "<=", target.value,
+             metrics.get(target.metric))]
+    rows += [(k, "<=", b, metrics.get(k)) for k, b in target.require.items()]
+    return rows
+
+
+def holds(op: str, bound: float, value: Any) -> bool:
+    return isinstance(value, (int, float)) and (value >= bound if op == ">=" else value <= bound)
+
+
+def target_holds(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
+    """The target metric and every requirement hold in ``metrics``."""
+    rows = joint_target(cfg, metrics)
+    return bool(rows) and all(holds(op, b, v) for _, op, b, v in rows)
+
+
 def prompt_key(text: str) -> str:
     """How prompts are compared for held-out checks: case and surrounding space ignored."""
     return " ".join(text.lower().split())

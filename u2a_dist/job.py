@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from u2a_dist.config import RunConfig, load_config
+from u2a_dist.evaluate import holds, joint_target
 from u2a_dist.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -147,27 +148,6 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
     (run_dir.path / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def joint_target(cfg: RunConfig, metrics: dict[str, Any]) -> list[tuple[str, str, float, Any]]:
-    """(metric, comparison, bound, value) for the target metric and every requirement."""
-    target = cfg.eval.target
-    if target is None:
-        return []
-    rows = [(target.metric, ">=" if target.mode == "max" else "<=", target.value,
-             metrics.get(target.metric))]
-    rows += [(k, "<=", b, metrics.get(k)) for k, b in target.require.items()]
-    return rows
-
-
-def _holds(op: str, bound: float, value: Any) -> bool:
-    return isinstance(value, (int, float)) and (value >= bound if op == ">=" else value <= bound)
-
-
-def target_holds(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
-    """The target metric and every requirement hold in ``metrics``."""
-    rows = joint_target(cfg, metrics)
-    return bool(rows) and all(_holds(op, b, v) for _, op, b, v in rows)
-
-
 def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
     rows = joint_target(cfg, summary["after"])
     if not rows:
@@ -177,7 +157,7 @@ def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
              " met after |", "|---|---|---|---|---|"]
     for metric, op, bound, value in rows:
         lines.append(f"| {metric} | {op} {bound:g} | {_fmt(before.get(metric))} | "
-                     f"{_fmt(value)} | {'yes' if _holds(op, bound, value) else 'no'} |")
+                     f"{_fmt(value)} | {'yes' if holds(op, bound, value) else 'no'} |")
     return lines
 
 

@@ -36,6 +36,7 @@ from u2a_dist.evaluate import (
     encode_pairs,
     pa_metrics,
     pair_logps,
+    target_holds,
     training_prompt_keys,
 )
 from u2a_dist.losses import (
@@ -441,13 +442,9 @@ class Trainer:
         return float(nlls.mean())
 
     def target_met(self, metrics: dict[str, float]) -> bool:
-        """The eval.target metric reached its value (max: ≥, min: ≤)."""
-        target = self.cfg.eval.target
-        if target is None or target.metric not in metrics:
-            return False
-        value = metrics[target.metric]
-        met = value >= target.value if target.mode == "max" else value <= target.value
-        return met and self.requirements_met(metrics)
+        """The eval.target metric reached its value (max: ≥, min: ≤) and every
+        eval.target.require bound holds (``evaluate.target_holds``)."""
+        return target_holds(self.cfg, metrics)
 
     def requirements_met(self, metrics: dict[str, float]) -> bool:
         """Every eval.target.require bound holds (a metric not measured does not hold)."""
