@@ -626,6 +626,12 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
                 if group is not None:
                     _teardown(group)
         redone = sum(f["steps_redone"] for f in failures)
+        late = run_dir.path / "error.json"
+        if failures and late.is_file():
+            # The last attempt succeeded, so this is a torn-down attempt's rank 0 that wrote it
+            # after _prepare_restart had moved the first one (teardown does not wait for exit).
+            (run_dir.path / "logs").mkdir(exist_ok=True)
+            late.rename(run_dir.path / "logs" / f"error-attempt{attempt - 1}-late.json")
         if failures:
             display.say(f"[u2a] ray: finished after {len(failures)} restart(s); "
                         f"{redone} step(s) redone in all")
