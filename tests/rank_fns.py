@@ -145,3 +145,22 @@ def inner_terms(cfg: dict, idx: list[int]) -> dict[str, Any]:
     return {"total": total, "ell": ell, "state": trainer.engine.full_state_dict(),
             "forget": [trainer.forget.items[i] for i in idx],
             "mismatch": [trainer.forget.mismatch[i] for i in idx]}
+
+
+def outer_grad_check(cfg: dict) -> dict[str, Any]:
+    """∇J on a sample of the pairs (selector.outer_sample), gathered, with what a check needs."""
+    from u2a_dist.selector import TrainerProblem
+
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    problem = TrainerProblem(trainer, config.selector.hessian_batch)
+    sample = problem.outer_indices()
+    grad_j, j_value = problem.outer_grad()
+    trainer.round = 1
+    next_sample = problem.outer_indices()
+    return {"sample": sample, "next_sample": next_sample, "n_pairs": len(trainer.pa),
+            "grad": _full_from_parts(grad_j.parts, trainer.engine.params), "j": j_value,
+            "theta0": trainer.engine.full_state_dict(), "pad_id": trainer.pad_id,
+            "chosen": [trainer.pa.chosen[i] for i in sample],
+            "rejected": [trainer.pa.rejected[i] for i in sample],
+            "param_names": [n for n, _ in trainer.engine.module.named_parameters()]}

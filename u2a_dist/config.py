@@ -111,6 +111,10 @@ class SelectorConfig:
     hvp: str = field(default="finite_difference", metadata={"help": "finite_difference | exact"})
     fd_eps: Union[float, str] = "auto"
     hessian_batch: int = 32
+    outer_sample: int = field(default=0, metadata={
+        "help": "Preference pairs of data.pa drawn (seeded, afresh each round) for ∇J; 0 = all. "
+                "∇J costs a forward and backward pass per pair, so with hundreds of pairs it "
+                "dominates a round; a sample gives an unbiased estimate of it."})
     score: str = field(default="directional", metadata={"help": "directional | per_example_grad"})
     top_k: int = 64
     eta: float = 1.0
@@ -197,7 +201,8 @@ class RunConfig:
         for key in ("unlearn.prox_lambda", "unlearn.mismatch_weight", "unlearn.retain_kl_weight",
                     "unlearn.forget_weight",
                     "unlearn.grad_clip", "eval.every", "runtime.checkpoint_every",
-                    "runtime.max_failures", "selector.rounds", "selector.steps_per_round"):
+                    "runtime.max_failures", "selector.rounds", "selector.steps_per_round",
+                    "selector.outer_sample"):
             if _get(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {_get(self, key)!r}")
         for key in ("selector.alpha", "selector.damping", "selector.fd_eps"):

@@ -21,7 +21,7 @@ RECIPE_UNLEARN: dict[str, Any] = {
 #: reweighting; a cheap Neumann series (a few HVPs) is enough to rank the negatives.
 RECIPE_SELECTOR: dict[str, Any] = {
     "enabled": False, "top_k": 64, "rounds": 2, "steps_per_round": 8, "hessian_batch": 8,
-    "neumann_terms": 4, "power_iters": 5, "eta": 50.0,
+    "outer_sample": 64, "neumann_terms": 4, "power_iters": 5, "eta": 50.0,
 }
 
 #: The joint target: harm down, with over-refusal and utility held (upper bounds).

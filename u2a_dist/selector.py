@@ -259,13 +259,14 @@ class TrainerProblem:
         t, pairs = self.t, self.t.pa
         if pairs is None:
             raise ValueError("the selector needs data.pa (the preference pairs of J)")
-        n, beta, world = len(pairs), self.cfg.selector.dpo_beta, t.world_size
+        sample = self.outer_indices()
+        n, beta, world = len(sample), self.cfg.selector.dpo_beta, t.world_size
         ref_c, ref_r = t.ref_cache["pa/chosen"], t.ref_cache["pa/rejected"]
         total = [0.0]
 
         def closure_for(chunk: list[int]):
             def closure() -> torch.Tensor:
-                real = [i if i >= 0 else 0 for i in chunk]
+                real = [sample[i] if i >= 0 else sample[0] for i in chunk]
                 mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk])
                 batch = collate([pairs.chosen[i] for i in real]
                                 + [pairs.rejected[i] for i in real], t.pad_id)
@@ -284,6 +285,15 @@ class TrainerProblem:
         j_value = all_reduce_sum(total[0]) / n
         vec = self._as_vector(grads)
         return vec, j_value
+
+    def outer_indices(self) -> list[int]:
+        """The pairs of J this round: all of data.pa, or a seeded sample of selector.outer_sample
+        (the same on every rank, a fresh one each round)."""
+        n, m = len(self.t.pa), self.cfg.selector.outer_sample
+        if m == 0 or m >= n:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.cfg.runtime.seed * 104729 + 31 * self.t.round + 1)
+        return sorted(int(i) for i in torch.randperm(n, generator=g)[:m])
 
     def _hessian_indices(self) -> list[int]:
         """The Hessian batch: the whole support when it fits, else a seeded weighted subset."""
