@@ -164,3 +164,12 @@ def outer_grad_check(cfg: dict) -> dict[str, Any]:
             "chosen": [trainer.pa.chosen[i] for i in sample],
             "rejected": [trainer.pa.rejected[i] for i in sample],
             "param_names": [n for n, _ in trainer.engine.module.named_parameters()]}
+
+
+def budget_report(cfg: dict) -> dict[str, Any]:
+    """Train (or run the U2A loop when the selector is on) under unlearn.time_budget_s."""
+    from u2a_dist.selector import run_u2a
+
+    trainer = Trainer(config_from_dict(cfg), None)
+    result = run_u2a(trainer) if trainer.cfg.selector.enabled else trainer.train()
+    return {"result": result, "step": trainer.step, "train_time": trainer.train_time}

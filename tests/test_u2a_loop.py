@@ -113,3 +113,22 @@ def test_u2a_resumed_at_a_round_boundary_equals_an_uninterrupted_run(tmp_path):
     rounds = _scores(tmp_path / "split")
     assert sorted(rounds) == [0, 1, 2] and all(len(rounds[r]) == (N if r == 0 else K)
                                                for r in rounds)
+
+
+@pytest.mark.parametrize("selector", [False, True])
+def test_time_budget_stops_every_rank_at_the_same_step(tmp_path, selector):
+    """unlearn.time_budget_s: checked before each step and round on rank 0's clock."""
+    cfg = _u2a_config(tmp_path / "run", time_budget_s=1e-6)
+    cfg["selector"]["enabled"] = selector
+    r0, r1 = run_ranks(2, "tests.rank_fns:budget_report", {"cfg": cfg})
+    for r in (r0, r1):
+        assert r["result"]["stopped"] == "time_budget"
+        # training: one step spends the budget; U2A: round 0's selection already has
+        assert r["step"] == (0 if selector else 1)
+        assert r["train_time"] > 0
+    unbounded = _u2a_config(tmp_path / "free", time_budget_s=0)
+    unbounded["selector"]["enabled"] = False
+    (free,) = run_ranks(1, "tests.rank_fns:budget_report",
+                        {"cfg": {**unbounded, "runtime": {**unbounded["runtime"],
+                                                         "world_size": 1}}})
+    assert free["result"]["stopped"] == "budget" and free["step"] == 6

@@ -83,6 +83,10 @@ class UnlearnConfig:
     loss: str = field(default="ga", metadata={"help": "ga | npo"})
     lr: float = 1e-5
     steps: int = field(default=100, metadata={"help": "Optimiser step budget."})
+    time_budget_s: float = field(default=0.0, metadata={
+        "help": "Training-time budget in seconds (evaluation excluded, selector rounds "
+                "included); 0 = none. Checked before each step and round on rank 0's clock, so "
+                "every rank stops at the same step (stopped: time_budget)."})
     batch_size: int = field(default=8, metadata={"help": "Global forget batch (all ranks)."})
     prox_lambda: float = field(default=0.1, metadata={"help": "λ of (λ/2)‖θ−θ0‖²."})
     forget_weight: float = field(default=1.0, metadata={
@@ -199,7 +203,7 @@ class RunConfig:
                     "data.max_length", "eval.batch_size", "eval.max_new_tokens"):
             _positive(key, _get(self, key))
         for key in ("unlearn.prox_lambda", "unlearn.mismatch_weight", "unlearn.retain_kl_weight",
-                    "unlearn.forget_weight",
+                    "unlearn.forget_weight", "unlearn.time_budget_s",
                     "unlearn.grad_clip", "eval.every", "runtime.checkpoint_every",
                     "runtime.max_failures", "selector.rounds", "selector.steps_per_round",
                     "selector.outer_sample"):

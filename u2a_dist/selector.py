@@ -456,6 +456,9 @@ def run_u2a(trainer, progress=None) -> dict[str, Any]:
     spr = sel.steps_per_round
     result: dict[str, Any] = {}
     while trainer.step < cfg.unlearn.steps:
+        if trainer.over_time_budget():  # before a reweighting round, which costs many steps
+            result = {}
+            break
         # A round boundary whose reweighting has not happened yet (round r is done at step
         # r * T): reached just now, or restored from a checkpoint written at the boundary.
         if spr and trainer.step > 0 and trainer.step % spr == 0 \
@@ -467,7 +470,8 @@ def run_u2a(trainer, progress=None) -> dict[str, Any]:
         if result["stopped"] != "budget":
             break
     if not result:
-        result = {"step": trainer.step, "stopped": "budget", "train_time_s": trainer.train_time,
+        stopped = "time_budget" if trainer.over_time_budget() else "budget"
+        result = {"step": trainer.step, "stopped": stopped, "train_time_s": trainer.train_time,
                   "eval_time_s": trainer.eval_time}
     result["rounds"] = trainer.round
     return result

@@ -500,6 +500,14 @@ class Trainer:
         if self.rank == 0 and self.run_dir is not None:
             self.run_dir.append("metrics.jsonl", record)
 
+    def over_time_budget(self) -> bool:
+        """Whether unlearn.time_budget_s is spent. Collective: rank 0's clock decides, so that
+        every rank stops at the same step even when their clocks differ slightly."""
+        budget = self.cfg.unlearn.time_budget_s
+        if not budget:
+            return False
+        return all_reduce_sum(self.train_time if self.rank == 0 else 0.0) >= budget
+
     def train(self, steps: int | None = None, progress=None) -> dict[str, Any]:
         """Run until `steps` more steps (default: to unlearn.steps), the target or a floor."""
         cfg = self.cfg
@@ -512,6 +520,9 @@ class Trainer:
         stop = None
         broken: list[str] = []
         while self.step < end:
+            if self.over_time_budget():
+                stop = "time_budget"
+                break
             metrics = self.train_step()
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 metrics.update(self.evaluate())
