@@ -278,8 +278,10 @@ class TrainerProblem:
                 return world * (loss * mask).sum() / n
             return closure
 
+        # Pairs per pass: unlearn.batch_size (2 sequences each), about a training step's
+        # activations; eval.batch_size (16 in the recipe) held ~4 GB of them per rank on SmolLM2.
         grads = self._accumulated_grad(closure_for(c) for c in
-                                       self._padded(n, self.cfg.eval.batch_size))
+                                       self._padded(n, self.cfg.unlearn.batch_size))
         from u2a_dist.trainer import all_reduce_sum
 
         j_value = all_reduce_sum(total[0]) / n
