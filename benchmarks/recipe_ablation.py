@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import stamp  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cli_command,
+    fmt,
+    plot_curves,
+    run_logged,
+    stamp,
+    summarise,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -49,9 +53,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "u2a_k16": ("U2A keeping k = 16 negatives", ["selector.enabled=true", "selector.top_k=16"]),
 }
 
-SHOWN = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
-         "eval/retain_ppl_ratio", "eval/degenerate_rate", "pa/accuracy")
-
 
 def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str],
                 reuse: bool = False) -> dict[str, Any]:
@@ -59,57 +60,15 @@ def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str],
     if reuse and (out / "summary.json").is_file():  # a finished run: read it, do not rerun
         return {"variant": name, "what": VARIANTS[name][0], "reused": str(out),
                 "overrides": VARIANTS[name][1], **summarise(out)}
-    cmd = [sys.executable, "-m", "u2a_dist", "run", "--config", config, "--overwrite",
-           f"out={out}", *VARIANTS[name][1], *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
-    wall = time.perf_counter() - t0
+    res = run_logged(cli_command(config, out, [*VARIANTS[name][1], *overrides]))
     row: dict[str, Any] = {"variant": name, "what": VARIANTS[name][0],
-                           "overrides": VARIANTS[name][1] + overrides, "wall_s": wall,
+                           "overrides": VARIANTS[name][1] + overrides, "wall_s": res.wall_s,
                            "returncode": res.returncode}
     if res.returncode != 0:
         row["error"] = (res.stderr or res.stdout)[-2000:]
         return row
     row.update(summarise(out))
     return row
-
-
-def summarise(run_dir: Path) -> dict[str, Any]:
-    """Time to the joint target and the metrics along the way, from a finished run."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval/over_refusal" in r or "pa/accuracy" in r]
-    from u2a_dist.config import load_config
-    from u2a_dist.evaluate import target_holds
-
-    cfg = load_config(run_dir / "config.yaml")
-    hit = next((r for r in evals if r["step"] > 0 and target_holds(cfg, r)), None)
-    curve = [{"step": r["step"], "train_s": r.get("time_s", 0.0),
-              **{k: r[k] for k in SHOWN if k in r}} for r in evals]
-    best = summary.get("best") or {}
-    return {"steps": summary["step"], "step_budget": cfg.unlearn.steps,
-            "stopped": summary["stopped"],
-            "train_time_s": summary["train_time_s"], "eval_time_s": summary["eval_time_s"],
-            "target_met": hit is not None,
-            "time_to_target_s": hit.get("time_s") if hit else None,
-            "steps_to_target": hit["step"] if hit else None,
-            "support": _support(run_dir),
-            "before": {k: summary["before"].get(k) for k in SHOWN},
-            "after": {k: summary["after"].get(k) for k in SHOWN},
-            "best_step": best.get("step"),
-            "best": {k: (best.get("metrics") or {}).get(k) for k in SHOWN},
-            "curve": curve}
-
-
-def _support(run_dir: Path) -> int | None:
-    """How many negatives the run trained on (the selector's support; None = all)."""
-    path = run_dir / "scores.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    last = max((r["round"] for r in rows), default=0)
-    return sum(1 for r in rows if r["round"] == last and r.get("weight", 0) > 0)
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
@@ -124,37 +83,12 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         m = r["after"]
         lines.append(
             f"| {r['variant']} | {'yes' if r['target_met'] else 'no'} | "
-            f"{_f(r['time_to_target_s'], 0)} | {r['steps']} ({r['step_budget']}) | "
+            f"{fmt(r['time_to_target_s'], 0)} | {r['steps']} ({r['step_budget']}) | "
             f"{r['train_time_s']:.0f} | "
-            f"{r['eval_time_s']:.0f} | {_f(m.get('eval/harmful_rate'))} | "
-            f"{_f(m.get('eval/harmful_no_refusal'))} | {_f(m.get('eval/over_refusal'))} | "
-            f"{_f(m.get('eval/retain_ppl_ratio'))} | {_f(m.get('eval/degenerate_rate'))} |")
+            f"{r['eval_time_s']:.0f} | {fmt(m.get('eval/harmful_rate'))} | "
+            f"{fmt(m.get('eval/harmful_no_refusal'))} | {fmt(m.get('eval/over_refusal'))} | "
+            f"{fmt(m.get('eval/retain_ppl_ratio'))} | {fmt(m.get('eval/degenerate_rate'))} |")
     path.write_text("\n".join(lines) + "\n")
-
-
-def _f(v: Any, digits: int = 2) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
-            "eval/retain_ppl_ratio")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for ax, key in zip(axes, keys):
-        for r in rows:
-            pts = [(c["train_s"], c[key]) for c in r.get("curve", []) if key in c]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=r["variant"])
-        ax.set_xlabel("training time (s, evaluation excluded)")
-        ax.set_title(key)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "target_met", "time_to_target_s", "steps", "train_time_s", "after", "error")}),
               flush=True)
     write_markdown(result["rows"], out.with_suffix(".md"))
-    plot(result["rows"], out.with_suffix(".png"))
+    plot_curves(result["rows"], out.with_suffix(".png"), label="variant")
     return 0
 
 
