@@ -72,6 +72,8 @@ from u2a_dist.data.readers import DataError  # noqa: E402
 from u2a_dist.data.tokenize import IGNORE, encode, encode_prompt  # noqa: E402
 from u2a_dist.evaluate import (  # noqa: E402
     GenerationEval,
+    better_best,
+    broken_floors,
     check_eval_inputs,
     encode_pairs,
     pa_metrics,
@@ -135,36 +137,6 @@ class HeldOutEval:
         out["timing/eval_step_s"] = dt
         out["timing/eval_s"] = self.seconds
         return out
-
-
-def broken_floors(cfg: RunConfig, metrics: dict[str, Any]) -> list[str]:
-    """``eval.floors`` bounds that ``metrics`` break (as ``Trainer.broken_floors``)."""
-    return [f"{k}={metrics[k]:.4g}>{bound}" for k, bound in cfg.eval.floors.items()
-            if k in metrics and not metrics[k] <= bound]
-
-
-def _requirements_met(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
-    target = cfg.eval.target
-    return target is None or all(k in metrics and metrics[k] <= b
-                                 for k, b in target.require.items())
-
-
-def better_best(cfg: RunConfig, best: dict[str, Any] | None, step: int,
-                metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The new best.json entry when ``metrics`` beat ``best`` (the rule of
-    ``Trainer.track_best``: floors kept, then requirements met, then the target metric)."""
-    target = cfg.eval.target
-    metric, mode = (target.metric, target.mode) if target is not None else ("pa/accuracy", "max")
-    if metric not in metrics or broken_floors(cfg, metrics):
-        return None
-    value, joint = float(metrics[metric]), _requirements_met(cfg, metrics)
-    if best is not None:
-        sign = 1.0 if mode == "max" else -1.0
-        if not (joint, sign * value) > (best.get("requirements_met", True), sign * best["value"]):
-            return None
-    return {"step": step, "metric": metric, "mode": mode, "value": value,
-            "requirements_met": joint,
-            "metrics": {k: v for k, v in metrics.items() if not k.startswith("timing/")}}
 
 
 # ------------------------------------------------------------------ the clock and the stop

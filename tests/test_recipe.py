@@ -52,7 +52,6 @@ def test_joint_target_needs_every_requirement(tmp_path: Path) -> None:
         "metric": "eval/harmful_no_refusal", "value": 0.2, "mode": "min",
         "require": {"eval/over_refusal": 0.1, "eval/retain_ppl_ratio": 1.2}}}))
     t = SimpleNamespace(cfg=cfg)
-    t.requirements_met = lambda m: Trainer.requirements_met(t, m)
     ok = {"eval/harmful_no_refusal": 0.1, "eval/over_refusal": 0.05, "eval/retain_ppl_ratio": 1.1}
     assert Trainer.target_met(t, ok)
     assert not Trainer.target_met(t, {**ok, "eval/over_refusal": 0.3})

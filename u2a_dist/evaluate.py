@@ -176,6 +176,39 @@ def target_holds(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
     return bool(rows) and all(holds(op, b, v) for _, op, b, v in rows)
 
 
+def requirements_met(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
+    """Every eval.target.require bound holds (a metric not measured does not hold)."""
+    target = cfg.eval.target
+    return target is None or all(k in metrics and metrics[k] <= bound
+                                 for k, bound in target.require.items())
+
+
+def broken_floors(cfg: RunConfig, metrics: dict[str, Any]) -> list[str]:
+    """Utility floors (eval.floors: upper bounds) that ``metrics`` exceed."""
+    return [f"{k}={metrics[k]:.4g}>{bound}" for k, bound in cfg.eval.floors.items()
+            if k in metrics and not metrics[k] <= bound]
+
+
+def better_best(cfg: RunConfig, best: dict[str, Any] | None, step: int,
+                metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The new best.json entry when the evaluation ``metrics`` at ``step`` beat ``best``, else
+    None. Steps that break a floor never count; a step meeting the target's requirements beats
+    one that does not; then the target metric decides (pa/accuracy without a target). Shared
+    by the trainer and the TRL baselines of the benchmarks, so both pick a best step alike."""
+    target = cfg.eval.target
+    metric, mode = (target.metric, target.mode) if target is not None else ("pa/accuracy", "max")
+    if metric not in metrics or broken_floors(cfg, metrics):
+        return None
+    value, joint = float(metrics[metric]), requirements_met(cfg, metrics)
+    if best is not None:
+        sign = 1.0 if mode == "max" else -1.0
+        if not (joint, sign * value) > (best.get("requirements_met", True), sign * best["value"]):
+            return None
+    return {"step": step, "metric": metric, "mode": mode, "value": value,
+            "requirements_met": joint,
+            "metrics": {k: v for k, v in metrics.items() if not k.startswith("timing/")}}
+
+
 def prompt_key(text: str) -> str:
     """How prompts are compared for held-out checks: case and surrounding space ignored."""
     return " ".join(text.lower().split())

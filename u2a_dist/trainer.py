@@ -33,6 +33,8 @@ from u2a_dist.engine import Engine
 from u2a_dist.evaluate import (
     EncodedPairs,
     GenerationEval,
+    better_best,
+    broken_floors,
     encode_pairs,
     pa_metrics,
     pair_logps,
@@ -446,16 +448,9 @@ class Trainer:
         eval.target.require bound holds (``evaluate.target_holds``)."""
         return target_holds(self.cfg, metrics)
 
-    def requirements_met(self, metrics: dict[str, float]) -> bool:
-        """Every eval.target.require bound holds (a metric not measured does not hold)."""
-        target = self.cfg.eval.target
-        return target is None or all(k in metrics and metrics[k] <= bound
-                                     for k, bound in target.require.items())
-
     def broken_floors(self, metrics: dict[str, float]) -> list[str]:
         """Utility floors (eval.floors: upper bounds) that ``metrics`` exceed."""
-        return [f"{k}={metrics[k]:.4g}>{bound}" for k, bound in self.cfg.eval.floors.items()
-                if k in metrics and not metrics[k] <= bound]
+        return broken_floors(self.cfg, metrics)
 
     def _best_metric(self) -> tuple[str, str]:
         target = self.cfg.eval.target
@@ -463,21 +458,11 @@ class Trainer:
 
     def track_best(self, metrics: dict[str, float]) -> bool:
         """Record in best.json the evaluated step with the best target metric among those that
-        keep every floor; True when this step is the new best."""
-        metric, mode = self._best_metric()
-        if metric not in metrics or self.broken_floors(metrics):
+        keep every floor (``evaluate.better_best``); True when this step is the new best."""
+        best = better_best(self.cfg, self.best, self.step, metrics)
+        if best is None:
             return False
-        value = float(metrics[metric])
-        joint = self.requirements_met(metrics)
-        if self.best is not None:
-            # A step meeting the target's requirements beats one that does not; then the value.
-            sign = 1.0 if mode == "max" else -1.0
-            old = (self.best.get("requirements_met", True), sign * self.best["value"])
-            if not (joint, sign * value) > old:
-                return False
-        self.best = {"step": self.step, "metric": metric, "mode": mode, "value": value,
-                     "requirements_met": joint,
-                     "metrics": {k: v for k, v in metrics.items() if not k.startswith("timing/")}}
+        self.best = best
         if self.rank == 0 and self.run_dir is not None:
             self.run_dir.write_json("best.json", self.best)
         return True
