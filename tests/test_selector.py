@@ -11,7 +11,13 @@ from tests.conftest import tiny_config
 from tests.distributed import run_ranks
 from u2a_dist.config import SelectorConfig
 from u2a_dist.linalg import NeumannDivergenceError, ShardedVector, exact_hvp
-from u2a_dist.selector import exponentiated_gradient, hypergradients, select_top_k, solve_ihvp
+from u2a_dist.selector import (
+    effective_eta,
+    exponentiated_gradient,
+    hypergradients,
+    select_top_k,
+    solve_ihvp,
+)
 
 
 def _selector_cfg(tmp_path, world_size=2, **selector):
@@ -262,3 +268,18 @@ def test_outer_gradient_on_a_sample_of_pairs_is_the_exact_dpo_gradient(tmp_path)
     num = sum(float((a - b).pow(2).sum()) for a, b in zip(r0["grad"], exact))
     den = sum(float(b.pow(2).sum()) for b in exact)
     assert den > 0 and math.sqrt(num / den) <= 1e-4, math.sqrt(num / den)
+
+
+def test_max_abs_eta_scale_makes_the_reweighting_scale_free():
+    g = torch.tensor([0.3, -1.2, 0.05, 0.8], dtype=torch.float64)
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    a = exponentiated_gradient(w, g, effective_eta(g, 2.0, "max_abs"))
+    b = exponentiated_gradient(w, 1e4 * g, effective_eta(1e4 * g, 2.0, "max_abs"))
+    assert torch.allclose(a, b)  # the same step whatever the hypergradients' scale
+    # log(w'/w) = −η g/max|g| − log Z: the spread is η (max g − min g)/max|g| ≤ 2η
+    spread = torch.log(a / w)
+    assert math.isclose(float(spread.max() - spread.min()), 2.0 * 2.0 / 1.2, rel_tol=1e-9)
+    raw = exponentiated_gradient(w, 1e4 * g, 2.0)
+    assert float(raw.max()) > 0.999  # raw: a large scale puts all weight on one negative
+    assert effective_eta(g, 2.0, "raw") == 2.0
+    assert effective_eta(torch.zeros(3, dtype=torch.float64), 2.0, "max_abs") == 0.0

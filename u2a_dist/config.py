@@ -122,6 +122,11 @@ class SelectorConfig:
     score: str = field(default="directional", metadata={"help": "directional | per_example_grad"})
     top_k: int = 64
     eta: float = 1.0
+    eta_scale: str = field(default="raw", metadata={
+        "help": "raw: the reweighting step is eta·g | max_abs: (eta/max|g|)·g, so no log-weight "
+                "moves by more than eta whatever the scale of the hypergradients (which grows "
+                "as 1/damping: measured on SmolLM2, eta 50 on raw scores put all weight on one "
+                "negative at the first reweighting)."})
     rounds: int = 4
     steps_per_round: int = 25
 
@@ -193,6 +198,7 @@ class RunConfig:
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "identity"))
         _choice("selector.hvp", self.selector.hvp, ("finite_difference", "exact"))
         _choice("selector.score", self.selector.score, ("directional", "per_example_grad"))
+        _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))
         _choice("runtime.launcher", self.runtime.launcher, ("local", "ray", "deepspeed"))
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
         _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))

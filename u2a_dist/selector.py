@@ -191,6 +191,15 @@ def exponentiated_gradient(weights: torch.Tensor, grads: torch.Tensor,
     return out / out.sum()
 
 
+def effective_eta(grads: torch.Tensor, eta: float, scale: str = "raw") -> float:
+    """The exponentiated-gradient step: ``eta`` (raw), or ``eta / max|g|`` (max_abs), which makes
+    the update invariant to the hypergradients' scale (it moves with the damping δ)."""
+    if scale == "raw":
+        return eta
+    top = float(grads.abs().max()) if grads.numel() else 0.0
+    return eta / top if top > 0 else 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # The DeepSpeed trainer as a HyperProblem
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +422,9 @@ def reweight(trainer) -> Hypergradient:
     problem = TrainerProblem(trainer, cfg.hessian_batch)
     support = list(trainer.sampler.support)
     hg = hypergradients(problem, cfg, support, seed=trainer.cfg.runtime.seed + trainer.round)
-    new = exponentiated_gradient(trainer.weights[support], hg.grads, cfg.eta)
+    eta = effective_eta(hg.grads, cfg.eta, cfg.eta_scale)
+    hg.stats["selector/eta"] = eta
+    new = exponentiated_gradient(trainer.weights[support], hg.grads, eta)
     weights = torch.zeros_like(trainer.weights)
     weights[support] = new
     trainer.set_support(support, weights)
