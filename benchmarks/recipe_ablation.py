@@ -74,11 +74,11 @@ def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str],
 def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
     head = ("| variant | target met | time to target (s) | steps (budget) | train s | eval s | "
             "harmful (judge) | no-refusal (matcher) | over-refusal | retain ppl ratio | "
-            "degenerate |")
-    lines = [head, "|" + "---|" * 11]
+            "degenerate | pa/accuracy |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | error (rc {r['returncode']}) |" + " |" * 9)
+            lines.append(f"| {r['variant']} | error (rc {r['returncode']}) |" + " |" * 10)
             continue
         m = r["after"]
         lines.append(
@@ -87,7 +87,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
             f"{r['train_time_s']:.0f} | "
             f"{r['eval_time_s']:.0f} | {fmt(m.get('eval/harmful_rate'))} | "
             f"{fmt(m.get('eval/harmful_no_refusal'))} | {fmt(m.get('eval/over_refusal'))} | "
-            f"{fmt(m.get('eval/retain_ppl_ratio'))} | {fmt(m.get('eval/degenerate_rate'))} |")
+            f"{fmt(m.get('eval/retain_ppl_ratio'))} | {fmt(m.get('eval/degenerate_rate'))} | "
+            f"{fmt(m.get('pa/accuracy'))} |")
     path.write_text("\n".join(lines) + "\n")
 
 
