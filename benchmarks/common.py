@@ -130,6 +130,22 @@ def run_logged(cmd: Sequence[str]) -> RunResult:
     return RunResult(res.returncode, res.stdout, res.stderr, time.perf_counter() - t0)
 
 
+def run_or_reuse(cmd: Sequence[str], out: Path, row: dict[str, Any],
+                 reuse: bool = False) -> dict[str, Any]:
+    """Fill ``row`` from the run directory ``out``: with ``reuse`` a finished run is read as it
+    is, else ``cmd`` runs first; a failed run adds ``error`` (its output's tail) instead."""
+    if reuse and (out / "summary.json").is_file():
+        row["reused"] = str(out)
+    else:
+        res = run_logged(cmd)
+        row.update(wall_s=res.wall_s, returncode=res.returncode)
+        if res.returncode != 0:
+            row["error"] = (res.stderr or res.stdout)[-2000:]
+            return row
+    row.update(summarise(out))
+    return row
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The run's metrics.jsonl records (a line being written is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -29,9 +29,8 @@ from benchmarks.common import (  # noqa: E402
     cli_command,
     fmt,
     plot_curves,
-    run_logged,
+    run_or_reuse,
     stamp,
-    summarise,
 )
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -57,18 +56,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 def run_variant(config: str, name: str, runs_dir: Path, overrides: list[str],
                 reuse: bool = False) -> dict[str, Any]:
     out = runs_dir / name
-    if reuse and (out / "summary.json").is_file():  # a finished run: read it, do not rerun
-        return {"variant": name, "what": VARIANTS[name][0], "reused": str(out),
-                "overrides": VARIANTS[name][1], **summarise(out)}
-    res = run_logged(cli_command(config, out, [*VARIANTS[name][1], *overrides]))
     row: dict[str, Any] = {"variant": name, "what": VARIANTS[name][0],
-                           "overrides": VARIANTS[name][1] + overrides, "wall_s": res.wall_s,
-                           "returncode": res.returncode}
-    if res.returncode != 0:
-        row["error"] = (res.stderr or res.stdout)[-2000:]
-        return row
-    row.update(summarise(out))
-    return row
+                           "overrides": VARIANTS[name][1] + overrides}
+    return run_or_reuse(cli_command(config, out, [*VARIANTS[name][1], *overrides]), out, row,
+                        reuse)
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,8 @@ from benchmarks.common import (  # noqa: E402
     cli_command,
     fmt,
     plot_curves,
-    run_logged,
+    run_or_reuse,
     stamp,
-    summarise,
 )
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -104,21 +102,13 @@ def run_method(config: str, name: str, runs_dir: Path, overrides: list[str],
     out = runs_dir / name
     row: dict[str, Any] = {"method": name, "what": method.what, "kind": method.kind,
                            "overrides": [*method.overrides, *overrides]}
-    if reuse and (out / "summary.json").is_file():  # a finished run: read it, do not rerun
-        row["reused"] = str(out)
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        if method.kind == "cli":
-            cmd = cli_command(config, out, [*method.overrides, *overrides])
-        else:
-            cmd = [sys.executable, "-m", "benchmarks.trl_baselines", name, "--config", config,
-                   "--out", str(out), *overrides]
-        res = run_logged(cmd)
-        row.update(wall_s=res.wall_s, returncode=res.returncode)
-        if res.returncode != 0:
-            row["error"] = (res.stderr or res.stdout)[-2000:]
-            return row
-    row.update(summarise(out))
+    if method.kind == "cli":
+        cmd = cli_command(config, out, [*method.overrides, *overrides])
+    else:  # run_trl replaces the run directory itself, as the CLI's --overwrite does
+        cmd = [sys.executable, "-m", "benchmarks.trl_baselines", name, "--config", config,
+               "--out", str(out), *overrides]
+    if "error" in run_or_reuse(cmd, out, row, reuse):
+        return row
     row.update(examples_used(out, row["steps"], method.unit))
     return row
 
