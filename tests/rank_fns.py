@@ -163,7 +163,9 @@ def outer_grad_check(cfg: dict) -> dict[str, Any]:
             "theta0": trainer.engine.full_state_dict(), "pad_id": trainer.pad_id,
             "chosen": [trainer.pa.chosen[i] for i in sample],
             "rejected": [trainer.pa.rejected[i] for i in sample],
-            "param_names": [n for n, _ in trainer.engine.module.named_parameters()]}
+            "param_names": [n for n, _ in trainer.engine.module.named_parameters()],
+            "ref_known": torch.isfinite(trainer.ref_cache["pa/chosen"]).nonzero().flatten()
+            .tolist()}
 
 
 def budget_report(cfg: dict) -> dict[str, Any]:

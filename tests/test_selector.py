@@ -249,6 +249,9 @@ def test_outer_gradient_on_a_sample_of_pairs_is_the_exact_dpo_gradient(tmp_path)
     assert len(r0["sample"]) == 6 < r0["n_pairs"]
     assert r0["sample"] == r1["sample"]  # every rank draws the same pairs
     assert r0["next_sample"] != r0["sample"]  # and a fresh draw each round
+    # reference log-probs only for the pairs some round draws (rounds 0..selector.rounds)
+    assert set(r0["sample"]) | set(r0["next_sample"]) <= set(r0["ref_known"])
+    assert len(r0["ref_known"]) < r0["n_pairs"]
     from u2a_dist.data.tokenize import collate
     from u2a_dist.losses import sequence_logps
     from u2a_dist.models import build_tiny_model

@@ -300,11 +300,8 @@ class TrainerProblem:
     def outer_indices(self) -> list[int]:
         """The pairs of J this round: all of data.pa, or a seeded sample of selector.outer_sample
         (the same on every rank, a fresh one each round)."""
-        n, m = len(self.t.pa), self.cfg.selector.outer_sample
-        if m == 0 or m >= n:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.cfg.runtime.seed * 104729 + 31 * self.t.round + 1)
-        return sorted(int(i) for i in torch.randperm(n, generator=g)[:m])
+        return outer_sample_indices(len(self.t.pa), self.cfg.selector.outer_sample,
+                                    self.cfg.runtime.seed, self.t.round)
 
     def _hessian_indices(self) -> list[int]:
         """The Hessian batch: the whole support when it fits, else a seeded weighted subset."""
@@ -400,6 +397,22 @@ def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
             "round": trainer.round, "index": i, "id": trainer.forget.ids[i],
             "score": float(hg.scores[k]), "weight": float(weights[i]),
             "loss": float(hg.losses[k])})
+
+
+def outer_sample_indices(n: int, m: int, seed: int, round_: int) -> list[int]:
+    """Round ``round_``'s pairs of J: all n when m is 0 or ≥ n, else a seeded sample of m."""
+    if m == 0 or m >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 104729 + 31 * round_ + 1)
+    return sorted(int(i) for i in torch.randperm(n, generator=g)[:m])
+
+
+def outer_pairs_used(n: int, cfg) -> list[int]:
+    """Every pair some round's J can draw (rounds 0..selector.rounds): the only ones whose
+    reference log-probs the selector needs."""
+    sel = cfg.selector
+    return sorted({i for r in range(sel.rounds + 1)
+                   for i in outer_sample_indices(n, sel.outer_sample, cfg.runtime.seed, r)})
 
 
 def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
