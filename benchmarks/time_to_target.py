@@ -1,7 +1,8 @@
 """Time to the joint target: U2A against uniform unlearning, GA, NPO, DPO and RLHF (issue 6).
 
     python benchmarks/time_to_target.py [--config configs/refusal_smollm2.yaml]
-        [--methods u2a,u2a_identity,uniform,ga,npo,dpo,rlhf] [--runs-dir runs/time_to_target]
+        [--methods u2a,u2a_identity,u2a_recipe,uniform,ga,npo,dpo,rlhf]
+        [--runs-dir runs/time_to_target]
         [--time-budget-s S] [--reuse] [--out FILE] [section.key=value ...]
 
 Every method (the table ``METHODS``) trains the same model from the same seed on the same
@@ -63,6 +64,9 @@ METHODS: dict[str, Method] = {
                            "public code)", "cli",
                            ("selector.enabled=true", "selector.ihvp=identity",
                             "selector.score=per_example_grad")),
+    "u2a_recipe": Method("U2A with the recipe's selector settings (identity iHVP, directional "
+                         "scores, scale-free reweighting step)", "cli",
+                         ("selector.enabled=true",)),
     "uniform": Method("the recipe as configured, selector off: uniform weights over all "
                       "negatives", "cli", ("selector.enabled=false",)),
     "ga": Method("gradient ascent on the negatives alone (no mismatch, no retain KL)", "cli",

@@ -17,11 +17,13 @@ RECIPE_UNLEARN: dict[str, Any] = {
     "prox_lambda": 0.1, "forget_weight": 1.0, "mismatch_weight": 1.0, "retain_kl_weight": 30.0,
 }
 
-#: Which negatives to unlearn and how hard: top-k by hypergradient, then exponentiated-gradient
-#: reweighting; a cheap Neumann series (a few HVPs) is enough to rank the negatives.
+#: Which negatives to unlearn and how hard, when enabled: top-k by hypergradient, then
+#: exponentiated-gradient reweighting with the scale-free step. Off by default: uniform weights
+#: met the target sooner on SmolLM2 (the selector's rounds cost more than they saved).
 RECIPE_SELECTOR: dict[str, Any] = {
     "enabled": False, "top_k": 64, "rounds": 2, "steps_per_round": 8, "hessian_batch": 8,
-    "outer_sample": 64, "neumann_terms": 4, "power_iters": 5, "eta": 50.0,
+    "outer_sample": 64, "ihvp": "identity", "neumann_terms": 4, "power_iters": 5, "eta": 2.0,
+    "eta_scale": "max_abs",
 }
 
 #: The joint target: harm down, with over-refusal and utility held (upper bounds).
