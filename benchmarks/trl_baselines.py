@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="run directory (replaced)")
     ap.add_argument("--rloo-generations", type=int, default=RLOO_GENERATIONS)
     ap.add_argument("overrides", nargs="*", help="section.key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow --config/--out
     try:
         cfg = method_config(args.config, args.out, args.overrides)
         run = run_trl(args.method, cfg, args.rloo_generations)

@@ -199,8 +199,9 @@ def test_script_summarises_u2a_cli_and_trl_rows_alike(tmp_path: Path) -> None:
     code reads all three; --reuse reads the same rows back."""
     config = write_config(tmp_path, steps=2, max_new_tokens=24)
     runs, results = tmp_path / "runs", tmp_path / "results" / "time_to_target.json"
+    # a budget no run reaches: it travels to every method as an override after the options
     args = ["--config", str(config), "--methods", "ga,dpo,rlhf", "--runs-dir", str(runs),
-            "--out", str(results)]
+            "--out", str(results), "--time-budget-s", "3600"]
     assert time_to_target.main(args) == 0
     rows = json.loads(results.read_text())["rows"]
     assert [r["method"] for r in rows] == ["ga", "dpo", "rlhf"]
