@@ -249,13 +249,12 @@ class Trainer:
         used = outer_pairs_used(len(self.pa), self.cfg)
         subset = EncodedPairs([self.pa.ids[i] for i in used], [self.pa.chosen[i] for i in used],
                               [self.pa.rejected[i] for i in used])
+        def spread(part: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(self.pa),), float("nan"), dtype=part.dtype).index_copy_(
+                0, torch.tensor(used), part)
+
         chosen, rejected = pair_logps(model, subset, self.pad_id, bs)
-        out = []
-        for part in (chosen, rejected):
-            full = torch.full((len(self.pa),), float("nan"), dtype=part.dtype)
-            full[used] = part
-            out.append(full)
-        return out[0], out[1]
+        return spread(chosen), spread(rejected)
 
     # ------------------------------------------------------------------ the inner loss
 
