@@ -202,8 +202,11 @@ def _support(run_dir: Path) -> int | None:
 
 
 def fmt(v: Any, digits: int = 2) -> str:
-    """A table cell: a number with ``digits`` decimals, or – for none."""
-    return "–" if v is None else f"{v:.{digits}f}"
+    """A table cell: a number with ``digits`` decimals (a diverged one, ≥ 1e5, in powers of
+    ten), or – for none."""
+    if v is None:
+        return "–"
+    return f"{v:.{digits}e}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, label: str = "variant",

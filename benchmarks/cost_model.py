@@ -252,10 +252,8 @@ def comm_for(work: Work, setup: Setup) -> tuple[float, float]:
     micro = work.step_micro + work.grad_micro
     wire = calls = 0.0
     if s in ZERO3_STAGES:
-        fwd_calls = 1 if s == "3off" else a.param_modules
         wire += 3 * u * micro + u * work.fwd_batches
-        calls += micro * (fwd_calls + a.param_modules + buckets)
-        calls += work.fwd_batches * (1 if s == "3off" else a.param_modules)
+        calls += zero3_param_calls(work, setup)
     else:
         wire += 2 * u * micro
         calls += buckets * micro
@@ -267,6 +265,22 @@ def comm_for(work: Work, setup: Setup) -> tuple[float, float]:
     return wire, calls
 
 
+def zero3_param_calls(work: Work, setup: Setup) -> float:
+    """The collectives of ZeRO-3's parameter path (one all-gather per module with parameters
+    per forward and per backward - one coalesced gather for a no-grad forward under offload -
+    and the gradient reduce-scatter buckets). They go through DeepSpeed's partitioned-parameter
+    coordinator (buffer allocation, fetch and release hooks), so they get their own latency;
+    0 at other stages."""
+    a, s = setup.arch, setup.stage
+    if s not in ZERO3_STAGES:
+        return 0.0
+    buckets = max(1, math.ceil(a.params / DS_REDUCE_BUCKET))
+    fwd_calls = 1 if s == "3off" else a.param_modules
+    micro = work.step_micro + work.grad_micro
+    return (micro * (fwd_calls + a.param_modules + buckets)
+            + work.fwd_batches * (1 if s == "3off" else a.param_modules))
+
+
 # =============================================================================================
 # constants, time and memory
 # =============================================================================================
@@ -274,7 +288,7 @@ def comm_for(work: Work, setup: Setup) -> tuple[float, float]:
 # Linear time coefficients, in the order of :func:`time_features`.
 TIME_TERMS = ("sec_per_flop", "latency_s", "sec_per_byte", "module_overhead_s",
               "zero3_module_overhead_s", "optimizer_s_per_param", "hvp_vector_s_per_param",
-              "step_overhead_s")
+              "step_overhead_s", "zero3_latency_s")
 
 
 @dataclass
@@ -282,7 +296,8 @@ class Constants:
     """The few constants of the model (CPU priors: one x86 core, gloo on loopback)."""
 
     flops_per_core: float = 2.0e10       # F: sustained FLOP/s of one thread-core or one GPU
-    latency_s: float = 2.0e-4            # α: per collective
+    latency_s: float = 2.0e-4            # α: per plain torch.distributed collective
+    zero3_latency_s: float = 4.0e-4      # α3: per ZeRO-3 parameter-path collective
     bandwidth_Bps: float = 1.0e9         # B: wire bytes per second per rank
     module_overhead_s: float = 5.0e-5    # per module with parameters per pass
     zero3_module_overhead_s: float = 1.0e-4  # extra under ZeRO-3 (fetch/release hooks)
@@ -300,14 +315,15 @@ class Constants:
     def time_vector(self) -> list[float]:
         return [1.0 / self.flops_per_core, self.latency_s, 1.0 / self.bandwidth_Bps,
                 self.module_overhead_s, self.zero3_module_overhead_s,
-                self.optimizer_s_per_param, self.hvp_vector_s_per_param, self.step_overhead_s]
+                self.optimizer_s_per_param, self.hvp_vector_s_per_param, self.step_overhead_s,
+                self.zero3_latency_s]
 
     def with_time_vector(self, c: list[float]) -> Constants:
         return dataclasses.replace(
             self, flops_per_core=1.0 / max(c[0], 1e-30), latency_s=c[1],
             bandwidth_Bps=1.0 / max(c[2], 1e-30), module_overhead_s=c[3],
             zero3_module_overhead_s=c[4], optimizer_s_per_param=c[5],
-            hvp_vector_s_per_param=c[6], step_overhead_s=c[7])
+            hvp_vector_s_per_param=c[6], step_overhead_s=c[7], zero3_latency_s=c[8])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -324,10 +340,11 @@ def time_features(work: Work, setup: Setup) -> list[float]:
     per_token = a.fwd_flops_per_token(work.seq_len)
     flops = (3.0 * per_token * work.train_tokens + per_token * work.fwd_tokens) / setup.world
     wire, calls = comm_for(work, setup)
+    z3_calls = zero3_param_calls(work, setup) if setup.world > 1 else 0.0
     visits = a.param_modules * (2 * (work.step_micro + work.grad_micro) + work.fwd_batches)
-    return [flops / max(1, setup.threads), calls if setup.world > 1 else 0.0, wire, visits,
-            visits if setup.zero3 else 0.0, work.steps * setup.optimizer_params(),
-            work.hvps * setup.local_params(), work.steps]
+    return [flops / max(1, setup.threads), calls - z3_calls if setup.world > 1 else 0.0, wire,
+            visits, visits if setup.zero3 else 0.0, work.steps * setup.optimizer_params(),
+            work.hvps * setup.local_params(), work.steps, z3_calls]
 
 
 def predict_time(work: Work, setup: Setup, c: Constants) -> float:
@@ -718,6 +735,7 @@ class GPU:
         return Constants(
             flops_per_core=flops,
             latency_s=self.inter_latency_s if inter else self.intra_latency_s,
+            zero3_latency_s=self.inter_latency_s if inter else self.intra_latency_s,
             bandwidth_Bps=self.inter_node_Bps if inter else self.intra_node_Bps,
             module_overhead_s=self.module_overhead_s,
             zero3_module_overhead_s=self.zero3_module_overhead_s,
@@ -860,9 +878,13 @@ FORMULAS = """\
   forward and backward, reduce-scatter); a no-grad forward under ZeRO-3 `u`; u2a's stage-2
   engine adds `2u` to read full gradients (`safe_get_full_grad`) and `3u` per optimiser step
   (parameter all-gather + prox gradient). One FD-HVP = 2 gradient passes: `6u` at stage 3.
-- Time: `t = FLOPs/(F·threads) + α·collectives + bytes/B + visits·(o_mod + o_z3·[ZeRO-3]) +
-  steps·(o_step + γ·Φ_opt) + hvps·ε·Φ_vec`, FLOPs `6·Φc·tokens` per fwd+bwd and `2·Φc·tokens`
-  per forward (`Φc` = matmul parameters, + `2·T·d·L` causal attention per token forward).
+- Time: `t = FLOPs/(F·threads) + α·collectives + α3·ZeRO-3 collectives + bytes/B +
+  visits·(o_mod + o_z3·[ZeRO-3]) + steps·(o_step + γ·Φ_opt) + hvps·ε·Φ_vec`, where the ZeRO-3
+  collectives are its parameter path (per-module all-gathers, reduce-scatter buckets: through
+  DeepSpeed's fetch/release machinery) and α covers plain ones (gradient all-reduces, the
+  per-tensor gradient reads of stage 2, metrics, dot products); FLOPs `6·Φc·tokens` per
+  fwd+bwd and `2·Φc·tokens` per forward (`Φc` = matmul parameters, + `2·T·d·L` causal
+  attention per token forward).
 - U2A round: `t_round = t_∇J(P pairs) + (L + K + 1)·t_HVP + 3·t_fwd(N)`,
   `t_HVP = 2·t_grad(Hessian batch) + ε·Φ_vec`.
 """
@@ -881,7 +903,9 @@ def markdown(result: dict[str, Any]) -> str:
              "| constant | value | prior |", "|---|---|---|"]
     prior = result["prior"]
     for key, unit in (("flops_per_core", "FLOP/s per thread-core"),
-                      ("latency_s", "s per collective"), ("bandwidth_Bps", "B/s per rank"),
+                      ("latency_s", "s per plain collective"),
+                      ("zero3_latency_s", "s per ZeRO-3 parameter-path collective"),
+                      ("bandwidth_Bps", "B/s per rank"),
                       ("module_overhead_s", "s per module-pass"),
                       ("zero3_module_overhead_s", "s per module-pass (ZeRO-3 extra)"),
                       ("optimizer_s_per_param", "s per updated element"),
@@ -1116,6 +1140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"±{args.tolerance:.0%}")
     c = result["constants"]
     print(f"  F = {c['flops_per_core']:.3g} FLOP/s/core, α = {c['latency_s'] * 1e3:.3g} ms, "
+          f"α3 = {c['zero3_latency_s'] * 1e3:.3g} ms, "
           f"B = {c['bandwidth_Bps'] / 1e9:.3g} GB/s, o_mod = {c['module_overhead_s'] * 1e6:.3g}"
           f" µs, o_z3 = {c['zero3_module_overhead_s'] * 1e6:.3g} µs, "
           f"o_step = {c['step_overhead_s'] * 1e3:.3g} ms, M0 = {c['base_memory_bytes'] / 1e6:.0f}"

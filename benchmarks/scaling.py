@@ -293,7 +293,8 @@ class TrainerWorkload:
         pairs = self.trainer.pa
         idx = self.problem.outer_indices() if hasattr(self.problem, "outer_indices") \
             else list(range(len(pairs)))
-        return _pair_tokens(pairs, idx, self.world, self.cfg.eval.batch_size, padded_shares)
+        # TrainerProblem.outer_grad passes unlearn.batch_size pairs per micro-batch
+        return _pair_tokens(pairs, idx, self.world, self.cfg.unlearn.batch_size, padded_shares)
 
 
 def _pair_tokens(pairs: Any, idx: list[int], world: int, bs: int,
@@ -632,6 +633,31 @@ def _timing(seconds: list[float], cpu: list[float]) -> dict[str, Any]:
             "cpu_per_wall": sum(cpu) / sum(seconds) if seconds and sum(seconds) > 0 else None}
 
 
+class ForwardCounter:
+    """Counts this rank's model forward calls and the tokens they computed on (padded): what
+    a phase really ran, to check the analytic token accounting the cost model reads."""
+
+    def __init__(self, model: Any) -> None:
+        self.calls = self.tokens = 0
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True) \
+            if model is not None else None
+
+    def _hook(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls += 1
+        self.tokens += int(ids.numel()) if ids is not None else 0
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.calls, self.tokens
+
+    def since(self, snap: tuple[int, int], times: int = 1) -> dict[str, float]:
+        """Per repeat since ``snap``; removes the hook (one phase per counter)."""
+        if self._handle is not None:
+            self._handle.remove()
+        return {"forward_calls": (self.calls - snap[0]) / times,
+                "tokens": (self.tokens - snap[1]) / times}
+
+
 class _Phases:
     """Times collective operations the same way on every rank and snapshots comm and memory."""
 
@@ -784,11 +810,13 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     # ---- one no-grad pass of the per-example losses
     fwd_idx = list(range(min(spec["fwd_n"], len(wl.items))))
     phases.cpu_s = []
+    fwd = ForwardCounter(getattr(wl.engine, "module", None))
+    snap = fwd.snapshot()
     _, dt, times, comm = phases.repeat(lambda: problem.example_losses(fwd_idx), spec["repeats"])
     real, padded, batches = wl.forward_tokens(fwd_idx)
     rec["forward"] = {"n": len(fwd_idx), "seconds": dt, **_timing(times, phases.cpu_s),
-                      "tokens": real,
-                      "padded_tokens": padded, "micro_batches": batches, "comm": comm}
+                      "tokens": real, "padded_tokens": padded, "micro_batches": batches,
+                      "comm": comm, "counted": fwd.since(snap, max(1, spec["repeats"]))}
 
     if spec["selector"]:
         rec["selector"] = _selector_phases(spec, wl, phases)
@@ -823,11 +851,13 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
 
     out: dict[str, Any] = {}
     reps = spec.get("sweep_repeats", 1)
+    fwd = ForwardCounter(getattr(wl.engine, "module", None))
+    snap = fwd.snapshot()
     (grad_j, j_value), dt, all_s, comm = phases.repeat(problem.outer_grad, reps)
     real, padded, pairs, micro = wl.pair_tokens()
     out["outer_grad"] = {"seconds": dt, "min_s": min(all_s), "pairs": pairs, "tokens": real,
                          "padded_tokens": padded, "micro_batches": micro, "comm": comm,
-                         "J": j_value}
+                         "J": j_value, "counted": fwd.since(snap, max(1, reps))}
 
     hvps[0] = 0
     (lo, hi), dt, all_s, comm = phases.repeat(
@@ -957,6 +987,16 @@ def _config_key(spec: dict[str, Any]) -> dict[str, Any]:
             "ds_config": ds_config, "world": spec["world"], "device": spec["device"]}
 
 
+def _counted_global(sections: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Forward calls per rank (the most any rank made) and padded tokens summed over ranks:
+    the units of the section's ``micro_batches`` and ``padded_tokens``."""
+    counted = [s["counted"] for s in sections if s.get("counted")]
+    if not counted:
+        return None
+    return {"forward_calls": max(c["forward_calls"] for c in counted),
+            "tokens": sum(c["tokens"] for c in counted)}
+
+
 def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
                 ) -> dict[str, Any]:
     """One record per configuration: times from the slowest rank (the ranks run in lock-step),
@@ -971,6 +1011,7 @@ def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
         sec["median_s"], sec["min_s"] = slowest(name), slowest(name, "min_s")
         sec["cpu_per_wall_per_rank"] = [r[name].get("cpu_per_wall") for r in ranks]
     fwd["seconds"] = fwd["median_s"]
+    fwd["counted"] = _counted_global([r["forward"] for r in ranks])
     step["tokens_per_s"] = step["tokens"] / step["median_s"]
     hvp["ratio_to_grad"] = hvp["median_s"] / grad["median_s"]
     hvp["ratio_to_grad_min"] = hvp["min_s"] / grad["min_s"]
@@ -995,6 +1036,8 @@ def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
             for sweep in ("neumann_vs_k", "scores_vs_n"):
                 for i, row in enumerate(sel[sweep]):
                     row[stat] = max(r["selector"][sweep][i][stat] for r in ranks)
+        sel["outer_grad"]["counted"] = _counted_global([r["selector"]["outer_grad"]
+                                                         for r in ranks])
         out["selector"] = sel
     out["settings"] = {k: spec[k] for k in ("steps", "repeats", "batch_size", "hessian_batch",
                                             "eval_batch_size", "max_length", "data", "pa_pairs",

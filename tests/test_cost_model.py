@@ -70,9 +70,9 @@ def test_time_formula_by_hand():
     arch = cm.Arch(params=1e6, compute_params=8e5, param_tensors=10, param_modules=5,
                    layers=2, hidden=32, heads=2, vocab=100)
     setup = cm.Setup("3", 2, arch, threads=2)
-    only = {k: 0.0 for k in ("latency_s", "module_overhead_s", "zero3_module_overhead_s",
-                             "optimizer_s_per_param", "hvp_vector_s_per_param",
-                             "step_overhead_s")}
+    only = {k: 0.0 for k in ("latency_s", "zero3_latency_s", "module_overhead_s",
+                             "zero3_module_overhead_s", "optimizer_s_per_param",
+                             "hvp_vector_s_per_param", "step_overhead_s")}
     c = dataclasses.replace(cm.Constants(**only), flops_per_core=1e9, bandwidth_Bps=math.inf)
     work = cm.grad_work(tokens=1000, micro=1, seq_len=10)
     flops_per_token = 2 * 8e5 + 2 * 10 * 32 * 2                  # matmuls + causal attention
@@ -80,10 +80,16 @@ def test_time_formula_by_hand():
     assert cm.predict_time(work, setup, c) == pytest.approx(expected)
     # communication alone: 3u bytes at 1 GB/s, and α per collective
     c2 = dataclasses.replace(cm.Constants(**only), flops_per_core=math.inf, bandwidth_Bps=1e9,
-                             latency_s=1e-3)
+                             latency_s=1e-3, zero3_latency_s=1e-3)
     wire, calls = cm.comm_for(work, setup)
     assert wire == 3 * 1e6 * 4 / 2
     assert cm.predict_time(work, setup, c2) == pytest.approx(wire / 1e9 + 1e-3 * calls)
+    # α3 prices ZeRO-3's parameter path: 5 module all-gathers forward, 5 backward, 1
+    # reduce-scatter bucket; α the rest (none in a plain gradient pass)
+    c3z = dataclasses.replace(c2, bandwidth_Bps=math.inf, latency_s=0.0, zero3_latency_s=1e-3)
+    assert cm.zero3_param_calls(work, setup) == calls == 11
+    assert cm.predict_time(work, setup, c3z) == pytest.approx(11e-3)
+    assert cm.zero3_param_calls(work, cm.Setup("2", 2, arch)) == 0
     # per-step terms: o_step + γ·Φ/W under ZeRO-3, γ·Φ at stage 0
     c3 = dataclasses.replace(cm.Constants(**only), flops_per_core=math.inf,
                              bandwidth_Bps=math.inf, optimizer_s_per_param=1e-8,
@@ -159,12 +165,14 @@ def _synthetic(truth: cm.Constants, noise: float, seed: int = 0) -> list[cm.Obse
 def test_calibration_recovers_known_constants_from_noisy_synthetic_measurements():
     prior = cm.Constants()
     truth = dataclasses.replace(
-        prior, flops_per_core=7e9, latency_s=9e-4, bandwidth_Bps=3e8, module_overhead_s=2e-4,
+        prior, flops_per_core=7e9, latency_s=9e-4, zero3_latency_s=1.6e-3, bandwidth_Bps=3e8,
+        module_overhead_s=2e-4,
         zero3_module_overhead_s=6e-4, optimizer_s_per_param=3e-8, hvp_vector_s_per_param=1e-8,
         step_overhead_s=1.5e-2, base_memory_bytes=6e8, activation_factor=2.5)
     obs = _synthetic(truth, noise=0.03)
     fitted = cm.calibrate(obs, prior)
-    for key in ("flops_per_core", "latency_s", "bandwidth_Bps", "module_overhead_s",
+    for key in ("flops_per_core", "latency_s", "zero3_latency_s", "bandwidth_Bps",
+                "module_overhead_s",
                 "zero3_module_overhead_s", "optimizer_s_per_param", "hvp_vector_s_per_param",
                 "step_overhead_s", "base_memory_bytes", "activation_factor"):
         got, want = getattr(fitted, key), getattr(truth, key)
@@ -230,7 +238,7 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
     scaling.main(["--models", "tiny", "--stages", "3", "--world", "1,2", "--devices", "cpu,gpu",
                   "--steps", "2", "--repeats", "1", "--data", "builtin", "--n", "8,16",
                   "--k", "1,2", "--lanczos", "2", "--round-k", "2", "--round-n", "16",
-                  "--fwd-n", "8", "--pa-pairs", "8", "--threads", "1", "--out", str(out)])
+                  "--fwd-n", "8", "--pa-pairs", "16", "--threads", "1", "--out", str(out)])
     for name in ("scaling.json", "scaling.md", "scaling.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "scaling.json").read_text())
@@ -251,6 +259,13 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
         sel = c["selector"]
         assert [r["n"] for r in sel["scores_vs_n"]] == [8, 16]
         assert [r["hvps"] for r in sel["neumann_vs_k"]] == [0, 1]
+        # The token accounting the cost model reads is what the model really ran (forward
+        # pre-hook counts). 16 pairs: ∇J takes unlearn.batch_size (8) pairs per pass, not
+        # eval.batch_size (16) - the accounting once assumed 16 and halved the passes at W = 1.
+        for section in (c["forward"], sel["outer_grad"]):
+            assert section["counted"] == {"forward_calls": section["micro_batches"],
+                                          "tokens": section["padded_tokens"]}, section
+    assert cpu[1]["selector"]["outer_grad"]["micro_batches"] == 2
     one, two = cpu[1]["memory"]["per_rank"], cpu[2]["memory"]["per_rank"]
     full = cpu[1]["arch"]["params"]
     assert one[0]["engine"]["param_numel"] == full

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from benchmarks import time_to_target, trl_baselines
-from benchmarks.common import read_metrics, summarise
+from benchmarks.common import fmt, read_metrics, summarise
 from tests.conftest import tiny_config
 from u2a_dist.models import load_model, resolve_model_dir
 
@@ -237,3 +237,9 @@ def test_time_budget_stops_a_u2a_cli_run(tmp_path: Path) -> None:
     assert steps[-1]["step"] == row["steps"] and steps[-1]["time_s"] >= 1.0
     assert all(r["time_s"] < 1.0 for r in steps[:-1])  # no step began after the budget
     assert row["train_time_s"] == pytest.approx(steps[-1]["time_s"], abs=1e-3)  # logged to 4 dp
+
+
+def test_table_cells_keep_a_diverged_metric_readable() -> None:
+    # GA's perplexity ratio reached 2.9e11 on SmolLM2: 2 decimals would print 12 digits
+    assert fmt(294140059577.893) == "2.94e+11"
+    assert fmt(1.4637) == "1.46" and fmt(None) == "–"
