@@ -634,8 +634,9 @@ def _timing(seconds: list[float], cpu: list[float]) -> dict[str, Any]:
 
 
 class ForwardCounter:
-    """Counts this rank's model forward calls and the tokens they computed on (padded): what
-    a phase really ran, to check the analytic token accounting the cost model reads."""
+    """Counts this rank's model forward calls and the tokens they computed on (padded) from
+    its creation to :meth:`close`: what one phase really ran, to check the analytic token
+    accounting the cost model reads."""
 
     def __init__(self, model: Any) -> None:
         self.calls = self.tokens = 0
@@ -647,15 +648,11 @@ class ForwardCounter:
         self.calls += 1
         self.tokens += int(ids.numel()) if ids is not None else 0
 
-    def snapshot(self) -> tuple[int, int]:
-        return self.calls, self.tokens
-
-    def since(self, snap: tuple[int, int], times: int = 1) -> dict[str, float]:
-        """Per repeat since ``snap``; removes the hook (one phase per counter)."""
+    def close(self, times: int = 1) -> dict[str, float]:
+        """Removes the hook; the counts per repeat of the phase (``times`` repeats)."""
         if self._handle is not None:
             self._handle.remove()
-        return {"forward_calls": (self.calls - snap[0]) / times,
-                "tokens": (self.tokens - snap[1]) / times}
+        return {"forward_calls": self.calls / times, "tokens": self.tokens / times}
 
 
 class _Phases:
@@ -811,12 +808,11 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     fwd_idx = list(range(min(spec["fwd_n"], len(wl.items))))
     phases.cpu_s = []
     fwd = ForwardCounter(getattr(wl.engine, "module", None))
-    snap = fwd.snapshot()
     _, dt, times, comm = phases.repeat(lambda: problem.example_losses(fwd_idx), spec["repeats"])
     real, padded, batches = wl.forward_tokens(fwd_idx)
     rec["forward"] = {"n": len(fwd_idx), "seconds": dt, **_timing(times, phases.cpu_s),
                       "tokens": real, "padded_tokens": padded, "micro_batches": batches,
-                      "comm": comm, "counted": fwd.since(snap, max(1, spec["repeats"]))}
+                      "comm": comm, "counted": fwd.close(max(1, spec["repeats"]))}
 
     if spec["selector"]:
         rec["selector"] = _selector_phases(spec, wl, phases)
@@ -852,12 +848,11 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
     out: dict[str, Any] = {}
     reps = spec.get("sweep_repeats", 1)
     fwd = ForwardCounter(getattr(wl.engine, "module", None))
-    snap = fwd.snapshot()
     (grad_j, j_value), dt, all_s, comm = phases.repeat(problem.outer_grad, reps)
     real, padded, pairs, micro = wl.pair_tokens()
     out["outer_grad"] = {"seconds": dt, "min_s": min(all_s), "pairs": pairs, "tokens": real,
                          "padded_tokens": padded, "micro_batches": micro, "comm": comm,
-                         "J": j_value, "counted": fwd.since(snap, max(1, reps))}
+                         "J": j_value, "counted": fwd.close(max(1, reps))}
 
     hvps[0] = 0
     (lo, hi), dt, all_s, comm = phases.repeat(
