@@ -53,7 +53,8 @@ def spec_paths(spec: DataSpec | list[DataSpec] | None) -> str:
 @dataclass
 class ModelConfig:
     name_or_path: str = field(default="tiny-gpt2", metadata={
-        "help": "tiny-gpt2 | smollm2-135m-instruct | local HF dir | hub id | path/to/file.gguf"})
+        "help": "tiny-gpt2 | smollm2-135m-instruct | local HF dir | hub id | path/to/file.gguf"
+                " | random:smollm2-135m|360m|1.7b (random weights: cost benchmarks only)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     attn_implementation: str = field(default="eager", metadata={"help": "eager | sdpa"})
     pad_token: str | None = field(default=None, metadata={
