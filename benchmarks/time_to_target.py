@@ -1,7 +1,7 @@
 """Time to the joint target: U2A against uniform unlearning, GA, NPO, DPO and RLHF (issue 6).
 
     python benchmarks/time_to_target.py [--config configs/refusal_smollm2.yaml]
-        [--methods u2a,u2a_identity,u2a_recipe,uniform,ga,npo,dpo,rlhf]
+        [--methods u2a,u2a_identity,u2a_recipe,uniform,ga,npo,dpo,dpo_sft,rlhf]
         [--runs-dir runs/time_to_target]
         [--time-budget-s S] [--reuse] [--out FILE] [section.key=value ...]
 
@@ -77,6 +77,8 @@ METHODS: dict[str, Method] = {
                    "unlearn.retain_kl_weight=0")),
     "dpo": Method("TRL DPOTrainer on the data.pa pairs (β = selector.dpo_beta)", "trl",
                   unit="pairs"),
+    "dpo_sft": Method("TRL DPOTrainer, DPO + SFT on the chosen answers (loss_type sigmoid + "
+                      "sft, 1:1, as RPO)", "trl", unit="pairs"),
     "rlhf": Method("TRL RLOOTrainer; reward −P(harm) on harmful training prompts, +1 for a "
                    "real answer on harmless ones", "trl", unit="prompts (x2 samples)"),
 }
@@ -92,8 +94,9 @@ def preflight(config: str, names: list[str], overrides: list[str]) -> None:
     cfgs = {n: load_config(config, [*METHODS[n].overrides, *overrides]) for n in names}
     if "rlhf" in cfgs:
         rl_prompts(cfgs["rlhf"])  # harmful and harmless training prompts exist
-    if "dpo" in cfgs and cfgs["dpo"].data.pa is None:
-        raise ConfigError("dpo needs data.pa: the preference pairs to train on")
+    for name in ("dpo", "dpo_sft"):
+        if name in cfgs and cfgs[name].data.pa is None:
+            raise ConfigError(f"{name} needs data.pa: the preference pairs to train on")
     if cfgs:
         check_eval_inputs(next(iter(cfgs.values())))  # the same evaluation for every method
 

@@ -86,9 +86,11 @@ from u2a_dist.judges import is_degenerate, is_refusal  # noqa: E402
 from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from u2a_dist.rundir import RunDir  # noqa: E402
 
-TRL_METHODS = ("dpo", "rlhf")
+TRL_METHODS = ("dpo", "dpo_sft", "rlhf")
 #: RLOO samples per prompt (TRL's default; RLOO needs at least 2 for its baseline).
 RLOO_GENERATIONS = 2
+#: Weight of the SFT term of ``dpo_sft`` against DPO's (1): RPO's default (Pang et al. 2024)
+DPO_SFT_WEIGHT = 1.0
 
 
 # ------------------------------------------------------------------ the held-out evaluation
@@ -365,7 +367,11 @@ def _require(cls: type, method: str) -> None:
 
 
 def build_dpo(cfg: RunConfig, model: PreTrainedModel, tokenizer, out: Path,
-              callback: TrainerCallback):
+              callback: TrainerCallback, sft_weight: float = 0.0):
+    """TRL's DPOTrainer on the ``data.pa`` pairs; ``sft_weight`` > 0 adds TRL's SFT loss on the
+    chosen answers (``loss_type=["sigmoid", "sft"]``, as RPO does): the refusals of harmful
+    prompts and the helpful answers of harmless ones, a term that holds the model to real
+    answers where plain DPO only pushes chosen above rejected."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -377,9 +383,11 @@ def build_dpo(cfg: RunConfig, model: PreTrainedModel, tokenizer, out: Path,
 
     reference = load_model(cfg.model, resolve_model_dir(cfg.model), seed=cfg.runtime.seed)
     reference.eval().requires_grad_(False)
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} \
+        if sft_weight > 0 else {}
     args = DPOConfig(**_trainer_args(cfg, out, cfg.unlearn.batch_size),
                      beta=cfg.selector.dpo_beta, max_length=cfg.data.max_length,
-                     precompute_ref_log_probs=True)
+                     precompute_ref_log_probs=True, **losses)
     return U2ATokenizedDPOTrainer(model=model, ref_model=reference, args=args,
                                   train_dataset=Dataset.from_list(dpo_dataset(cfg, tokenizer)),
                                   processing_class=tokenizer, callbacks=[callback])
@@ -433,8 +441,9 @@ def method_config(config: str | Path, out: str | Path, overrides: Sequence[str] 
 
 
 def run_trl(method: str, cfg: RunConfig, rloo_generations: int = RLOO_GENERATIONS) -> TrlRun:
-    """Train ``method`` (dpo | rlhf) on ``cfg`` into the run directory ``cfg.out``, until the
-    target, a floor, ``unlearn.steps`` or ``unlearn.time_budget_s`` (as a u2a run stops)."""
+    """Train ``method`` (dpo | dpo_sft | rlhf) on ``cfg`` into the run directory ``cfg.out``,
+    until the target, a floor, ``unlearn.steps`` or ``unlearn.time_budget_s`` (as a u2a run
+    stops)."""
     import transformers
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -453,8 +462,9 @@ def run_trl(method: str, cfg: RunConfig, rloo_generations: int = RLOO_GENERATION
     evaluate = HeldOutEval(cfg, tokenizer, judge)
     callback = TimeToTargetCallback(cfg, evaluate, run_dir, cfg.unlearn.time_budget_s or None,
                                     name=method)
-    if method == "dpo":
-        trainer = build_dpo(cfg, model, tokenizer, out, callback)
+    if method in ("dpo", "dpo_sft"):
+        trainer = build_dpo(cfg, model, tokenizer, out, callback,
+                            sft_weight=DPO_SFT_WEIGHT if method == "dpo_sft" else 0.0)
         examples, unit = cfg.unlearn.batch_size, "pairs"
     else:
         trainer = build_rloo(cfg, model, tokenizer, out, callback, judge, rloo_generations)

@@ -112,6 +112,26 @@ def test_dpo_trains_every_parameter_and_logs_like_a_u2a_run(
     assert results.with_suffix(".png").stat().st_size > 0
 
 
+def test_dpo_sft_adds_the_chosen_answers_negative_log_likelihood(tmp_path: Path) -> None:
+    """At θ0 the policy is its reference, so DPO's loss is exactly ln 2 whatever the pair;
+    DPO + SFT adds the chosen answers' mean token NLL, which for the tiny random model is near
+    ln 384 (its vocabulary: a near-uniform next-token distribution). The first logged losses
+    of the two runs differ by that, and the SFT term changes what the step does."""
+    import math
+
+    config = write_config(tmp_path, steps=1, every=0)
+    first = {}
+    models = {}
+    for method in ("dpo", "dpo_sft"):
+        cfg = trl_baselines.method_config(config, tmp_path / "runs" / method)
+        run = trl_baselines.run_trl(method, cfg)
+        first[method] = next(r["loss"] for r in read_metrics(Path(cfg.out)) if "loss" in r)
+        models[method] = dict(run.model.named_parameters())
+    assert first["dpo"] == pytest.approx(math.log(2), abs=1e-3)
+    assert first["dpo_sft"] - first["dpo"] == pytest.approx(math.log(384), rel=0.15)
+    assert any(not torch.equal(p, models["dpo_sft"][n]) for n, p in models["dpo"].items())
+
+
 def test_rlhf_stops_at_the_target_after_training_every_parameter(tmp_path: Path) -> None:
     # 24 new tokens: the tiny model's samples then differ in the helpfulness term, so RLOO's
     # advantages (reward minus the other sample's) are not all zero.
@@ -190,7 +210,7 @@ def test_a_missing_judge_names_the_key_and_the_command(
     with pytest.raises(SystemExit):
         time_to_target.main(["--config", str(config), "--methods", "sft"])
     assert set(time_to_target.METHODS) == {"u2a", "u2a_identity", "u2a_recipe", "uniform", "ga",
-                                           "npo", "dpo", "rlhf"}
+                                           "npo", "dpo", "dpo_sft", "rlhf"}
 
 
 @pytest.mark.slow

@@ -48,7 +48,6 @@ def all_gather_rows(local: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ response log-prob, response length) for every item, on every rank, in item order.
