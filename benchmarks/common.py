@@ -230,6 +230,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, label: str = "variant",
             ax.axhline(bounds[key], color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("training time (s, evaluation excluded)")
         ax.set_title(key)
+        values = [y for line in ax.lines for y in line.get_ydata()]
+        if values and min(values) > 0 and max(values) / min(values) > 1e3:
+            ax.set_yscale("log")  # a diverged run (GA's perplexity ratio) would flatten the rest
     # the legend goes on the first panel with lines (without a judge eval/harmful_rate has none)
     next((ax for ax in axes if ax.lines), axes[0]).legend(fontsize=7)
     fig.tight_layout()
