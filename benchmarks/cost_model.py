@@ -285,6 +285,15 @@ def tensorwise_wire(work: Work, setup: Setup) -> float:
     return 2 * u * (work.grad_micro + work.steps)
 
 
+def zero3_param_wire(work: Work, setup: Setup) -> float:
+    """The part of :func:`comm_for`'s bytes on ZeRO-3's parameter path: 3u per fwd+bwd
+    micro-batch, u per no-grad forward batch; 0 at other stages."""
+    if setup.stage not in ZERO3_STAGES:
+        return 0.0
+    u = setup.arch.params * setup.elem_bytes * (setup.world - 1) / setup.world
+    return 3 * u * (work.step_micro + work.grad_micro) + u * work.fwd_batches
+
+
 def zero3_param_calls(work: Work, setup: Setup) -> float:
     """The collectives of ZeRO-3's parameter path (one all-gather per module with parameters
     per forward and per backward - one coalesced gather for a no-grad forward under offload -
@@ -310,7 +319,8 @@ TIME_TERMS = ("sec_per_flop", "latency_s", "sec_per_byte", "module_overhead_s",
               "zero3_module_overhead_s", "optimizer_s_per_param", "hvp_vector_s_per_param",
               "step_overhead_s", "zero3_latency_s", "random_s_per_param",
               "backward_module_overhead_s", "sec_per_activation",
-              "zero3_backward_module_overhead_s", "sec_per_tensorwise_byte")
+              "zero3_backward_module_overhead_s", "sec_per_tensorwise_byte",
+              "sec_per_zero3_byte")
 
 
 @dataclass
@@ -324,6 +334,9 @@ class Constants:
     # B_t: the same for stage 1-2's gradient reads, one all-reduce per parameter tensor (small
     # messages: gloo's loopback moves them faster per byte than one large bucket)
     tensorwise_bandwidth_Bps: float = 1.0e9
+    # B3: the same for ZeRO-3's parameter path (all-gathers into and reduce-scatters out of
+    # DeepSpeed's flat buffers, with a copy per parameter), as α3 is its latency
+    zero3_bandwidth_Bps: float = 1.0e9
     module_overhead_s: float = 5.0e-5    # per module with parameters per forward pass
     backward_module_overhead_s: float = 5.0e-5  # ... per backward pass
     # μ: memory-bound work per activation value (norms, activations, softmax, log-softmax over
@@ -357,7 +370,7 @@ class Constants:
                 self.optimizer_s_per_param, self.hvp_vector_s_per_param, self.step_overhead_s,
                 self.zero3_latency_s, self.random_s_per_param, self.backward_module_overhead_s,
                 self.sec_per_activation, self.zero3_backward_module_overhead_s,
-                1.0 / self.tensorwise_bandwidth_Bps]
+                1.0 / self.tensorwise_bandwidth_Bps, 1.0 / self.zero3_bandwidth_Bps]
 
     def with_time_vector(self, c: list[float]) -> Constants:
         return dataclasses.replace(
@@ -367,7 +380,8 @@ class Constants:
             hvp_vector_s_per_param=c[6], step_overhead_s=c[7], zero3_latency_s=c[8],
             random_s_per_param=c[9], backward_module_overhead_s=c[10],
             sec_per_activation=c[11], zero3_backward_module_overhead_s=c[12],
-            tensorwise_bandwidth_Bps=1.0 / max(c[13], 1e-30))
+            tensorwise_bandwidth_Bps=1.0 / max(c[13], 1e-30),
+            zero3_bandwidth_Bps=1.0 / max(c[14], 1e-30))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -402,13 +416,14 @@ def time_features(work: Work, setup: Setup) -> list[float]:
     # forward, kernel launches backward); ZeRO-3's fetch/release hooks run in both
     visits = a.param_modules * (micro + work.fwd_batches)
     z3 = 1.0 if setup.zero3 else 0.0
+    z3_wire = zero3_param_wire(work, setup)
     return [flops / max(1, setup.threads), calls - z3_calls if setup.world > 1 else 0.0,
-            wire - tensorwise, visits, z3 * visits, work.steps * setup.optimizer_params(),
+            wire - tensorwise - z3_wire, visits, z3 * visits, work.steps * setup.optimizer_params(),
             work.hvps * setup.local_params(), work.steps, z3_calls,
             work.random_vectors * setup.local_params(), a.param_modules * micro,
             (3.0 * work.train_tokens + work.fwd_tokens) / setup.world / max(1, setup.threads)
             * activation_values_per_token(a, work.seq_len, backward=True),
-            z3 * a.param_modules * micro, tensorwise]
+            z3 * a.param_modules * micro, tensorwise, z3_wire]
 
 
 def predict_time(work: Work, setup: Setup, c: Constants) -> float:
@@ -886,6 +901,7 @@ class GPU:
             zero3_latency_s=self.inter_latency_s if inter else self.intra_latency_s,
             bandwidth_Bps=self.inter_node_Bps if inter else self.intra_node_Bps,
             tensorwise_bandwidth_Bps=self.inter_node_Bps if inter else self.intra_node_Bps,
+            zero3_bandwidth_Bps=self.inter_node_Bps if inter else self.intra_node_Bps,
             optimizer_s_per_param=self.optimizer_s_per_param,
             hvp_vector_s_per_param=self.hvp_vector_s_per_param, base_memory_bytes=2e9,
             activation_factor=1.0)
@@ -1033,12 +1049,13 @@ FORMULAS = """\
   engine adds `2u` to read full gradients (`safe_get_full_grad`) and `3u` per optimiser step
   (parameter all-gather + prox gradient). One FD-HVP = 2 gradient passes: `6u` at stage 3.
 - Time: `t = FLOPs/(F·threads) + μ·activation values + α·collectives + α3·ZeRO-3 collectives
-  + bytes/B + tensor-wise bytes/B_t + forward visits·(o_f + o_z3f·[ZeRO-3]) + backward
-  visits·(o_b + o_z3b·[ZeRO-3]) + steps·(o_step + γ·Φ_opt) + hvps·ε·Φ_vec +
+  + bytes/B + tensor-wise bytes/B_t + ZeRO-3 bytes/B3 + forward visits·(o_f + o_z3f·[ZeRO-3])
+  + backward visits·(o_b + o_z3b·[ZeRO-3]) + steps·(o_step + γ·Φ_opt) + hvps·ε·Φ_vec +
   random vectors·ρ·Φ_vec`, one set of constants per device. The ZeRO-3 collectives are its
   parameter path (per-module all-gathers, reduce-scatter buckets: through DeepSpeed's
   fetch/release machinery); α covers plain ones (gradient all-reduces, metrics, dot
-  products); B_t prices stage 1-2's gradient reads, one all-reduce per parameter tensor; a
+  products); B_t prices stage 1-2's gradient reads, one all-reduce per parameter tensor, B3
+  the bytes of ZeRO-3's parameter path (into and out of DeepSpeed's flat buffers); a
   visit is one module with parameters in one pass (fwd+bwd: one forward and one backward
   visit); μ prices memory-bound work (norms, activations, the vocabulary's log-softmax) per
   activation value of `4V + L(17d + 2.5·h·T)` per token, 3× for fwd+bwd; ρ is the host-side
@@ -1069,6 +1086,7 @@ def markdown(result: dict[str, Any]) -> str:
                       ("zero3_latency_s", "s per ZeRO-3 parameter-path collective"),
                       ("bandwidth_Bps", "B/s per rank"),
                       ("tensorwise_bandwidth_Bps", "B/s per rank, per-tensor reads (B_t)"),
+                      ("zero3_bandwidth_Bps", "B/s per rank, ZeRO-3 parameter path (B3)"),
                       ("module_overhead_s", "s per module, forward (o_f)"),
                       ("backward_module_overhead_s", "s per module, backward (o_b)"),
                       ("zero3_module_overhead_s", "s per module, forward, ZeRO-3 extra"),

@@ -75,21 +75,28 @@ def test_time_formula_by_hand():
                              "hvp_vector_s_per_param", "step_overhead_s",
                              "backward_module_overhead_s", "zero3_backward_module_overhead_s",
                              "sec_per_activation", "random_s_per_param")}
-    only["tensorwise_bandwidth_Bps"] = math.inf
+    only["tensorwise_bandwidth_Bps"] = only["zero3_bandwidth_Bps"] = math.inf
     c = dataclasses.replace(cm.Constants(**only), flops_per_core=1e9, bandwidth_Bps=math.inf)
     work = cm.grad_work(tokens=1000, micro=1, seq_len=10)
     flops_per_token = 2 * 8e5 + 2 * 10 * 32 * 2                  # matmuls + causal attention
     expected = 3 * flops_per_token * 1000 / 2 / (1e9 * 2)          # fwd+bwd, per rank, 2 threads
     assert cm.predict_time(work, setup, c) == pytest.approx(expected)
-    # communication alone: 3u bytes at 1 GB/s, and α per collective
-    c2 = dataclasses.replace(cm.Constants(**only), flops_per_core=math.inf, bandwidth_Bps=1e9,
-                             latency_s=1e-3, zero3_latency_s=1e-3)
+    # communication alone: 3u bytes at 1 GB/s, and α per collective; under ZeRO-3 they are
+    # all on the parameter path, priced by B3 (B prices none of them)
+    c2 = dataclasses.replace(cm.Constants(**only), flops_per_core=math.inf, bandwidth_Bps=1e3,
+                             zero3_bandwidth_Bps=1e9, latency_s=1e-3, zero3_latency_s=1e-3)
     wire, calls = cm.comm_for(work, setup)
-    assert wire == 3 * 1e6 * 4 / 2
+    assert wire == 3 * 1e6 * 4 / 2 == cm.zero3_param_wire(work, setup)
     assert cm.predict_time(work, setup, c2) == pytest.approx(wire / 1e9 + 1e-3 * calls)
+    z0_wire = cm.comm_for(work, cm.Setup("0", 2, arch))[0]  # the 2u all-reduce: B's
+    assert cm.zero3_param_wire(work, cm.Setup("0", 2, arch)) == 0
+    assert cm.predict_time(work, cm.Setup("0", 2, arch), dataclasses.replace(
+        c2, latency_s=0.0, bandwidth_Bps=1e9, zero3_bandwidth_Bps=1e3)) == pytest.approx(
+            z0_wire / 1e9)
     # α3 prices ZeRO-3's parameter path: 5 module all-gathers forward, 5 backward, 1
     # reduce-scatter bucket; α the rest (none in a plain gradient pass)
-    c3z = dataclasses.replace(c2, bandwidth_Bps=math.inf, latency_s=0.0, zero3_latency_s=1e-3)
+    c3z = dataclasses.replace(c2, bandwidth_Bps=math.inf, zero3_bandwidth_Bps=math.inf,
+                              latency_s=0.0, zero3_latency_s=1e-3)
     assert cm.zero3_param_calls(work, setup) == calls == 11
     assert cm.predict_time(work, setup, c3z) == pytest.approx(11e-3)
     assert cm.zero3_param_calls(work, cm.Setup("2", 2, arch)) == 0
