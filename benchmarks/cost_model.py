@@ -8,27 +8,32 @@ Library: :func:`zero_model_state_bytes` and :func:`zero_comm_elements` (the ZeRO
 formulas), :class:`Arch`, :class:`Setup`, :class:`Work` (what an operation computes and
 communicates), :class:`Constants`, :func:`predict_time`, :func:`comm_for`,
 :func:`predict_memory`, :func:`observations_from_scaling`, :func:`calibrate`,
-:func:`evaluate`, :func:`project`.
+:func:`calibrate_devices`, :func:`evaluate`, :func:`project`.
 
 Time of an operation on one rank (every rank runs in lock-step, so this is the wall time)::
 
     t = FLOPs_rank / (F · threads)          compute: 6·Φc·tokens per fwd+bwd, 2·Φc·tokens fwd
-      + α · collectives                     latency per collective (W > 1)
-      + wire_bytes / B                      bytes this rank sends (ring algorithms)
-      + visits · (o_mod + o_z3·[ZeRO-3])    per module per pass: Python, hooks, ZeRO-3 fetch
+      + μ · activation values               memory-bound work (norms, softmax, log-softmax)
+      + α · collectives + α3 · ZeRO-3 ones  latency per collective (W > 1)
+      + bytes/B + bytes_t/B_t + bytes3/B3   plain, per-tensor and ZeRO-3 parameter-path bytes
+      + fwd visits · (o_f + o_z3f·[ZeRO-3]) per module per pass: Python, hooks, ZeRO-3 fetch
+      + bwd visits · (o_b + o_z3b·[ZeRO-3])
       + steps · (o_step + γ · Φ_opt)        optimiser step: fixed + per updated element
-      + hvps · ε · Φ_vec                    FD-HVP vector work: save/perturb/restore/difference
+      + hvps · ε · Φ_vec                    FD vector work: save/perturb/restore/difference
+      + random vectors · ρ · Φ_vec          the Lanczos start, drawn on the host
 
 Φc = parameters in matmuls (+ 2·T·d·L causal attention FLOPs per token forward); Φ_opt, Φ_vec
 the elements this rank updates / holds in a ShardedVector (Φ/W under ZeRO-3). A U2A round is
 ``∇J over P pairs + (L Lanczos + K Neumann + 1 residual) HVPs × 2 gradient passes + 3 forward
-passes over N negatives``. The eight time constants and the two memory constants (M0, the
-process baseline; λ, activation factor) are fitted by non-negative least squares on relative
-errors, with a weak pull toward priors so that constants the measurements do not determine
-(e.g. FLOP/s from the tiny model alone) stay at plausible values instead of drifting. Engine
-bytes per parameter per stage (replicated and partitioned parts) are fitted on the engines'
-own state sizes. Communication bytes are not fitted: they follow from the formulas and are
-checked against the counted collectives.
+passes over N negatives + the Lanczos start``. Each device (``cpu``, ``gpu``) has its own
+constants: the time constants and the memory ones (M0, the process baseline; λ, activation
+factor; τ, library temporaries; ω3, ZeRO-3's unpartitioned buffers at W > 1) are fitted by
+non-negative least squares on relative errors, memory on each rank's peak phase, with a weak
+pull toward priors so that constants the measurements do not determine (e.g. a GPU's
+collective latency at W = 1) stay at plausible values instead of drifting. Engine bytes per
+parameter per stage (replicated and partitioned parts) are fitted on the engines' own state
+sizes. Communication bytes are not fitted: they follow from the formulas and are checked
+against the counted collectives.
 
 Writes ``cost_model.json`` and ``cost_model.md``: the constants, the formulas, the relative
 error on every measured configuration (acceptance ``--tolerance``; every miss is printed), the

@@ -3,7 +3,8 @@ world size, model and device; HVP cost over gradient cost; selector time against
 
     python benchmarks/scaling.py [--models tiny,smollm2] [--stages 0,2,3,3off] [--world 1,2]
         [--devices cpu,gpu] [--steps 3] [--selector-stages 3] [--n 16,64,256] [--k 1,2,4,8]
-        [--out DIR]
+        [--out DIR] [--shared-data DIR]
+    python benchmarks/scaling.py --merge A.json,B.json,... [--out DIR]
 
 Every configuration runs in its own W real rank processes (gloo on 127.0.0.1, the launcher's
 rendezvous store; ``nccl`` on a GPU), which build the product's own ``Trainer`` (DeepSpeed engine
@@ -33,6 +34,11 @@ Trainer collates on the CPU, so it does not run on a GPU as it is) and is skippe
 the results, when CUDA is absent. ``stage 3off`` is ZeRO-3 with parameters and optimizer states
 offloaded to the CPU (``ds_configs/zero3_offload.json``); on a CPU-only machine it measures the
 offload code path's overhead, not a memory saving.
+
+``--merge`` makes one record of several runs' ``scaling.json`` (CPU results here, GPU results
+from a lent machine: ``benchmarks/gpu_run.sh``), each configuration keeping its run's stamp.
+``model.name_or_path`` presets ``random:smollm2-135m|360m|1.7b`` time a checkpoint's shape
+with random weights where the checkpoint cannot be copied.
 
 Writes ``scaling.json`` (every measurement, per rank), ``scaling.md`` (tables) and
 ``scaling.png`` under ``--out`` (default ``benchmarks/results``), stamped with hardware, versions
@@ -893,7 +899,7 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
 
     ns = []
     # warm-up: the first scoring pass allocates the perturbation's buffers and, on a GPU, picks
-    # kernels for new shapes (the GPU's first N = 16 sweep point, untimed before, cost 1.5× the
+    # kernels for new shapes (without it the H200's first sweep point, N = 16, cost 1.5× the
     # per-batch time of the next ones)
     directional_scores(problem, v, list(range(min(spec["n"][0], len(wl.items)))),
                        cfg.selector.fd_eps)
