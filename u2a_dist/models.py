@@ -75,13 +75,24 @@ def build_tiny_model(seed: int = 0, max_positions: int = 512) -> PreTrainedModel
                         n_head=4, bos_token_id=1, eos_token_id=1, pad_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     config._attn_implementation = "eager"
+    return _seeded(GPT2LMHeadModel, config, seed)
+
+
+def _seeded(model_cls, config, seed: int) -> PreTrainedModel:
+    """``model_cls(config)`` with weights that depend only on ``seed`` (every rank builds the
+    same model), leaving the global RNG as it was."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = GPT2LMHeadModel(config)
+        return model_cls(config)
     finally:
         torch.random.set_rng_state(state)
-    return model
+
+
+def _check_architecture(architecture: str) -> None:
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"model.name_or_path={RANDOM + architecture!r}: unknown architecture; "
+                          f"known: {[RANDOM + a for a in sorted(ARCHITECTURES)]}")
 
 
 def build_random_model(architecture: str, seed: int = 0, attn_implementation: str = "eager"
@@ -89,20 +100,12 @@ def build_random_model(architecture: str, seed: int = 0, attn_implementation: st
     """A SmolLM2-shaped Llama with seeded random weights (``random:<architecture>``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if architecture not in ARCHITECTURES:
-        raise ConfigError(f"model.name_or_path={RANDOM}{architecture!r}: unknown architecture; "
-                          f"known: {sorted(ARCHITECTURES)}")
+    _check_architecture(architecture)
     config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=1,
                          pad_token_id=0, **ARCHITECTURES[architecture])
     config._attn_implementation = attn_implementation
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
-    return model
+    return _seeded(LlamaForCausalLM, config, seed)
 
 
 def resolve_model_dir(cfg: ModelConfig) -> str:
@@ -114,9 +117,7 @@ def resolve_model_dir(cfg: ModelConfig) -> str:
     if name == TINY:
         return TINY
     if name.startswith(RANDOM):
-        if name[len(RANDOM):] not in ARCHITECTURES:
-            raise ConfigError(f"model.name_or_path={name!r}: unknown architecture; known: "
-                              f"{[RANDOM + a for a in sorted(ARCHITECTURES)]}")
+        _check_architecture(name[len(RANDOM):])
         return name
     if name == SMOLLM2:
         gguf = _smollm2_gguf()
