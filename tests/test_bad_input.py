@@ -82,3 +82,24 @@ def test_a_different_config_does_not_overwrite_a_run(tmp_path):
                                                                         "lr": 0.5}}))
     res = u2a("run", "--config", write_config(tmp_path / "c.yaml", cfg))
     assert res.returncode == 2 and "holds a different run" in res.stderr
+
+
+def test_a_device_the_machine_lacks_is_named_before_any_rank_starts(tmp_path):
+    """`runtime.device: cuda` without CUDA devices: the key and the count in one line, exit 2,
+    no run directory; an unknown device is refused by the config's own validation."""
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        import pytest
+
+        pytest.skip("this machine has the GPUs the config asks for")
+    out = tmp_path / "run"
+    cfg = tiny_config(out, runtime={"device": "cuda"})
+    res = u2a("run", "--config", write_config(tmp_path / "c.yaml", cfg))
+    assert res.returncode == 2, res.stderr
+    assert "runtime.device: 'cuda' with runtime.world_size=2 needs 2 CUDA device(s)" in res.stderr
+    assert not out.exists()
+    cfg = tiny_config(out, runtime={"device": "tpu"})
+    res = u2a("run", "--config", write_config(tmp_path / "c.yaml", cfg))
+    assert res.returncode == 2 and "runtime.device" in res.stderr and "'tpu'" in res.stderr
+    assert not out.exists()

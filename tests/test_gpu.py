@@ -1,5 +1,6 @@
-"""GPU checks (marked ``gpu``; skipped without CUDA): the scaling benchmark's GPU path - the
-DeepSpeed engine on CUDA with nccl - computes what the same loop computes on the CPU."""
+"""GPU checks (marked ``gpu``; skipped without CUDA): the product's Trainer with
+``runtime.device: cuda`` trains what it trains on the CPU, and the scaling benchmark's GPU path
+- the DeepSpeed engine on CUDA with nccl - computes what the same loop computes on the CPU."""
 
 from __future__ import annotations
 
@@ -36,3 +37,72 @@ def test_gpu_path_matches_the_cpu_loop(tmp_path):
         assert gpu["selector"]["lanczos"][key] == pytest.approx(
             cpu["selector"]["lanczos"][key], rel=0.05, abs=1e-3)
     assert gpu["arch"] == cpu["arch"]
+
+
+def _recipe_run(tmp_path, device: str, stage: int) -> tuple[list[dict], list[dict]]:
+    """The whole product path on one rank (`u2a run`, local launcher): the recipe's inner loss
+    (NPO + mismatch + retain KL on θ0's own answers + prox), a U2A selection round with the
+    Neumann iHVP and directional scores, PA and generation metrics every 2 steps."""
+    import yaml
+
+    from tests.conftest import tiny_config
+    from u2a_dist.cli import main
+
+    run = tmp_path / f"{device}-z{stage}"
+    cfg = tiny_config(
+        run,
+        data={"forget": {"path": "builtin:harmful", "schema": "completions", "split": "train",
+                         "limit": 12},
+              "retain": {"path": "builtin:harmless", "schema": "prompts", "split": "train",
+                         "limit": 4},
+              "mismatch": {"path": "builtin:refusal_templates", "schema": "completions"}},
+        unlearn={"loss": "npo", "steps": 4, "batch_size": 4, "retain_kl_weight": 1.0,
+                 "mismatch_weight": 0.5},
+        selector={"enabled": True, "top_k": 8, "rounds": 1, "steps_per_round": 2,
+                  "hessian_batch": 8, "neumann_terms": 3, "power_iters": 3,
+                  "outer_sample": 8},
+        runtime={"world_size": 1, "zero_stage": stage, "device": device,
+                 "checkpoint_every": 0},
+        eval={"every": 2, "target": None, "batch_size": 4, "max_new_tokens": 6,
+              "harmful_prompts": {"path": "builtin:harmful", "schema": "prompts",
+                                  "split": "eval", "limit": 4},
+              "harmless_prompts": {"path": "builtin:harmless", "schema": "prompts",
+                                   "split": "eval", "limit": 4}})
+    path = tmp_path / f"{device}-z{stage}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path), "--launcher", "local"]) == 0
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    scores = [json.loads(x) for x in (run / "scores.jsonl").read_text().splitlines()]
+    return metrics, scores
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_trainer_on_cuda_matches_the_trainer_on_the_cpu(tmp_path, stage):
+    """`runtime.device: cuda` trains the same run as `cpu`: per-step losses, the selector's
+    spectrum and scores, and the evaluation metrics agree to float rounding (fp32; the GPU's
+    reductions differ in order only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu_m, gpu_s = _recipe_run(tmp_path, "cuda", stage)
+    cpu_m, cpu_s = _recipe_run(tmp_path, "cpu", stage)
+    assert [m.get("step") for m in gpu_m] == [m.get("step") for m in cpu_m]
+    keys = ("loss", "loss/unlearn", "loss/retain_kl", "loss/prox", "selector/J",
+            "selector/lambda_max", "pa/margin", "eval/retain_ppl")
+    compared = 0
+    for g, c in zip(gpu_m, cpu_m):
+        for key in keys:
+            if key in c:
+                assert g[key] == pytest.approx(c[key], rel=2e-3, abs=1e-4), (g["step"], key)
+                compared += 1
+    assert compared >= 12
+    assert [s["index"] for s in gpu_s] == [s["index"] for s in cpu_s]
+    tol = 0.02 * max(abs(s["score"]) for s in cpu_s)
+    for g, c in zip(gpu_s, cpu_s):
+        assert g["score"] == pytest.approx(c["score"], abs=tol)
+    # the same support and weights, unless the k-th and (k+1)-th scores tie within rounding
+    first = sorted((s["score"] for s in cpu_s if s["round"] == 0), reverse=True)
+    if first[7] - first[8] > 2 * tol:
+        assert [g["weight"] for g in gpu_s] == pytest.approx([c["weight"] for c in cpu_s],
+                                                             abs=1e-6)

@@ -28,6 +28,10 @@ def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
     from u2a_dist.job import load_summary, preflight
     from u2a_dist.rundir import RunDir
 
+    if launcher == "local":  # the ranks run here: their devices can be checked here
+        from u2a_dist.device import check_local_launch
+
+        check_local_launch(cfg.runtime.device, cfg.runtime.world_size)
     preflight(cfg)  # every error surfaces before the run directory is touched
     run_dir = RunDir(cfg.out)
     resuming = run_dir.prepare(cfg, overwrite=overwrite)

@@ -145,6 +145,9 @@ class RuntimeConfig:
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster address; None = the one `ray job submit` gave, else embedded."})
     timeout_s: int = field(default=600, metadata={"help": "Collective timeout (hang detector)."})
+    device: str = field(default="auto", metadata={
+        "help": "auto | cpu | cuda: auto trains each rank on its GPU (LOCAL_RANK) when CUDA is "
+                "available, else on the CPU; cuda fails without one; cpu ignores GPUs."})
 
 
 @dataclass
@@ -203,6 +206,7 @@ class RunConfig:
         _choice("runtime.launcher", self.runtime.launcher, ("local", "ray", "deepspeed"))
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
         _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))
+        _choice("runtime.device", self.runtime.device, ("auto", "cpu", "cuda"))
         for key in ("unlearn.lr", "unlearn.npo_beta", "selector.dpo_beta", "selector.eta"):
             _positive(key, _get(self, key))
         for key in ("unlearn.steps", "unlearn.batch_size", "runtime.world_size",

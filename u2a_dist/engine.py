@@ -26,13 +26,24 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
-    """Join the process group from RANK/WORLD_SIZE/MASTER_ADDR/PORT (gloo on CPU)."""
-    import deepspeed
+def init_distributed(timeout_s: int = 600, device: str = "auto") -> tuple[int, int]:
+    """Join the process group from RANK/WORLD_SIZE/MASTER_ADDR/PORT: NCCL on the rank's GPU
+    (``runtime.device`` resolving to CUDA, :func:`u2a_dist.device.resolve_device`), else gloo on
+    the CPU."""
     import torch.distributed as dist
 
+    from u2a_dist.device import resolve_device
+
+    target = resolve_device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)  # before NCCL: one GPU per rank, not all on GPU 0
+    elif torch.cuda.is_available():
+        # runtime.device=cpu where a GPU is visible: DeepSpeed would place the engine on it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if target.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -109,6 +120,11 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    @property
+    def device(self) -> torch.device:
+        """Where the forward pass takes its inputs (the rank's GPU, or the CPU)."""
+        return torch.device(self.ds.device)
+
     def forward(self, **batch: torch.Tensor):
         return self.ds(**batch)
 
@@ -152,8 +168,8 @@ class Engine:
             out = []
             for p in self.params:
                 g = safe_get_local_grad(p)
-                out.append(torch.zeros(p.ds_tensor.numel()) if g is None
-                           else g.detach().float().reshape(-1).clone())
+                out.append(torch.zeros(p.ds_tensor.numel(), device=p.ds_tensor.device)
+                           if g is None else g.detach().float().reshape(-1).clone())
             return out
         from deepspeed.utils import safe_get_full_grad
 
@@ -227,7 +243,11 @@ class Engine:
         for name, p in self.ds.module.named_parameters():
             part = p.ds_tensor.detach().contiguous()
             if world > 1:
-                flat = torch.empty(part.numel() * world, dtype=part.dtype)
+                # on the collective's device (NCCL: the GPU; gloo: the CPU, also under offload)
+                from u2a_dist.device import comm_device
+
+                part = part.to(comm_device())
+                flat = torch.empty(part.numel() * world, dtype=part.dtype, device=part.device)
                 dist.all_gather_into_tensor(flat, part)
             else:
                 flat = part

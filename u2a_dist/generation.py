@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from u2a_dist.data.examples import Prompt
 from u2a_dist.data.tokenize import IGNORE, collate_prompts, encode_prompt
+from u2a_dist.device import model_device, to_device
 from u2a_dist.passes import padded_shares, world
 
 
@@ -54,17 +55,18 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     texts: list[str] = []
     tokens: list[list[int]] = []
     synced = size > 1 and is_partitioned(model)
+    device = model_device(model)
     try:
         for start in range(0, len(mine), batch_size):
             idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
-            batch = collate_prompts([prompt_ids[i] for i in idx], pad_id)
+            batch = to_device(collate_prompts([prompt_ids[i] for i in idx], pad_id), device)
             out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                                  use_cache=True, synced_gpus=synced,
                                  temperature=None, top_p=None, top_k=None)
             new = out[:, batch["input_ids"].shape[1]:]
             texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-            tokens.extend(_until_eos(row.tolist(), tokenizer.eos_token_id) for row in new)
+            tokens.extend(_until_eos(row.tolist(), tokenizer.eos_token_id) for row in new.cpu())
     finally:
         model.train(was_training)
     keep = [j for j, i in enumerate(mine) if i >= 0]

@@ -52,7 +52,7 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
     from u2a_dist.engine import init_distributed
     from u2a_dist.trainer import Trainer
 
-    rank, world_size = init_distributed(cfg.runtime.timeout_s)
+    rank, world_size = init_distributed(cfg.runtime.timeout_s, cfg.runtime.device)
     try:
         trainer = Trainer(cfg, run_dir, rank, world_size)
         if job_mode(run_dir) == "select":

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from u2a_dist.data.tokenize import collate
+from u2a_dist.device import comm_device, model_device, to_device
 from u2a_dist.losses import sequence_logps
 
 
@@ -42,9 +43,11 @@ def all_gather_rows(local: torch.Tensor) -> list[torch.Tensor]:
     rank, size = world()
     if size == 1:
         return [local]
+    home = local.device
+    local = local.to(comm_device()).contiguous()  # NCCL gathers CUDA tensors, gloo CPU ones
     out = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(out, local.contiguous())
-    return out
+    dist.all_gather(out, local)
+    return [t.to(home) for t in out]
 
 
 @torch.no_grad()
@@ -57,6 +60,7 @@ def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
     passes over 263 negatives grew a rank to 11.7 GB and the OOM killer stopped it).
     """
     rank, size = world()
+    device = model_device(model)
     n = len(items)
     shares = padded_shares(n, size, batch_size)
     mine = shares[rank]
@@ -64,10 +68,10 @@ def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
     values = torch.zeros(len(mine), 2, dtype=torch.float64)
     for start in range(0, len(mine), batch_size):
         idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
-        batch = collate([items[i] for i in idx], pad_id)
+        batch = to_device(collate([items[i] for i in idx], pad_id), device)
         logp, ntok = sequence_logps(model, batch)
-        values[start:start + len(idx), 0] = logp.double()
-        values[start:start + len(idx), 1] = ntok.double()
+        values[start:start + len(idx), 0] = logp.double().cpu()
+        values[start:start + len(idx), 1] = ntok.double().cpu()
     gathered = all_gather_rows(values)
     out = torch.zeros(n, 2, dtype=torch.float64)
     for r, share in enumerate(shares):

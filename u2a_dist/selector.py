@@ -225,7 +225,8 @@ class TrainerProblem:
 
     def zeros(self) -> ShardedVector:
         engine = self.t.engine
-        parts = [torch.zeros(t.shape, dtype=torch.float32) for t in engine.local_parts()]
+        parts = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                 for t in engine.local_parts()]
         valid = None
         if engine.stage == 3:
             rank = self.t.rank
@@ -235,7 +236,8 @@ class TrainerProblem:
 
     def _as_vector(self, grads: list[torch.Tensor]) -> ShardedVector:
         like = self.zeros()
-        return ShardedVector([g.reshape(q.shape).float() for g, q in zip(grads, like.parts)],
+        return ShardedVector([g.reshape(q.shape).float().to(q.device)
+                              for g, q in zip(grads, like.parts)],
                              group=like.group, valid_numel=like.valid_numel)
 
     # ---- gradients
@@ -263,6 +265,7 @@ class TrainerProblem:
 
     def outer_grad(self) -> tuple[ShardedVector, float]:
         from u2a_dist.data.tokenize import collate
+        from u2a_dist.device import to_device
         from u2a_dist.losses import dpo_loss, sequence_logps
 
         t, pairs = self.t, self.t.pa
@@ -276,12 +279,14 @@ class TrainerProblem:
         def closure_for(chunk: list[int]):
             def closure() -> torch.Tensor:
                 real = [sample[i] if i >= 0 else sample[0] for i in chunk]
-                mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk])
-                batch = collate([pairs.chosen[i] for i in real]
-                                + [pairs.rejected[i] for i in real], t.pad_id)
+                mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk], device=t.device)
+                batch = to_device(collate([pairs.chosen[i] for i in real]
+                                          + [pairs.rejected[i] for i in real], t.pad_id),
+                                  t.device)
                 logp, _ = sequence_logps(t.engine.ds, batch)
                 lc, lr = logp[:len(real)], logp[len(real):]
-                loss, _, _ = dpo_loss(lc, lr, ref_c[real].float(), ref_r[real].float(), beta)
+                loss, _, _ = dpo_loss(lc, lr, ref_c[real].float().to(t.device),
+                                      ref_r[real].float().to(t.device), beta)
                 total[0] += float((loss.detach() * mask).sum())
                 # DeepSpeed averages gradients over ranks: scale by W so the sum is ∇J.
                 return world * (loss * mask).sum() / n
@@ -323,9 +328,9 @@ class TrainerProblem:
         def closure_for(chunk: list[int]):
             def closure() -> torch.Tensor:
                 real = [idx[i] if i >= 0 else idx[0] for i in chunk]
-                mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk])
+                mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk], device=t.device)
                 total = t.per_example_inner(t.engine.ds, real)[0]
-                w = t.weights[real].float() * mask
+                w = t.weights[real].float().to(t.device) * mask
                 return world * scale * (w * total).sum()
             return closure
 

@@ -29,6 +29,7 @@ from u2a_dist.config import RunConfig, spec_paths
 from u2a_dist.data.examples import Completion, load_completions, load_pairs
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import collate, encode, shard
+from u2a_dist.device import comm_device, to_device
 from u2a_dist.engine import Engine
 from u2a_dist.evaluate import (
     EncodedPairs,
@@ -61,7 +62,8 @@ def seed_everything(seed: int) -> None:
 
 
 def all_reduce_sum(value: float | torch.Tensor) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    """Σ over ranks of a scalar (on the backend's device: NCCL reduces CUDA tensors only)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return float(t)
@@ -143,6 +145,7 @@ class Trainer:
 
         model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
         self.engine = Engine(cfg, model, self.world_size)
+        self.device = self.engine.device  # batches go here; data and caches stay on the CPU
         # θ0 = the starting model = the frozen reference (DESIGN §2); fp32 local partitions.
         self.theta0 = [t.detach().float().clone() for t in self.engine.local_parts()]
         self._eval_copy: torch.nn.Module | None = None
@@ -151,7 +154,7 @@ class Trainer:
         self.reference: torch.nn.Module | None = None
         if cfg.data.retain is not None:
             self.reference = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
-            self.reference.eval().requires_grad_(False)
+            self.reference.eval().requires_grad_(False).to(self.device)
         self.setup_time = 0.0
         self.retain = self._load_retain()
         self.ref_cache = self._reference_logps()
@@ -274,19 +277,20 @@ class Trainer:
             groups.append([self.forget.mismatch[i] for i in idx])
         if retain_idx:
             groups.append([self.retain[i] for i in retain_idx])
-        batch = collate([x for g in groups for x in g], self.pad_id)
+        batch = to_device(collate([x for g in groups for x in g], self.pad_id), self.device)
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
         n = len(idx)
         logp, ntok = token_logps(logits[:n], labels[:n])
-        ref = self.ref_cache["forget"][idx].float() if "forget" in self.ref_cache else None
+        ref = self.ref_cache["forget"][idx].float().to(self.device) \
+            if "forget" in self.ref_cache else None
         loss = unlearn_loss(self.cfg.unlearn.loss, logp, ntok, ref, self.cfg.unlearn.npo_beta)
         total = self.cfg.unlearn.forget_weight * loss
         if mismatch:
             m_logp, m_ntok = token_logps(logits[n:2 * n], labels[n:2 * n])
             total = total + self.cfg.unlearn.mismatch_weight * (-m_logp / m_ntok.clamp(min=1))
-        kl_sum, count = torch.zeros(()), 0.0
+        kl_sum, count = torch.zeros((), device=self.device), 0.0
         if retain_idx:
             r0 = n * len(groups[:-1])
             kl_sum, count = self._retain_kl(logits[r0:], batch, r0)
@@ -294,7 +298,7 @@ class Trainer:
 
     def retain_kl_term(self, local_idx: list[int]) -> tuple[torch.Tensor, float]:
         """The retain KL of retain examples ``local_idx`` alone (its own forward pass)."""
-        batch = collate([self.retain[i] for i in local_idx], self.pad_id)
+        batch = to_device(collate([self.retain[i] for i in local_idx], self.pad_id), self.device)
         logits = self.engine.forward(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).logits
         return self._retain_kl(logits, batch, 0)
@@ -329,7 +333,7 @@ class Trainer:
         local_idx = shard(batch_idx, self.rank, self.world_size)
         support_size = len(self.sampler.support)
         scale = support_size / cfg.unlearn.batch_size
-        w = self.weights[local_idx].float()
+        w = self.weights[local_idx].float().to(self.device)
         use_kl = cfg.unlearn.retain_kl_weight > 0 and self.retain_sampler is not None
         r_local = shard(self.retain_sampler.next_batch(), self.rank, self.world_size) \
             if use_kl else None
@@ -343,8 +347,8 @@ class Trainer:
             kl_value = all_reduce_sum(kl_sum.detach()) / max(count, 1.0)
             bad = bad | ~torch.isfinite(kl_sum.detach())
         if all_reduce_sum(float(bad)) > 0:
-            ids = [self.forget.ids[i] for i, ok in zip(local_idx, torch.isfinite(total.detach()))
-                   if not ok]
+            ids = [self.forget.ids[i] for i, ok in
+                   zip(local_idx, torch.isfinite(total.detach()).tolist()) if not ok]
             raise NonFiniteLossError(
                 f"step {self.step + 1}: non-finite unlearning loss"
                 + (f" (examples {ids})" if ids else " (on another rank or in the retain KL)")
@@ -415,7 +419,7 @@ class Trainer:
             return self.engine.module
         if self._eval_copy is None:
             self._eval_copy = load_model(self.cfg.model, self._resolved, seed=self.cfg.runtime.seed)
-            self._eval_copy.eval().requires_grad_(False)
+            self._eval_copy.eval().requires_grad_(False).to(self.device)
         self.engine.copy_params_into(self._eval_copy)
         return self._eval_copy
 

@@ -29,6 +29,7 @@ environment makes that rank, on the FIRST attempt only, leave its process with `
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -181,7 +182,8 @@ class RankActor:
         from u2a_dist.engine import init_distributed
         from u2a_dist.job import run_rank
 
-        init_distributed(cfg.runtime.timeout_s)  # run_rank joins too; this one marks the event
+        # run_rank joins too; this one marks the event
+        init_distributed(cfg.runtime.timeout_s, cfg.runtime.device)
         self._emit({"event": "joined"})
         mine = fault if fault is not None and fault[0] == self.rank else None
 
@@ -317,6 +319,7 @@ class _Group:
     pg: PlacementGroup
     actors: list[Any]
     infos: list[dict[str, Any]] = field(default_factory=list)
+    device: str = "cpu"  # what runtime.device resolved to: every rank on a GPU of its own, or CPU
 
 
 def _connect(cfg: RunConfig) -> tuple[bool, bool]:
@@ -360,7 +363,12 @@ def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: _Displa
     """Reserve W bundles, start one actor per rank and wire up the rendezvous."""
     world = cfg.runtime.world_size
     bundle: dict[str, float] = {"CPU": 1}
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= world
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.runtime.device == "cuda" and gpus < world:
+        raise RayJobFailure(f"runtime.device: 'cuda' needs {world} GPUs (one per rank); the "
+                            f"cluster has {gpus:g}")
+    # auto: one GPU per rank when the cluster has enough, else every rank on the CPU
+    use_gpu = cfg.runtime.device != "cpu" and gpus >= world
     if use_gpu:
         bundle["GPU"] = 1
     place_s = max(PLACE_TIMEOUT_S, cfg.runtime.timeout_s)
@@ -385,7 +393,7 @@ def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: _Displa
                 pg, placement_group_bundle_index=rank)).remote(
             rank, world, str(logs / f"rank{rank}.log"),
             f"===== u2a ray attempt {attempt}, rank {rank}, {stamp} ====="))
-    group = _Group(pg, actors)
+    group = _Group(pg, actors, device="cuda" if use_gpu else "cpu")
     try:
         start_s = max(START_TIMEOUT_S, cfg.runtime.timeout_s)
         group.infos = _get_all(actors, [a.info.remote() for a in actors], start_s)
@@ -485,6 +493,10 @@ def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
            fault: tuple[int, int, str] | None = None) -> dict[str, Any]:
     """Run the job on the group; return rank 0's summary or raise _GroupLost / RayJobFailure."""
     path = str(run_dir.path.resolve())
+    # The ranks get the driver's decision (runtime.device auto: GPUs only when each rank has
+    # one), not their own guess: a rank that sees a GPU Ray did not give it stays on the CPU.
+    cfg = copy.deepcopy(cfg)
+    cfg.runtime.device = group.device
     refs = {a.run.remote(cfg, path, fault): rank for rank, a in enumerate(group.actors)}
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}
