@@ -24,10 +24,11 @@ Time of an operation on one rank (every rank runs in lock-step, so this is the w
 
 Φc = parameters in matmuls (+ 2·T·d·L causal attention FLOPs per token forward); Φ_opt, Φ_vec
 the elements this rank updates / holds in a ShardedVector (Φ/W under ZeRO-3). A U2A round is
-``∇J over P pairs + (L Lanczos + K Neumann + 1 residual) HVPs × 2 gradient passes + 3 forward
-passes over N negatives + the Lanczos start``. Each device (``cpu``, ``gpu``) has its own
-constants: the time constants and the memory ones (M0, the process baseline; λ, activation
-factor; τ, library temporaries; ω3, ZeRO-3's unpartitioned buffers at W > 1) are fitted by
+``∇J over P pairs + (L Lanczos + K Neumann + 1 residual) HVPs × 2 gradient passes + 2 forward
+passes over N negatives (θ ± εv; 3 in measurements before 2026-11-28) + the Lanczos start``.
+Each device (``cpu``, ``gpu``) has its own constants: the time constants and the memory ones
+(M0, the process baseline; λ, activation factor; τ, library temporaries; ω3, ZeRO-3's
+unpartitioned buffers at W > 1) are fitted by
 non-negative least squares on relative errors, memory on each rank's peak phase, with a weak
 pull toward priors so that constants the measurements do not determine (e.g. a GPU's
 collective latency at W = 1) stay at plausible values instead of drifting. Engine bytes per
@@ -228,16 +229,23 @@ def forward_work(tokens: float, batches: int, seq_len: float) -> Work:
     return Work(fwd_batches=batches, fwd_tokens=tokens, small_calls=1, seq_len=seq_len)
 
 
-def scores_work(score_fwd: Work) -> Work:
-    """Directional scores of N negatives: 3 forward passes over them (ℓ_i at θ, f_i(θ+εv),
-    f_i(θ−εv)) and the vector work of an FD-HVP (save θ, perturb by ±εv, restore)."""
-    return 3 * score_fwd + Work(hvps=1)
+#: Forward passes over N of the directional scores: f_i(θ+εv) and f_i(θ−εv) (ℓ_i at θ is
+#: their midpoint). Measurements before 2026-11-28 made a third pass at θ: scaling.json
+#: records each sweep's count (``forward_passes``; 3 where absent).
+SCORE_PASSES = 2
 
 
-def round_work(outer: Work, hvp: Work, hvps: float, score_fwd: Work) -> Work:
+def scores_work(score_fwd: Work, passes: float = SCORE_PASSES) -> Work:
+    """Directional scores of N negatives: ``passes`` forward passes over them and the vector
+    work of an FD-HVP (save θ, perturb by ±εv, restore)."""
+    return passes * score_fwd + Work(hvps=1)
+
+
+def round_work(outer: Work, hvp: Work, hvps: float, score_fwd: Work,
+               passes: float = SCORE_PASSES) -> Work:
     """One U2A round: ∇J + hvps HVPs (Lanczos + Neumann + residual) + the directional scores,
     + the Lanczos start vector."""
-    return outer + hvps * hvp + scores_work(score_fwd) + Work(random_vectors=1)
+    return outer + hvps * hvp + scores_work(score_fwd, passes) + Work(random_vectors=1)
 
 
 # =============================================================================================
@@ -560,12 +568,14 @@ def config_works(c: dict[str, Any]) -> dict[str, Work]:
             if row["hvps"]:
                 works[f"neumann_k{row['k']}_s"] = row["hvps"] * hvp
         for row in sel["scores_vs_n"]:
-            per = forward_work(row["padded_tokens"] / 3, row["micro_batches"] / 3, seq)
-            works[f"scores_n{row['n']}_s"] = scores_work(per)
+            k = row.get("forward_passes", 3)
+            per = forward_work(row["padded_tokens"] / k, row["micro_batches"] / k, seq)
+            works[f"scores_n{row['n']}_s"] = scores_work(per, k)
         r = sel["round"]
         if "score_padded_tokens" in r:
-            fwd = forward_work(r["score_padded_tokens"] / 3, r["score_micro_batches"] / 3, seq)
-            works["round_s"] = round_work(outer, hvp, r["hvps"] or 0, fwd)
+            k = r.get("score_forward_passes", 3)
+            fwd = forward_work(r["score_padded_tokens"] / k, r["score_micro_batches"] / k, seq)
+            works["round_s"] = round_work(outer, hvp, r["hvps"] or 0, fwd, k)
     return works
 
 

@@ -20,7 +20,7 @@ J = DPO on the refusal pairs) and measure, one phase after the other:
 - ``forward``: one no-grad pass of the per-example losses over ``--fwd-n`` negatives;
 - ``selector`` (stages in ``--selector-stages``): ∇J over the P pairs, the Lanczos spectrum
   estimate (L HVPs), the Neumann series for every K in ``--k`` (K−1 HVPs each), directional
-  scores for every N in ``--n`` (3 forward passes over N), and one whole round
+  scores for every N in ``--n`` (2 forward passes over N; 3 before 2026-11-28), and one whole round
   (``selector.hypergradients``) with ``--round-k`` terms over ``--round-n`` negatives;
 - memory: each rank's resident-set high-water mark per phase (``VmHWM`` of /proc, reset between
   phases after ``malloc_trim``; ``peak_rss_bytes`` is the highest of them, model loading
@@ -858,7 +858,7 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
         neumann_ihvp,
         resolve_damping_and_alpha,
     )
-    from u2a_dist.selector import directional_scores, hypergradients
+    from u2a_dist.selector import SCORE_FORWARD_PASSES, directional_scores, hypergradients
 
     problem, cfg = wl.problem, wl.cfg
     lam = problem.analytic_curvature()
@@ -907,11 +907,14 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
         if n > len(wl.items):
             continue
         idx = list(range(n))
+        counter = ForwardCounter(getattr(wl.engine, "module", None))
         _, dt, all_s, comm = phases.repeat(lambda idx=idx: directional_scores(
             problem, v, idx, cfg.selector.fd_eps), reps)
         real, padded, batches = wl.forward_tokens(idx)
-        ns.append({"n": n, "seconds": dt, "min_s": min(all_s), "forward_passes": 3,
-                   "tokens": 3 * real, "padded_tokens": 3 * padded, "micro_batches": 3 * batches,
+        k = SCORE_FORWARD_PASSES
+        ns.append({"n": n, "seconds": dt, "min_s": min(all_s), "forward_passes": k,
+                   "tokens": k * real, "padded_tokens": k * padded, "micro_batches": k * batches,
+                   "counted": counter.close(max(1, reps)),
                    "comm_wire_bytes": comm["wire_bytes"], "comm_calls": comm["calls"]})
     out["scores_vs_n"] = ns
 
@@ -923,8 +926,10 @@ def _selector_phases(spec: dict[str, Any], wl: Any, phases: _Phases) -> dict[str
     st = hg.stats
     real, padded, batches = wl.forward_tokens(list(range(n_round)))
     out["round"] = {"seconds": dt, "min_s": min(all_s), "n": n_round, "k": spec["round_k"],
-                    "score_tokens": 3 * real, "score_padded_tokens": 3 * padded,
-                    "score_micro_batches": 3 * batches,
+                    "score_forward_passes": SCORE_FORWARD_PASSES,
+                    "score_tokens": SCORE_FORWARD_PASSES * real,
+                    "score_padded_tokens": SCORE_FORWARD_PASSES * padded,
+                    "score_micro_batches": SCORE_FORWARD_PASSES * batches,
                     "lanczos_iters": spec["lanczos"], "pairs": pairs,
                     "hvps": st.get("selector/hvps"), "ihvp_s": st.get("timing/ihvp_s"),
                     "score_s": st.get("timing/score_s"),
@@ -1066,6 +1071,8 @@ def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
                     row[stat] = max(r["selector"][sweep][i][stat] for r in ranks)
         sel["outer_grad"]["counted"] = _counted_global([r["selector"]["outer_grad"]
                                                          for r in ranks])
+        for i, row in enumerate(sel["scores_vs_n"]):
+            row["counted"] = _counted_global([r["selector"]["scores_vs_n"][i] for r in ranks])
         out["selector"] = sel
     out["settings"] = {k: spec[k] for k in ("steps", "repeats", "batch_size", "hessian_batch",
                                             "eval_batch_size", "max_length", "data", "pa_pairs",
@@ -1168,13 +1175,16 @@ def markdown(record: dict[str, Any]) -> str:
                   "2 plus that vector work is the expectation."]
     sel = [c for c in record["configs"] if c.get("ok") and "selector" in c]
     if sel:
-        lines += ["", "## Selector: time against N (directional scores: 3 forward passes over N)",
-                  "", "| model | stage | W | " + " | ".join(
+        lines += ["", "## Selector: time against N (directional scores; passes: forward passes "
+                  "over N, 3 in runs before 2026-11-28, then 2)",
+                  "", "| model | stage | W | passes | " + " | ".join(
                       f"N={r['n']}" for r in sel[0]["selector"]["scores_vs_n"]) + " |",
-                  "|---|---|---|" + "---|" * len(sel[0]["selector"]["scores_vs_n"])]
+                  "|---|---|---|---|" + "---|" * len(sel[0]["selector"]["scores_vs_n"])]
         for c in sel:
-            lines.append(f"| {c['model']} | {c['stage']} | {c['world']} | " + " | ".join(
-                f"{r['seconds']:.3f} s" for r in c["selector"]["scores_vs_n"]) + " |")
+            rows = c["selector"]["scores_vs_n"]
+            passes = rows[0].get("forward_passes", 3) if rows else "-"
+            lines.append(f"| {c['model']} | {c['stage']} | {c['world']} | {passes} | "
+                         + " | ".join(f"{r['seconds']:.3f} s" for r in rows) + " |")
         lines += ["", "## Selector: time against K (Neumann terms; K−1 HVPs each)", "",
                   "| model | stage | W | " + " | ".join(
                       f"K={r['k']}" for r in sel[0]["selector"]["neumann_vs_k"]) + " |",
@@ -1184,7 +1194,7 @@ def markdown(record: dict[str, Any]) -> str:
                 f"{r['seconds']:.3f} s ({r['hvps']} HVPs)"
                 for r in c["selector"]["neumann_vs_k"]) + " |")
         lines += ["", "## One selector round (hypergradients: ∇J over P pairs, L Lanczos + K "
-                  "Neumann HVPs, 3 forward passes over N)", "",
+                  "Neumann HVPs, 2 forward passes over N, 3 before 2026-11-28)", "",
                   "| model | stage | W | P | L | K | N | HVPs | ∇J s | round s |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in sel:
@@ -1232,7 +1242,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         rows = cfg["selector"]["neumann_vs_k"]
         d.plot([r["k"] for r in rows], [r["seconds"] for r in rows], "o-", label=lab)
     c_ax.set(xscale="log", yscale="log", xlabel="negatives scored N", ylabel="seconds",
-             title="directional scores (3 forward passes over N)")
+             title="directional scores (forward passes over N: 3 before 2026-11-28, then 2)")
     d.set(xlabel="Neumann terms K", ylabel="seconds", yscale="log",
           title="Neumann series (K−1 HVPs)")
     for ax in (c_ax, d):

@@ -101,10 +101,12 @@ def selector_checks(cfg: dict, per_example: bool = True,
     ihvp, stats = solve_ihvp(problem, config.selector, grad_j)
     idx = list(range(len(trainer.forget)))
     directional, ell = directional_scores(problem, ihvp, idx)
+    ell_at_theta = problem.example_losses(idx)[1]  # a pass at θ itself, for the midpoint ℓ_i
     out: dict[str, Any] = {
         "v": full_v, "hv": _full_from_parts(hv.parts, params), "restored": restored,
         "theta0": trainer.engine.full_state_dict(), "items": trainer.forget.items,
         "pad_id": trainer.pad_id, "directional": directional, "ell": ell, "stats": stats,
+        "ell_at_theta": ell_at_theta,
         "local_numel": zeros.numel_local(), "full_numel": sum(p.ds_numel for p in params),
         "state_bytes": NEUMANN_STATE_VECTORS * zeros.nbytes_local(), "j": j_value,
         "param_names": [n for n, p in trainer.engine.module.named_parameters()],

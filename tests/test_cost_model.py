@@ -141,9 +141,10 @@ def test_round_time_is_the_sum_of_its_parts():
     hvp = cm.hvp_work(512, 1, 64)
     fwd = cm.forward_work(64 * 64, 2, 64)
     total = cm.predict_time(cm.round_work(outer, hvp, 9, fwd), setup, c)
-    # the scores: 3 forward passes and the vector work of perturbing θ; the Lanczos start
+    # the scores: 2 forward passes (θ ± εv) and the vector work of perturbing θ; the Lanczos
+    # start
     parts = (cm.predict_time(outer, setup, c) + 9 * cm.predict_time(hvp, setup, c)
-             + 3 * cm.predict_time(fwd, setup, c) + cm.predict_time(cm.Work(hvps=1), setup, c)
+             + 2 * cm.predict_time(fwd, setup, c) + cm.predict_time(cm.Work(hvps=1), setup, c)
              + cm.predict_time(cm.Work(random_vectors=1), setup, c))
     assert total == pytest.approx(parts)
     # an HVP is two gradient passes plus its vector work and two small collectives
@@ -310,9 +311,11 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
         # The token accounting the cost model reads is what the model really ran (forward
         # pre-hook counts). 16 pairs: ∇J takes unlearn.batch_size (8) pairs per pass, not
         # eval.batch_size (16) - the accounting once assumed 16 and halved the passes at W = 1.
-        for section in (c["forward"], sel["outer_grad"]):
+        for section in (c["forward"], sel["outer_grad"], *sel["scores_vs_n"]):
             assert section["counted"] == {"forward_calls": section["micro_batches"],
                                           "tokens": section["padded_tokens"]}, section
+        # directional scores: two passes over N (θ ± εv), none at θ itself
+        assert all(r["forward_passes"] == 2 for r in sel["scores_vs_n"])
     assert cpu[1]["selector"]["outer_grad"]["micro_batches"] == 2
     one, two = cpu[1]["memory"]["per_rank"], cpu[2]["memory"]["per_rank"]
     full = cpu[1]["arch"]["params"]

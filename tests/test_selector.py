@@ -76,6 +76,10 @@ def test_directional_scores_match_per_example_gradients(two_rank):
     assert float((d - p).norm() / p.norm()) <= 1e-2
     assert r["stats"]["selector/ihvp_residual"] < 0.5
     assert torch.equal(two_rank[0][1]["directional"], d)  # every rank holds the same scores
+    # ℓ_i at θ is the midpoint of the two perturbed passes: within the central difference's
+    # second-order term of a pass at θ itself
+    ell, exact = r["ell"], r["ell_at_theta"].double()
+    assert float((ell - exact).abs().max()) <= 1e-4 * float(exact.abs().max())
 
 
 def test_ihvp_state_per_rank_is_a_half_of_the_parameters(two_rank):
