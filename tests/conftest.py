@@ -45,7 +45,7 @@ def tiny_config(out: str | Path, **sections) -> dict:
         "unlearn": {"loss": "ga", "lr": 1e-3, "steps": 6, "batch_size": 4,
                     "prox_lambda": 0.1},
         "selector": {"enabled": False},
-        "runtime": {"world_size": 2, "checkpoint_every": 0},
+        "runtime": {"world_size": 2, "checkpoint_every": 0, "device": "cpu"},
         "eval": {"every": 3, "target": None, "batch_size": 8},
         "out": str(out),
     }

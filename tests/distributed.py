@@ -64,7 +64,7 @@ def _main() -> None:
     fn_path, kwargs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     from u2a_dist.engine import init_distributed
 
-    init_distributed(timeout_s=300)
+    init_distributed(timeout_s=300, device="cpu")  # CPU tests stay on the CPU on a GPU box too
     module, _, name = fn_path.partition(":")
     result = getattr(importlib.import_module(module), name)(**kwargs)
     torch.save(result, out)
