@@ -4,7 +4,8 @@
 #
 #     bash benchmarks/gpu_run.sh OUT_DIR [SHARED_DATA]
 #
-# 1. the `gpu` tests (the GPU path equals the same loop on the CPU);
+# 1. the `gpu` tests (the Trainer on CUDA equals the Trainer on the CPU; the scaling loop on
+#    CUDA equals the same loop on the CPU);
 # 2. benchmarks/scaling.py on the GPU, one configuration per call (each writes its own JSON, so
 #    a configuration that overruns its limit costs only itself): the SmolLM2-135M and
 #    SmolLM2-1.7B shapes with random weights (`random:` presets: no checkpoint to copy; time
@@ -30,7 +31,7 @@ export HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONUNBUFFERED=1
 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', t.__version__)"
 } > "$out/env.txt" 2>&1
 if [ "$devices" = gpu ]; then
-    timeout "${T_TESTS:-240}" $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+    timeout "${T_TESTS:-420}" $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
         > "$out/gpu_tests.log" 2>&1
     echo "gpu tests: exit $?" >> "$out/env.txt"
 fi
