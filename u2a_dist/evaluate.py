@@ -379,6 +379,7 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
     generation and log-prob passes are sharded). Writes ``eval.json`` and ``generations.jsonl``
     to ``out_dir`` (default ``cfg.out``) on rank 0; returns the eval.json object.
     """
+    from u2a_dist.device import comm_device, resolve_device
     from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
 
     t_start = time.perf_counter()
@@ -387,10 +388,13 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
     model_dir, ref_dir = resolve_model_dir(model_cfg), resolve_model_dir(cfg.model)
     same = _same_model(model_dir, ref_dir)
     tokenizer = load_tokenizer(model_cfg, model_dir)
-    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed).eval()
-    reference = model if same else load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval()
+    # runtime.device on one process; inside a process group, the group's device (NCCL: GPU)
+    device = comm_device() if dist.is_initialized() else resolve_device(cfg.runtime.device)
+    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed).eval().to(device)
+    reference = model if same else \
+        load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval().to(device)
     result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
-                              "reference_is_model": same,
+                              "reference_is_model": same, "device": str(device),
                               "timing/load_s": time.perf_counter() - t_start}
     bs, pad = cfg.eval.batch_size, tokenizer.pad_token_id
     if cfg.data.pa_eval is not None:
