@@ -525,7 +525,8 @@ def config_label(c: dict[str, Any]) -> str:
 
 
 def _device(c: dict[str, Any]) -> str:
-    return "gpu" if c["device"] == "gpu" else "cpu"  # cpu-loop: the GPU code path on a CPU
+    # cpu-loop: the GPU code path on a CPU; gpu-trainer: the Trainer on the GPU
+    return "gpu" if c["device"] in ("gpu", "gpu-trainer") else "cpu"
 
 
 def _setup(c: dict[str, Any]) -> Setup:

@@ -12,8 +12,9 @@
 #    and memory do not depend on the weights' values), then the tiny model, offload last;
 # 3. OUT_DIR/scaling_gpu.json: all of them merged. Merge it with the CPU results:
 #    python benchmarks/scaling.py --merge CPU.json,OUT_DIR/scaling_gpu.json
-# CONFIGS="model:stage ..." picks the configurations; DEVICES=cpu-loop runs the same GPU code
-# path on the CPU (to check this script without a GPU). Measured on one H200 (2026-11-28):
+# CONFIGS="model:stage ..." picks the configurations; DEVICES=gpu-trainer measures the
+# product's Trainer on CUDA instead of the plain loop; DEVICES=cpu-loop runs the loop on the CPU
+# (to check this script without a GPU). Measured on one H200 (2026-11-28):
 # 135M stages 0/2/3 took 24/28/78 s each, 1.7B stage 3 143 s, tiny 19-30 s; offload
 # (3off) did not finish within 20 s.
 set -u

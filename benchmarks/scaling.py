@@ -680,7 +680,7 @@ class _Phases:
         import torch
         import torch.distributed as dist
 
-        if self.device == "gpu":
+        if _on_gpu(self.device):
             torch.cuda.synchronize()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
@@ -691,7 +691,7 @@ class _Phases:
         snap = self.counter.snapshot()
         c0, t0 = time.process_time(), time.perf_counter()
         result = fn()
-        if self.device == "gpu":
+        if _on_gpu(self.device):
             import torch
 
             torch.cuda.synchronize()
@@ -713,7 +713,7 @@ class _Phases:
         (what the caching allocator took from the device) bytes."""
         hwm, rss = read_hwm_rss()
         out = {"hwm_bytes": hwm, "rss_bytes": rss, "ru_maxrss_bytes": peak_rss_bytes()}
-        if self.device == "gpu":
+        if _on_gpu(self.device):
             import torch
 
             out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -722,6 +722,14 @@ class _Phases:
         malloc_trim()
         reset_hwm()
         return out
+
+
+#: Devices whose phases run on the product's Trainer (the others on DeviceWorkload's loop).
+TRAINER_DEVICES = ("cpu", "gpu-trainer")
+
+
+def _on_gpu(device: str) -> bool:
+    return device in ("gpu", "gpu-trainer")
 
 
 def _rank_config(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -745,7 +753,8 @@ def _rank_config(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
                      "power_iters": spec["lanczos"], "neumann_terms": spec["round_k"],
                      "neumann_tol": 0.0},
         "runtime": {"world_size": spec["world"], "zero_stage": stage, "ds_config": ds_config,
-                    "checkpoint_every": 0, "seed": 0},
+                    "checkpoint_every": 0, "seed": 0,
+                    "device": "cuda" if _on_gpu(spec["device"]) else "cpu"},
         "eval": {"every": 0, "target": None, "batch_size": spec["eval_batch_size"]},
         "out": str(Path(out_dir) / "run"),
     }
@@ -761,7 +770,7 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
 
-    if spec["device"] == "gpu":
+    if _on_gpu(spec["device"]):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from u2a_dist.config import config_from_dict
     from u2a_dist.engine import init_distributed
@@ -773,7 +782,7 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     cfg = config_from_dict(_rank_config(spec, str(Path(out_path).parent)))
 
     t0 = time.perf_counter()
-    workload_cls = TrainerWorkload if spec["device"] == "cpu" else DeviceWorkload
+    workload_cls = TrainerWorkload if spec["device"] in TRAINER_DEVICES else DeviceWorkload
     wl = workload_cls(cfg, "cpu" if spec["device"] == "cpu-loop" else spec["device"])
     rec["setup_s"] = time.perf_counter() - t0
     rec["arch"] = _arch(wl.engine.module)
@@ -842,7 +851,7 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     # peak is the highest phase mark.
     rec["peak_rss_bytes"] = max(m["hwm_bytes"] for m in rec["memory"].values())
     rec["ru_maxrss_at_setup_bytes"] = rec["memory"]["setup"]["ru_maxrss_bytes"]
-    if spec["device"] == "gpu":
+    if _on_gpu(spec["device"]):
         rec["peak_cuda_bytes"] = max(m["cuda_peak_bytes"] for m in rec["memory"].values())
     Path(out_path).write_text(json.dumps(rec, indent=1, default=float) + "\n")
     return rec
@@ -966,7 +975,7 @@ def run_config(spec: dict[str, Any], timeout: int, keep_logs: Path | None = None
         env = rank_env(rank, world, store.port)
         if spec.get("threads"):
             env["OMP_NUM_THREADS"] = str(spec["threads"])
-        if spec["device"] != "gpu":
+        if not _on_gpu(spec["device"]):
             # CPU ranks must not see a GPU: init_distributed would pick nccl and DeepSpeed cuda.
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["DS_ACCELERATOR"] = "cpu"
@@ -1269,8 +1278,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stages", default="0,2,3,3off", help=f"comma list of {sorted(STAGES)}")
     ap.add_argument("--world", default="1,2", help="world sizes (rank processes)")
     ap.add_argument("--devices", default="cpu,gpu",
-                    help="cpu (the Trainer, gloo), gpu (CUDA; skipped without it), cpu-loop "
-                         "(the gpu path's plain loop on the CPU, to check it without a GPU)")
+                    help="cpu (the Trainer, gloo), gpu (a plain loop on the engine, CUDA; "
+                         "skipped without it), gpu-trainer (the Trainer on CUDA, "
+                         "runtime.device=cuda), cpu-loop (the gpu loop on the CPU, to check it "
+                         "without a GPU)")
     ap.add_argument("--steps", type=int, default=3, help="timed optimiser steps (after 1 warm-up)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed gradient passes, HVPs and forward passes (median reported)")
@@ -1351,7 +1362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "sweep_repeats": args.sweep_repeats, "shared_data": str(shared),
                             "threads": args.threads}
                     name = f"{model} stage {stage} W={world} {device}"
-                    if device == "gpu" and world > gpus:
+                    if _on_gpu(device) and world > gpus:
                         why = ("no CUDA device" if gpus == 0
                                else f"{world} ranks need {world} GPUs; {gpus} here")
                         print(f"[scaling] {name}: skipped ({why})", flush=True)
