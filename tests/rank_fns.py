@@ -177,3 +177,9 @@ def budget_report(cfg: dict) -> dict[str, Any]:
     trainer = Trainer(config_from_dict(cfg), None)
     result = run_u2a(trainer) if trainer.cfg.selector.enabled else trainer.train()
     return {"result": result, "step": trainer.step, "train_time": trainer.train_time}
+
+
+def step_metrics(cfg: dict, steps: int) -> list[dict[str, Any]]:
+    """The metrics of `steps` training steps (no run directory)."""
+    trainer = Trainer(config_from_dict(cfg), None)
+    return [trainer.train_step() for _ in range(steps)]

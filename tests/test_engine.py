@@ -70,3 +70,20 @@ def test_export_loads_with_from_pretrained_and_matches(tmp_path):
     init = build_tiny_model(0).eval()
     with torch.no_grad():
         assert not torch.allclose(init(input_ids=ids).logits, logits, atol=1e-4)
+
+
+def test_grad_norm_is_logged_at_stage_0_as_deepspeed_logs_it_at_stage_3(tmp_path):
+    """DeepSpeed keeps no global gradient norm at stage 0 (the metric was NaN there, which reads
+    like a divergence): the engine computes it, and it equals what DeepSpeed's ZeRO-3 reports
+    for the same steps (SGD: the same trajectory on both stages), before clipping."""
+    sgd = {"optimizer": "sgd", "lr": 0.5, "grad_clip": 1.0}
+    norms = {}
+    for stage in (0, 3):
+        ranks = run_ranks(2, "tests.rank_fns:step_metrics", {
+            "cfg": tiny_config(tmp_path / f"z{stage}", unlearn=sgd,
+                               runtime={"zero_stage": stage}), "steps": 3})
+        assert [m["grad_norm"] for m in ranks[0]] == [m["grad_norm"] for m in ranks[1]]
+        norms[stage] = [m["grad_norm"] for m in ranks[0]]
+    assert all(n > 1.0 for n in norms[0]), norms  # above the clip: the norm before clipping
+    torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[3]), rtol=1e-4,
+                               atol=1e-6)

@@ -132,6 +132,13 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        if self.stage == 0:
+            # DeepSpeed keeps no global gradient norm at stage 0 (its fp32 clipping computes one
+            # and drops it); every rank holds the whole all-reduced gradient here, so its local
+            # norm is the global one: before clipping, as DeepSpeed reports it at stages 1-3.
+            grads = [p.grad.detach().float() for p in self.params if p.grad is not None]
+            self._stage0_grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         self.ds.step()
 
     def zero_grad(self) -> None:
@@ -144,7 +151,10 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
 
     def global_grad_norm(self) -> float:
+        """‖∇‖ of the last step over all ranks, before clipping (NaN before the first step)."""
         norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_stage0_grad_norm", None)
         return float(norm) if norm is not None else float("nan")
 
     # ------------------------------------------------------------------ partitions
