@@ -132,6 +132,10 @@ class SelectorConfig:
     steps_per_round: int = 25
 
 
+#: runtime.device values (u2a_dist.device resolves them per rank)
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class RuntimeConfig:
     launcher: str = field(default="local", metadata={"help": "local | ray | deepspeed"})
@@ -206,7 +210,7 @@ class RunConfig:
         _choice("runtime.launcher", self.runtime.launcher, ("local", "ray", "deepspeed"))
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
         _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))
-        _choice("runtime.device", self.runtime.device, ("auto", "cpu", "cuda"))
+        _choice("runtime.device", self.runtime.device, DEVICES)
         for key in ("unlearn.lr", "unlearn.npo_beta", "selector.dpo_beta", "selector.eta"):
             _positive(key, _get(self, key))
         for key in ("unlearn.steps", "unlearn.batch_size", "runtime.world_size",

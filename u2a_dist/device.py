@@ -16,19 +16,24 @@ from typing import Any
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from u2a_dist.config import DEVICES, ConfigError
 
 
-def resolve_device(kind: str = "auto", local_rank: int | None = None) -> torch.device:
-    """The device a rank computes on for ``runtime.device`` = ``kind``."""
-    from u2a_dist.config import ConfigError
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
+
+def resolve_device(kind: str = "auto", local_rank: int | None = None,
+                   ranks_here: int | None = None) -> torch.device:
+    """The device a rank computes on for ``runtime.device`` = ``kind``; ``local_rank`` and
+    ``ranks_here`` (the node's rank count) default to LOCAL_RANK and LOCAL_WORLD_SIZE."""
     if kind not in DEVICES:
         raise ConfigError(f"runtime.device must be one of {list(DEVICES)}, got {kind!r}")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = _gpu_count()
     # Every rank of a node decides alike: GPUs for all of them (NCCL wants one GPU per rank)
     # or the CPU for all of them (gloo), never a mix.
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ranks_here is None:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if kind == "cpu" or (kind == "auto" and count < max(1, ranks_here)):
         return torch.device("cpu")
     if count == 0:
@@ -46,22 +51,12 @@ def check_local_launch(kind: str, world_size: int) -> torch.device:
     """What every rank of a local launch of ``world_size`` ranks on this machine will resolve
     ``runtime.device`` to; a ConfigError naming the key, before any rank or run directory
     exists, when ``cuda`` asks for more GPUs than the machine has."""
-    from u2a_dist.config import ConfigError
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = _gpu_count()
     if kind == "cuda" and count < world_size:
         raise ConfigError(f"runtime.device: 'cuda' with runtime.world_size={world_size} needs "
                           f"{world_size} CUDA device(s), one per rank; this machine has {count}"
                           " (use 'auto' to fall back to the CPU)")
-    saved = os.environ.get("LOCAL_WORLD_SIZE")
-    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
-    try:
-        return resolve_device(kind, local_rank=0)
-    finally:
-        if saved is None:
-            del os.environ["LOCAL_WORLD_SIZE"]
-        else:
-            os.environ["LOCAL_WORLD_SIZE"] = saved
+    return resolve_device(kind, local_rank=0, ranks_here=world_size)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

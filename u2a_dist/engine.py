@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from u2a_dist.config import ConfigError, RunConfig
+from u2a_dist.device import comm_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> tuple[int, i
     (``runtime.device`` resolving to CUDA, :func:`u2a_dist.device.resolve_device`), else gloo on
     the CPU."""
     import torch.distributed as dist
-
-    from u2a_dist.device import resolve_device
 
     target = resolve_device(device)
     if target.type == "cuda":
@@ -113,6 +112,7 @@ class Engine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.params = [p for p in self.ds.module.parameters() if p.requires_grad or not train]
         self.partitioned = self.stage == 3
+        self._stage0_grad_norm: float | None = None  # see step()
 
     # ------------------------------------------------------------------ forward / step
 
@@ -137,8 +137,7 @@ class Engine:
             # and drops it); every rank holds the whole all-reduced gradient here, so its local
             # norm is the global one: before clipping, as DeepSpeed reports it at stages 1-3.
             grads = [p.grad.detach().float() for p in self.params if p.grad is not None]
-            self._stage0_grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+            self._stage0_grad_norm = float(torch.nn.utils.get_total_norm(grads))
         self.ds.step()
 
     def zero_grad(self) -> None:
@@ -154,7 +153,7 @@ class Engine:
         """‖∇‖ of the last step over all ranks, before clipping (NaN before the first step)."""
         norm = self.ds.get_global_grad_norm()
         if norm is None:
-            norm = getattr(self, "_stage0_grad_norm", None)
+            norm = self._stage0_grad_norm
         return float(norm) if norm is not None else float("nan")
 
     # ------------------------------------------------------------------ partitions
@@ -254,8 +253,6 @@ class Engine:
             part = p.ds_tensor.detach().contiguous()
             if world > 1:
                 # on the collective's device (NCCL: the GPU; gloo: the CPU, also under offload)
-                from u2a_dist.device import comm_device
-
                 part = part.to(comm_device())
                 flat = torch.empty(part.numel() * world, dtype=part.dtype, device=part.device)
                 dist.all_gather_into_tensor(flat, part)
