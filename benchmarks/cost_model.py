@@ -1079,7 +1079,7 @@ FORMULAS = """\
   it, so a GPU pays it too); FLOPs `6·Φc·tokens` per fwd+bwd and `2·Φc·tokens` per forward
   (`Φc` = matmul parameters, + `2·T·d·L` causal attention per token forward).
 - U2A round: `t_round = t_∇J(P pairs) + (L + K + 1)·t_HVP + t_scores(N) + ρ·Φ_vec`,
-  `t_HVP = 2·t_grad(Hessian batch) + ε·Φ_vec`, `t_scores = 3·t_fwd(N) + ε·Φ_vec` (θ saved,
+  `t_HVP = 2·t_grad(Hessian batch) + ε·Φ_vec`, `t_scores = 2·t_fwd(N) + ε·Φ_vec` (θ saved,
   perturbed by ±εv, restored).
 """
 
@@ -1228,7 +1228,7 @@ def markdown(result: dict[str, Any]) -> str:
               f"{w['forward_batch']} per GPU.", "",
               "| model | GPUs | stage | memory/GPU (states + θ0 + selector + act + working) "
               "| fits 90% | host/GPU | comm/step/GPU | comm/HVP/GPU | step | tokens/s | HVP "
-              "| ∇J | scores (3 fwd × N) | round |",
+              f"| ∇J | scores ({SCORE_PASSES} fwd × N) | round |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         m = r["memory_bytes"]
@@ -1264,6 +1264,17 @@ def measurement_conditions(record: dict[str, Any]) -> str | None:
         return None
     cpus = record.get("hardware", {}).get("cpu_count")
     parts = []
+    launches: dict[str, set[int]] = {}
+    for c in ok:
+        launches.setdefault(c["model"], set()).add(c.get("launches", 1))
+    if any(n != {1} for n in launches.values()):
+        parts.append("launches of each configuration in fresh rank processes (timings: the "
+                     "median over them) " + ", ".join(
+                         f"{m} {'/'.join(map(str, sorted(n)))}" for m, n in launches.items()))
+    huge = sorted({c["model"] for c in ok if c.get("malloc_hugepages")})
+    if huge:
+        parts.append(f"the rank processes of {', '.join(huge)} with malloc on transparent huge "
+                     "pages (`scaling.py --malloc-hugepages`)")
     if loads:
         parts.append(f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on {cpus} CPUs "
                      "when the configurations started")

@@ -29,11 +29,26 @@ J = DPO on the refusal pairs) and measure, one phase after the other:
 - communication: every ``torch.distributed`` collective (DeepSpeed's included) is counted per
   phase with the bytes each rank sends under ring algorithms.
 
-The ``gpu`` device runs the same phases on CUDA with a plain loop on the same engine (the
-Trainer collates on the CPU, so it does not run on a GPU as it is) and is skipped, said so in
-the results, when CUDA is absent. ``stage 3off`` is ZeRO-3 with parameters and optimizer states
+The ``gpu`` device runs the same phases on CUDA with a plain loop on the same engine, and
+``gpu-trainer`` with the product's Trainer (``runtime.device: cuda``); both are skipped, said so
+in the results, when CUDA is absent. ``stage 3off`` is ZeRO-3 with parameters and optimizer states
 offloaded to the CPU (``ds_configs/zero3_offload.json``); on a CPU-only machine it measures the
 offload code path's overhead, not a memory saving.
+
+Variance between processes: ``--launches R`` runs each configuration R times, each time in
+fresh rank processes, and reports every timing as the median over the launches (each launch's
+own median, slowest rank); ``launch_medians_s`` keeps them all. One launch is one sample of
+the processes, not of the machine: on 2 cores the tiny model's W = 2 stage-2 gradient pass took
+36, 45, 38, 51 and 44 ms (median of 15 repeats each) in five launches of one run. And the rank
+processes of the models in ``--malloc-hugepages`` (default: tiny) get ``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1`` (glibc's malloc backs its heap with transparent huge pages): the tiny
+model's forward pass fits in the caches, and its speed then depends on the physical pages a
+process happens to get - in 10 fresh processes the same 16 x 64-token forward took 7.6-9.4 ms
+in 6 and 10.8-12.1 ms in 4, and with the tunable 7.2-8.8 ms in all 10
+(``benchmarks/process_variance.py``). A W = 2 phase waits for the slower of two processes, so
+it fell in the slow group more often than W = 1 did. SmolLM2's working set is far larger than
+the caches: it has no such groups (5 processes within 5%), and huge pages made its fwd+bwd 10%
+slower, so it runs with glibc's default, like the product.
 
 ``--merge`` makes one record of several runs' ``scaling.json`` (CPU results here, GPU results
 from a lent machine: ``benchmarks/gpu_run.sh``), each configuration keeping its run's stamp.
@@ -778,7 +793,8 @@ def rank_main(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     rank, world = init_distributed(timeout_s=spec["timeout"])
     phases = _Phases(counter, spec["device"])
     rec: dict[str, Any] = {"rank": rank, "world": world, "pid": os.getpid(),
-                           "torch_threads": torch.get_num_threads(), "memory": {}}
+                           "torch_threads": torch.get_num_threads(),
+                           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "memory": {}}
     cfg = config_from_dict(_rank_config(spec, str(Path(out_path).parent)))
 
     t0 = time.perf_counter()
@@ -975,6 +991,8 @@ def run_config(spec: dict[str, Any], timeout: int, keep_logs: Path | None = None
         env = rank_env(rank, world, store.port)
         if spec.get("threads"):
             env["OMP_NUM_THREADS"] = str(spec["threads"])
+        if spec.get("malloc_hugepages"):
+            env["GLIBC_TUNABLES"] = _with_tunable(env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE)
         if not _on_gpu(spec["device"]):
             # CPU ranks must not see a GPU: init_distributed would pick nccl and DeepSpeed cuda.
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -1022,7 +1040,74 @@ def _config_key(spec: dict[str, Any]) -> dict[str, Any]:
     stage, ds_config = STAGES[spec["stage"]]
     return {"model": spec["model"], "model_name": MODELS.get(spec["model"], spec["model"]),
             "stage": spec["stage"], "zero_stage": stage, "offload": spec["stage"] == "3off",
-            "ds_config": ds_config, "world": spec["world"], "device": spec["device"]}
+            "ds_config": ds_config, "world": spec["world"], "device": spec["device"],
+            "malloc_hugepages": bool(spec.get("malloc_hugepages"))}
+
+
+#: glibc's tunable that makes malloc back its heap with transparent huge pages (glibc >= 2.35;
+#: older ones ignore an unknown tunable).
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _with_tunable(current: str | None, tunable: str) -> str:
+    """GLIBC_TUNABLES with ``tunable`` added to what the caller's environment already sets."""
+    return f"{current}:{tunable}" if current else tunable
+
+
+def run_launches(spec: dict[str, Any], timeout: int, launches: int,
+                 keep_logs: Path | None = None) -> dict[str, Any]:
+    """Run one configuration ``launches`` times, each in fresh rank processes; one record."""
+    recs = []
+    for i in range(max(1, launches)):
+        logs = keep_logs / f"launch{i}" if keep_logs is not None and launches > 1 else keep_logs
+        rec = run_config(spec, timeout, logs)
+        if not rec["ok"]:
+            return rec
+        recs.append(rec)
+    return merge_launches(recs)
+
+
+def merge_launches(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record of a configuration launched ``len(recs)`` times in fresh processes.
+
+    Every timing is the median over the launches of each launch's median (slowest rank);
+    ``min_s`` is the least of their minima and ``launch_medians_s`` keeps each launch's. The
+    ranks' CPU share per wall second is the median per rank. Memory, engine state, collectives
+    and token counts are the first launch's (they are counted, and equal in every launch)."""
+    import copy
+
+    out = copy.deepcopy(recs[0])
+    if len(recs) == 1:
+        return out
+
+    def fold(dst: dict[str, Any], srcs: list[dict[str, Any]], key: str) -> None:
+        vals = [s[key] for s in srcs]
+        dst[key] = _median(vals)
+        dst["min_s"] = min(s["min_s"] for s in srcs)
+        dst["launch_medians_s"] = vals
+        shares = [s.get("cpu_per_wall_per_rank") for s in srcs]
+        if all(shares):
+            dst["cpu_per_wall_per_rank"] = [
+                _median([x for x in col if x is not None]) if any(x is not None for x in col)
+                else None for col in zip(*shares)]
+
+    for name in ("step", "grad", "hvp", "forward"):
+        fold(out[name], [r[name] for r in recs], "median_s")
+    out["forward"]["seconds"] = out["forward"]["median_s"]
+    out["step"]["tokens_per_s"] = out["step"]["tokens"] / out["step"]["median_s"]
+    out["hvp"]["ratio_to_grad"] = out["hvp"]["median_s"] / out["grad"]["median_s"]
+    out["hvp"]["ratio_to_grad_min"] = out["hvp"]["min_s"] / out["grad"]["min_s"]
+    sel = out.get("selector")
+    if sel:
+        for name in ("outer_grad", "lanczos", "round"):
+            fold(sel[name], [r["selector"][name] for r in recs], "seconds")
+        for sweep in ("neumann_vs_k", "scores_vs_n"):
+            for i, row in enumerate(sel[sweep]):
+                fold(row, [r["selector"][sweep][i] for r in recs], "seconds")
+    out["launches"] = len(recs)
+    out["wall_s"] = round(sum(r["wall_s"] for r in recs), 1)
+    out["loadavg_per_launch"] = [r.get("loadavg") for r in recs]
+    return out
 
 
 def _counted_global(sections: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -1056,6 +1141,7 @@ def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
     out = {**_config_key(spec), "ok": True, "wall_s": round(wall, 1),
            "setup_s": max(r["setup_s"] for r in ranks), "arch": r0["arch"],
            "n_forget": r0["n_forget"], "torch_threads": r0["torch_threads"],
+           "glibc_tunables": [r.get("glibc_tunables") for r in ranks],
            "step": step, "grad": grad, "hvp": hvp, "forward": fwd,
            "memory": {"per_rank": [{"rank": r["rank"], "peak_rss_bytes": r["peak_rss_bytes"],
                                     **{f"{phase}_hwm_bytes": m["hwm_bytes"]
@@ -1307,7 +1393,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the shared data folder (default ../shared/data beside the repo)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per rank; 0: the local launcher's default (CPU cores / W)")
-    ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
+    ap.add_argument("--timeout", type=int, default=3600,
+                    help="seconds per configuration launch")
+    ap.add_argument("--launches", type=int, default=1,
+                    help="launches of each configuration, each in fresh rank processes; "
+                         "timings are the median over them (processes differ: see above)")
+    ap.add_argument("--malloc-hugepages", default="tiny",
+                    help="comma list of models whose rank processes get GLIBC_TUNABLES="
+                         f"{HUGEPAGE_TUNABLE} (cache-resident models: see above); '' for none")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--logs", default=None, help="keep every rank's log under this directory")
     ap.add_argument("--merge", default=None,
@@ -1360,7 +1453,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "k": ks, "lanczos": args.lanczos, "round_k": args.round_k,
                             "round_n": args.round_n, "timeout": args.timeout,
                             "sweep_repeats": args.sweep_repeats, "shared_data": str(shared),
-                            "threads": args.threads}
+                            "threads": args.threads,
+                            "malloc_hugepages": model in _names(args.malloc_hugepages)}
                     name = f"{model} stage {stage} W={world} {device}"
                     if _on_gpu(device) and world > gpus:
                         why = ("no CUDA device" if gpus == 0
@@ -1370,7 +1464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         continue
                     print(f"[scaling] {name} ...", flush=True)
                     logs = Path(args.logs) / name.replace(" ", "_") if args.logs else None
-                    rec = run_config(spec, args.timeout, logs)
+                    rec = run_launches(spec, args.timeout, args.launches, logs)
                     configs.append(rec)
                     if rec["ok"]:
                         print(f"[scaling] {name}: step {rec['step']['median_s']:.3f} s, "

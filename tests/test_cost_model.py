@@ -317,6 +317,9 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
         # directional scores: two passes over N (θ ± εv), none at θ itself
         assert all(r["forward_passes"] == 2 for r in sel["scores_vs_n"])
     assert cpu[1]["selector"]["outer_grad"]["micro_batches"] == 2
+    for c in cpu.values():  # the tiny model's ranks ran with malloc on huge pages (default)
+        assert c["malloc_hugepages"] is True
+        assert c["glibc_tunables"] == [scaling.HUGEPAGE_TUNABLE] * c["world"]
     one, two = cpu[1]["memory"]["per_rank"], cpu[2]["memory"]["per_rank"]
     full = cpu[1]["arch"]["params"]
     assert one[0]["engine"]["param_numel"] == full
@@ -334,6 +337,41 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
     assert result["n_configs"] == 2 and result["errors"]
     assert all(r["ok"] for r in result["comm_checks"]), result["comm_checks"]
     assert {"7B", "70B"} <= {r["model"] for r in result["projections"]["rows"]}
+
+
+def test_launches_are_merged_by_the_median_of_their_medians():
+    """A configuration launched 3 times: each timing is the median of the 3 launches' medians,
+    the ratios and rates are recomputed from them, the CPU share is the median per rank."""
+    from benchmarks import scaling
+
+    def launch(t: float, sel: float, shares: list) -> dict:
+        def sec(v: float) -> dict:
+            return {"median_s": v, "min_s": v / 2, "cpu_per_wall_per_rank": shares,
+                    "tokens": 100}
+
+        return {"ok": True, "wall_s": 10.0, "loadavg": {"before": [0.1]}, "step": sec(t),
+                "grad": sec(2 * t), "hvp": sec(4 * t), "forward": sec(3 * t),
+                "selector": {**{k: {"seconds": sel, "min_s": sel / 2}
+                                for k in ("outer_grad", "lanczos", "round")},
+                             "neumann_vs_k": [{"k": 1, "seconds": sel, "min_s": sel}],
+                             "scores_vs_n": [{"n": 16, "seconds": 2 * sel, "min_s": sel}]}}
+
+    recs = [launch(1.0, 5.0, [1.0, 0.8]), launch(3.0, 1.0, [0.9, None]),
+            launch(2.0, 9.0, [0.7, 0.6])]
+    out = scaling.merge_launches(recs)
+    assert out["step"]["median_s"] == 2.0 and out["step"]["min_s"] == 0.5
+    assert out["step"]["launch_medians_s"] == [1.0, 3.0, 2.0]
+    assert out["grad"]["median_s"] == 4.0 and out["hvp"]["ratio_to_grad"] == 2.0
+    assert out["step"]["tokens_per_s"] == 50.0 and out["forward"]["seconds"] == 6.0
+    assert out["step"]["cpu_per_wall_per_rank"] == [0.9, 0.7]  # rank 1: median(0.8, 0.6)
+    assert out["selector"]["lanczos"]["seconds"] == 5.0
+    assert out["selector"]["lanczos"]["launch_medians_s"] == [5.0, 1.0, 9.0]
+    assert out["selector"]["scores_vs_n"][0]["seconds"] == 10.0
+    assert out["launches"] == 3 and out["wall_s"] == 30.0
+    assert recs[0]["step"]["median_s"] == 1.0  # the launches' own records are untouched
+    assert scaling.merge_launches(recs[:1]) == recs[0]
+    assert scaling._with_tunable(None, "a=1") == "a=1"
+    assert scaling._with_tunable("b=2", "a=1") == "b=2:a=1"  # the caller's own tunables stay
 
 
 def test_merge_keeps_each_configurations_stamp_and_takes_a_remeasured_one_from_the_later_file():
@@ -402,3 +440,27 @@ def test_gpu_constants_are_fitted_apart_from_the_cpu_ones():
     assert worst < 0.1, worst  # exact data; the weak pull toward the priors costs a few %
     one = cm.calibrate(obs)  # a single set for both devices misses by orders of magnitude
     assert not all(r["ok"] for r in cm.evaluate(obs, one))
+
+
+def test_process_variance_times_fresh_processes_with_and_without_huge_pages(tmp_path):
+    """The probe behind ``scaling.py --malloc-hugepages`` runs: each setting's processes are
+    fresh ones, the tunable reaches exactly the huge-page ones, and the spread is reported."""
+    from benchmarks import process_variance
+
+    record = process_variance.main(["--models", "tiny", "--processes", "2",
+                                    "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "process_variance.json").read_text())
+    assert saved["rows"] == record["rows"] and "hardware" in saved and "command" in saved
+    rows = {r["malloc"]: r for r in saved["rows"]}
+    assert set(rows) == {"default", "hugepages"}
+    for malloc, row in rows.items():
+        assert len(row["processes"]) == 2
+        tunables = {p["glibc_tunables"] for p in row["processes"]}
+        if malloc == "hugepages":
+            assert all(t and t.endswith("glibc.malloc.hugetlb=1") for t in tunables)
+        else:
+            assert all(t is None or "hugetlb" not in t for t in tunables)
+        for key in ("forward_s", "fwd_bwd_s"):
+            s = row[key]
+            assert 0 < s["min"] <= s["median"] <= s["max"]
+            assert s["max_over_min"] == pytest.approx(s["max"] / s["min"])
