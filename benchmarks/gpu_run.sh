@@ -14,9 +14,11 @@
 #    python benchmarks/scaling.py --merge CPU.json,OUT_DIR/scaling_gpu.json
 # CONFIGS="model:stage ..." picks the configurations; DEVICES=gpu-trainer measures the
 # product's Trainer on CUDA instead of the plain loop; DEVICES=cpu-loop runs the loop on the CPU
-# (to check this script without a GPU). Measured on one H200 (2026-11-28):
+# (to check this script without a GPU). SWEEP_REPEATS (default 3) repeats each selector sweep
+# point (median): the one measurement of 2026-11-28, without repeats, left the 135M shape's
+# N = 16 point the cost model's only miss. Measured on one H200 (2026-11-28, sweeps once):
 # 135M stages 0/2/3 took 24/28/78 s each, 1.7B stage 3 143 s, tiny 19-30 s; offload
-# (3off) did not finish within 20 s.
+# (3off) did not finish within 20 s. Three sweep repeats add about 50 s to each stage-3 shape.
 set -u
 out=${1:?usage: gpu_run.sh OUT_DIR [SHARED_DATA]}
 shared=${2:-$(dirname "$0")/../../shared/data}
@@ -43,7 +45,8 @@ for config in $configs; do
     name=$(echo "$config" | tr ':' '_')
     timeout "${T_CONFIG:-240}" $py benchmarks/scaling.py --devices "$devices" --world 1 \
         --models "$model" --stages "$stage" --selector-stages 3 --shared-data "$shared" \
-        --threads 8 --steps 5 --repeats 5 --out "$out/configs/$name" >> "$out/scaling.log" 2>&1
+        --threads 8 --steps 5 --repeats 5 --sweep-repeats "${SWEEP_REPEATS:-3}" \
+        --out "$out/configs/$name" >> "$out/scaling.log" 2>&1
     echo "scaling $config: exit $?" >> "$out/env.txt"
     [ -f "$out/configs/$name/scaling.json" ] && merged="$merged,$out/configs/$name/scaling.json"
 done
