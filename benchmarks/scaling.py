@@ -1226,7 +1226,9 @@ def markdown(record: dict[str, Any]) -> str:
                 f"CPUs, GPU: {record['hardware']['gpu']}. Wall time {record['wall_seconds']} s."]
     lines = [f"# Scaling ({record['date_utc']})", "",
              f"Command: `{record['command']}`", "", *head,
-             "", "Times are medians over the measured repeats, from the slowest rank. Memory: "
+             "", "Times are medians over the measured repeats, from the slowest rank (a "
+             "configuration launched R > 1 times in fresh processes: the median over the "
+             "launches of each launch's median; `launches` column). Memory: "
              "`peak RSS` is each rank's lifetime high-water mark (model loading included); "
              "`steady` the highest per-phase mark after loading (train, HVP, selector); "
              "`params/rank` and `opt state/rank` are the engine's own partition sizes "
@@ -1235,14 +1237,15 @@ def markdown(record: dict[str, Any]) -> str:
              "its cores; much less when other processes or its peers held it up); `load avg`: the "
              "machine's 1-minute load when the configuration started; `GPU peak`: the CUDA "
              "allocator's peak of allocated bytes per rank (GPU configurations).", "",
-             "| model | stage | W | device | src | step s | tokens/s | grad pass s | HVP s "
+             "| model | stage | W | device | src | launches | step s | tokens/s | grad pass s "
+             "| HVP s "
              "| HVP/grad | comm/step per rank | peak RSS per rank | steady per rank "
              "| GPU peak per rank | params/rank | opt state+master/rank | CPU s/wall s (step) "
              "| load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in record["configs"]:
         key = (f"| {c['model']} | {c['stage']} | {c['world']} | {c['device']} "
-               f"| {c.get('source', '–')} ")
+               f"| {c.get('source', '–')} | {c.get('launches', 1) if c.get('ok') else '–'} ")
         if not c.get("ok"):
             reason = c.get("skipped") or c.get("error", "failed")
             lines.append(key + f"| {reason} |" + " |" * 12)
