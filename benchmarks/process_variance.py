@@ -12,7 +12,8 @@ the slower of two processes and lands in the slow group more often than W = 1. W
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` the heap sits on 2-MB pages and the groups merge.
 ``benchmarks/scaling.py --malloc-hugepages`` applies this to the models that need it.
 
-Writes ``process_variance.json`` under ``--out`` (default ``benchmarks/results``), stamped.
+Writes ``process_variance.json`` and ``process_variance.png`` under ``--out`` (default
+``benchmarks/results``), stamped; ``--replot`` redraws the plot from the JSON.
 """
 
 from __future__ import annotations
@@ -107,6 +108,32 @@ def run(models: list[str], processes: list[int]) -> dict[str, Any]:
     return {"benchmark": "process_variance", **stamp(), "shapes": SHAPES, "rows": rows}
 
 
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Each process's median pass time, relative to the fastest process of its model and pass:
+    one column per (model, malloc), forward and fwd+bwd side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in zip(axes, ("forward_s", "fwd_bwd_s"), ("no-grad forward", "fwd+bwd")):
+        for x, row in enumerate(rows):
+            fastest = min(r[key]["min"] for r in rows if r["model"] == row["model"])
+            ys = [p[key] / fastest for p in row["processes"]]
+            ax.scatter([x] * len(ys), ys, alpha=0.6)
+        ax.set_xticks(range(len(rows)),
+                      [f"{r['model']}\n{r['malloc']}" for r in rows])
+        ax.set(title=f"{title}: one dot per fresh process")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("median pass time / fastest process of the model")
+    fig.suptitle(f"process_variance ({record['date_utc']}, {record['hardware']['cpu_count']} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,smollm2")
@@ -114,8 +141,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     help="fresh processes per malloc setting, one count per model (the last "
                          "repeats)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the plot from --out's process_variance.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        record = json.loads((out / "process_variance.json").read_text())
+        plot(record, out / "process_variance.png")
+        return record
     if args.one:  # inside one measured process
         print(json.dumps({**one_process(args.one), "glibc_tunables": _tunables()}))
         return None
@@ -125,10 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         ap.error(f"--processes: positive counts, got {args.processes!r}")
     counts += [counts[-1]] * (len(models) - len(counts))
     record = run(models, counts)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "process_variance.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"-> {out / 'process_variance.json'}")
+    plot(record, out / "process_variance.png")
+    print(f"-> {out / 'process_variance.json'}, {out / 'process_variance.png'}")
     return record
 
 

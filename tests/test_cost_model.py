@@ -450,6 +450,7 @@ def test_process_variance_times_fresh_processes_with_and_without_huge_pages(tmp_
     record = process_variance.main(["--models", "tiny", "--processes", "2",
                                     "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "process_variance.json").read_text())
+    assert (tmp_path / "process_variance.png").stat().st_size > 0
     assert saved["rows"] == record["rows"] and "hardware" in saved and "command" in saved
     rows = {r["malloc"]: r for r in saved["rows"]}
     assert set(rows) == {"default", "hugepages"}
