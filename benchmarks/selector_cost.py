@@ -8,8 +8,9 @@ builds the trainer on the real negatives (the labelled completions of
 ``../shared/data/refusal/completions``, 2455 answers, truncated to ``--max-length`` tokens),
 computes ``v = (H + δI)⁻¹ ∇J`` once (J = DPO loss on refusal pairs), then times
 
-- ``directional``: s_i = [f_i(θ+εv) − f_i(θ−εv)] / 2ε for the first N negatives (plus the pass
-  that reads ℓ_i at θ, as ``scores.jsonl`` needs), and
+- ``directional``: s_i = [f_i(θ+εv) − f_i(θ−εv)] / 2ε for the first N negatives (ℓ_i at θ,
+  which ``scores.jsonl`` needs, is the midpoint of the two passes; the committed results,
+  measured on 2026-11-27, include a third pass that read it), and
 - ``per_example_grad``: s_i = ⟨v, ∇f_i⟩ with one backward pass per negative (the paper code's way),
 
 for every N, and reports the ratio and the agreement (Spearman, relative L2) of the two. Then
