@@ -1054,6 +1054,16 @@ def _with_tunable(current: str | None, tunable: str) -> str:
     return f"{current}:{tunable}" if current else tunable
 
 
+def _derive_rates(step: dict[str, Any], grad: dict[str, Any], hvp: dict[str, Any],
+                  fwd: dict[str, Any]) -> None:
+    """The fields derived from the phases' times: tokens/s, HVP over gradient pass, and the
+    forward's ``seconds`` (the name the selector sections use)."""
+    fwd["seconds"] = fwd["median_s"]
+    step["tokens_per_s"] = step["tokens"] / step["median_s"]
+    hvp["ratio_to_grad"] = hvp["median_s"] / grad["median_s"]
+    hvp["ratio_to_grad_min"] = hvp["min_s"] / grad["min_s"]
+
+
 def run_launches(spec: dict[str, Any], timeout: int, launches: int,
                  keep_logs: Path | None = None) -> dict[str, Any]:
     """Run one configuration ``launches`` times, each in fresh rank processes; one record."""
@@ -1093,10 +1103,7 @@ def merge_launches(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
     for name in ("step", "grad", "hvp", "forward"):
         fold(out[name], [r[name] for r in recs], "median_s")
-    out["forward"]["seconds"] = out["forward"]["median_s"]
-    out["step"]["tokens_per_s"] = out["step"]["tokens"] / out["step"]["median_s"]
-    out["hvp"]["ratio_to_grad"] = out["hvp"]["median_s"] / out["grad"]["median_s"]
-    out["hvp"]["ratio_to_grad_min"] = out["hvp"]["min_s"] / out["grad"]["min_s"]
+    _derive_rates(*(out[name] for name in ("step", "grad", "hvp", "forward")))
     sel = out.get("selector")
     if sel:
         for name in ("outer_grad", "lanczos", "round"):
@@ -1133,11 +1140,8 @@ def merge_ranks(spec: dict[str, Any], ranks: list[dict[str, Any]], wall: float
     for name, sec in (("step", step), ("grad", grad), ("hvp", hvp), ("forward", fwd)):
         sec["median_s"], sec["min_s"] = slowest(name), slowest(name, "min_s")
         sec["cpu_per_wall_per_rank"] = [r[name].get("cpu_per_wall") for r in ranks]
-    fwd["seconds"] = fwd["median_s"]
     fwd["counted"] = _counted_global([r["forward"] for r in ranks])
-    step["tokens_per_s"] = step["tokens"] / step["median_s"]
-    hvp["ratio_to_grad"] = hvp["median_s"] / grad["median_s"]
-    hvp["ratio_to_grad_min"] = hvp["min_s"] / grad["min_s"]
+    _derive_rates(step, grad, hvp, fwd)
     out = {**_config_key(spec), "ok": True, "wall_s": round(wall, 1),
            "setup_s": max(r["setup_s"] for r in ranks), "arch": r0["arch"],
            "n_forget": r0["n_forget"], "torch_threads": r0["torch_threads"],
