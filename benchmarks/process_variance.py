@@ -40,6 +40,8 @@ RESULTS = REPO / "benchmarks" / "results"
 #: (batch, tokens, timed passes) per model: the tiny model as the scaling benchmark's forward
 #: phase runs it (16 negatives of 64 tokens); SmolLM2 smaller and fewer (seconds per pass).
 SHAPES = {"tiny": (16, 64, 20), "smollm2": (8, 64, 4)}
+#: the timed passes, as each process reports them
+PASSES = ("forward_s", "fwd_bwd_s")
 
 
 def one_process(model: str) -> dict[str, float]:
@@ -63,7 +65,7 @@ def one_process(model: str) -> dict[str, float]:
         torch.log_softmax(m(input_ids=ids).logits.float(), -1).mean().backward()
 
     out = {}
-    for name, fn in (("forward_s", forward), ("fwd_bwd_s", fwd_bwd)):
+    for name, fn in zip(PASSES, (forward, fwd_bwd)):
         for _ in range(2):
             fn()
         times = []
@@ -73,10 +75,6 @@ def one_process(model: str) -> dict[str, float]:
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times)
     return out
-
-
-def _tunables() -> str | None:
-    return os.environ.get("GLIBC_TUNABLES")
 
 
 def run(models: list[str], processes: list[int]) -> dict[str, Any]:
@@ -96,14 +94,14 @@ def run(models: list[str], processes: list[int]) -> dict[str, Any]:
                     raise SystemExit(f"{model} ({malloc}): a process failed:\n{res.stderr[-2000:]}")
                 per.append(json.loads(res.stdout.strip().splitlines()[-1]))
             row: dict[str, Any] = {"model": model, "malloc": malloc, "processes": per}
-            for key in ("forward_s", "fwd_bwd_s"):
+            for key in PASSES:
                 xs = sorted(p[key] for p in per)
                 row[key] = {"min": xs[0], "median": statistics.median(xs), "max": xs[-1],
                             "max_over_min": xs[-1] / xs[0]}
             rows.append(row)
             print(f"[process_variance] {model} {malloc}: " + ", ".join(
                 f"{k} {row[k]['min'] * 1e3:.1f}-{row[k]['max'] * 1e3:.1f} ms "
-                f"(median {row[k]['median'] * 1e3:.1f})" for k in ("forward_s", "fwd_bwd_s")),
+                f"(median {row[k]['median'] * 1e3:.1f})" for k in PASSES),
                 flush=True)
     return {"benchmark": "process_variance", **stamp(), "shapes": SHAPES, "rows": rows}
 
@@ -118,7 +116,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
     rows = record["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in zip(axes, ("forward_s", "fwd_bwd_s"), ("no-grad forward", "fwd+bwd")):
+    for ax, key, title in zip(axes, PASSES, ("no-grad forward", "fwd+bwd")):
         for x, row in enumerate(rows):
             fastest = min(r[key]["min"] for r in rows if r["model"] == row["model"])
             ys = [p[key] / fastest for p in row["processes"]]
@@ -151,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         plot(record, out / "process_variance.png")
         return record
     if args.one:  # inside one measured process
-        print(json.dumps({**one_process(args.one), "glibc_tunables": _tunables()}))
+        print(json.dumps({**one_process(args.one),
+                          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}))
         return None
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     counts = [int(x) for x in args.processes.split(",") if x.strip()]
