@@ -955,7 +955,10 @@ def u2a_gpu_memory(arch: Arch, n: int, stage: str, w: Workload) -> dict[str, flo
     fp32 vectors at their peak (∇J, 3 Neumann vectors, the FD save of θ, g+ and g−: 7), the
     activations of one micro-batch with activation checkpointing (layer inputs in bf16, one
     layer's activations, fp32 logits and their gradient) and the ZeRO-3 working set (two
-    gathered layers). With offload (3off) the states and θ0 live in host memory instead."""
+    gathered layers), and the selector's fp32 twin of a bf16 run (its weights and gradients,
+    fp32: 8 bytes per local parameter at stage 3; :meth:`u2a_dist.engine.Engine.fp32_twin`).
+    With offload (3off) the states, θ0 and the selector's vectors live in host memory; the twin
+    is not offloaded (it stays on the GPU)."""
     phi = arch.params
     local = phi / n if stage in ZERO3_STAGES else phi
     micro = max(1, math.ceil(w.batch / n))
@@ -967,12 +970,17 @@ def u2a_gpu_memory(arch: Arch, n: int, stage: str, w: Workload) -> dict[str, flo
     states = zero_model_state_bytes(phi, n, stage)
     theta0 = 4.0 * local
     selector = 7 * 4.0 * local
+    if stage in ZERO3_STAGES:
+        twin = 8.0 * phi / n
+    else:  # whole fp32 weights; gradients whole at stage 0, else partitioned + fp32 partition
+        twin = 8.0 * phi if stage == "0" else 4.0 * phi + 8.0 * phi / n
     host = 0.0
     if stage == "3off":
         host = zero_model_state_bytes(phi, n, "3") + theta0 + selector
         theta0 = selector = 0.0
-    total = states + theta0 + selector + act + working
-    return {"model_states": states, "theta0": theta0, "selector_vectors": selector,
+    total = states + theta0 + twin + selector + act + working
+    return {"model_states": states, "theta0": theta0, "fp32_twin": twin,
+            "selector_vectors": selector,
             "activations": act, "zero3_working_set": working, "total": total,
             "host_per_gpu": host}
 
@@ -1226,7 +1234,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"batch {w['hessian_batch']}, P = {w['pairs']} pairs, L = {w['lanczos']}, "
               f"K = {w['neumann']}, N = {w['negatives']} negatives, forward batch "
               f"{w['forward_batch']} per GPU.", "",
-              "| model | GPUs | stage | memory/GPU (states + θ0 + selector + act + working) "
+              "| model | GPUs | stage | memory/GPU (states + θ0 + fp32 twin + selector + act + "
+              "working) "
               "| fits 90% | host/GPU | comm/step/GPU | comm/HVP/GPU | step | tokens/s | HVP "
               f"| ∇J | scores ({SCORE_PASSES} fwd × N) | round |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1235,7 +1244,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['gpus']} | {r['stage']} | {_fmt(m['total'], 'B')} "
             f"({_fmt(m['model_states'], 'B')} + {_fmt(m['theta0'], 'B')} + "
-            f"{_fmt(m['selector_vectors'], 'B')} + {_fmt(m['activations'], 'B')} + "
+            f"{_fmt(m['fp32_twin'], 'B')} + {_fmt(m['selector_vectors'], 'B')} + "
+            f"{_fmt(m['activations'], 'B')} + "
             f"{_fmt(m['zero3_working_set'], 'B')}) | {'yes' if r['fits'] else '**no**'} "
             f"| {_fmt(m['host_per_gpu'], 'B') if m['host_per_gpu'] else '–'} "
             f"| {_fmt(r['comm_bytes_per_step'], 'B')} | {_fmt(r['comm_bytes_per_hvp'], 'B')} "

@@ -52,6 +52,9 @@ def _full_from_parts(parts: list[torch.Tensor], params) -> list[torch.Tensor]:
 
     out = []
     for part, p in zip(parts, params):
+        if not hasattr(p, "ds_tensor"):  # stages 0-2: every rank holds the whole parameter
+            out.append(part.reshape(p.shape).clone())
+            continue
         pieces = [torch.empty_like(part.reshape(-1)) for _ in range(dist.get_world_size())]
         dist.all_gather(pieces, part.reshape(-1).contiguous())
         out.append(torch.cat(pieces)[: p.ds_numel].view(p.ds_shape))
@@ -63,6 +66,9 @@ def _local_from_full(full: list[torch.Tensor], params) -> list[torch.Tensor]:
 
     rank, out = dist.get_rank(), []
     for f, p in zip(full, params):
+        if not hasattr(p, "ds_tensor"):
+            out.append(f.clone())
+            continue
         n = p.ds_tensor.numel()
         flat = torch.zeros(n * dist.get_world_size())
         flat[: p.ds_numel] = f.reshape(-1)
@@ -71,17 +77,42 @@ def _local_from_full(full: list[torch.Tensor], params) -> list[torch.Tensor]:
 
 
 def selector_checks(cfg: dict, per_example: bool = True,
-                    eps_sweep: list | None = None) -> dict[str, Any]:
-    """FD-HVP against a full-space direction, directional vs per-example scores, state sizes."""
+                    eps_sweep: list | None = None, train_steps: int = 0) -> dict[str, Any]:
+    """FD-HVP against a full-space direction, directional vs per-example scores, state sizes
+    (after ``train_steps`` training steps; in a bf16 run also the fp32 twin against the
+    optimizer's master weights)."""
     from u2a_dist.linalg import NEUMANN_STATE_VECTORS, ShardedVector, finite_difference_hvp
     from u2a_dist.selector import TrainerProblem, directional_scores, per_example_scores, solve_ihvp
 
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
+    for _ in range(train_steps):
+        trainer.train_step()
+    half = {}
+    if config.model.dtype != "float32":
+        run_parts = [t.clone() for t in trainer.engine.local_parts()]
+        masters = [t.clone() for t in trainer.engine.fp32_master_parts()]
     problem = TrainerProblem(trainer, config.selector.hessian_batch)
-    params = trainer.engine.params
+    if config.model.dtype != "float32":
+        twin = problem.engine.local_parts()
+        half = {
+            "run_dtypes": sorted({str(t.dtype) for t in run_parts}),
+            "twin_dtypes": sorted({str(t.dtype) for t in twin}),
+            "twin_is_run_engine": problem.engine is trainer.engine,
+            # the twin holds the master weights bit for bit, the run's weights round them
+            "twin_equals_master": all(torch.equal(a, b) for a, b in zip(twin, masters)),
+            "run_is_rounded_master": all(torch.equal(r, m.to(r.dtype).reshape(r.shape))
+                                         for r, m in zip(run_parts, masters)),
+            "master_minus_run": max(float((m - r.float().reshape(m.shape)).abs().max())
+                                    for r, m in zip(run_parts, masters)),
+            "numels": [(a.numel(), b.numel()) for a, b in zip(twin, run_parts)],
+        }
+    params = problem.engine.params
+    # θ where the selector's passes run, gathered by the test's own collective
+    names = [n for n, _ in problem.engine.module.named_parameters()]
+    theta = dict(zip(names, _full_from_parts(problem.parts(), params)))
     g = torch.Generator().manual_seed(123)
-    full_v = [torch.randn(tuple(p.ds_shape), generator=g) for p in params]
+    full_v = [torch.randn(tuple(getattr(p, "ds_shape", p.shape)), generator=g) for p in params]
     zeros = problem.zeros()
     v = ShardedVector(_local_from_full(full_v, params), group=zeros.group,
                       valid_numel=zeros.valid_numel)
@@ -95,7 +126,7 @@ def selector_checks(cfg: dict, per_example: bool = True,
             h = finite_difference_hvp(problem.parts(), problem.inner_grad, v, eps=eps,
                                       extra_diag=problem.analytic_curvature())
             sweep[eps] = _full_from_parts(h.parts, params)
-        return {"sweep": sweep, "v": full_v, "theta0": trainer.engine.full_state_dict(),
+        return {"sweep": sweep, "v": full_v, "theta0": theta,
                 "items": trainer.forget.items, "pad_id": trainer.pad_id}
     grad_j, j_value = problem.outer_grad()
     ihvp, stats = solve_ihvp(problem, config.selector, grad_j)
@@ -104,12 +135,14 @@ def selector_checks(cfg: dict, per_example: bool = True,
     ell_at_theta = problem.example_losses(idx)[1]  # a pass at θ itself, for the midpoint ℓ_i
     out: dict[str, Any] = {
         "v": full_v, "hv": _full_from_parts(hv.parts, params), "restored": restored,
-        "theta0": trainer.engine.full_state_dict(), "items": trainer.forget.items,
+        "theta0": theta, "items": trainer.forget.items,
         "pad_id": trainer.pad_id, "directional": directional, "ell": ell, "stats": stats,
         "ell_at_theta": ell_at_theta,
-        "local_numel": zeros.numel_local(), "full_numel": sum(p.ds_numel for p in params),
+        "local_numel": zeros.numel_local(),
+        "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "state_bytes": NEUMANN_STATE_VECTORS * zeros.nbytes_local(), "j": j_value,
-        "param_names": [n for n, p in trainer.engine.module.named_parameters()],
+        "param_names": names,
+        "half": half,
     }
     if per_example:
         out["per_example"], _ = per_example_scores(problem, ihvp, idx)
@@ -183,3 +216,29 @@ def step_metrics(cfg: dict, steps: int) -> list[dict[str, Any]]:
     """The metrics of `steps` training steps (no run directory)."""
     trainer = Trainer(config_from_dict(cfg), None)
     return [trainer.train_step() for _ in range(steps)]
+
+
+def half_precision_rounds(cfg: dict) -> dict[str, Any]:
+    """The U2A loop in a bf16 run, recording at every selection which engine the selector got
+    and whether it held the optimizer's fp32 master weights at that moment."""
+    from u2a_dist.selector import run_u2a
+
+    trainer = _trainer_in_run_dir(cfg, prepare=True)
+    loads: list[dict[str, Any]] = []
+    selector_engine = trainer.selector_engine
+
+    def recording() -> Any:
+        engine = selector_engine()
+        masters = trainer.engine.fp32_master_parts()
+        loads.append({"step": trainer.step, "twin": id(engine),
+                      "run": engine is trainer.engine,
+                      "dtypes": sorted({str(t.dtype) for t in engine.local_parts()}),
+                      "equal": all(torch.equal(a, m.reshape(a.shape))
+                                   for a, m in zip(engine.local_parts(), masters))})
+        return engine
+
+    trainer.selector_engine = recording
+    losses: list[float] = []
+    run_u2a(trainer, progress=lambda m: losses.append(m["loss"]) if "loss" in m else None)
+    return {"loads": loads, "losses": losses, "weights": trainer.weights,
+            "support": trainer.sampler.support, "round": trainer.round}

@@ -264,6 +264,8 @@ def test_projections_state_their_memory_and_fit():
     # ZeRO-3 model states 16Φ/N
     assert r7["memory_bytes"]["model_states"] == pytest.approx(16 * 6.738e9 / 8)
     assert r7["memory_bytes"]["selector_vectors"] == pytest.approx(28 * 6.738e9 / 8)
+    # the bf16 run's fp32 twin for the selector: weights + gradients, 8Φ/N at stage 3
+    assert r7["memory_bytes"]["fp32_twin"] == pytest.approx(8 * 6.738e9 / 8)
     assert r7["comm_bytes_per_step"] == pytest.approx(3 * 6.738e9 * 2 * 7 / 8)
     assert r7["comm_bytes_per_hvp"] == pytest.approx(2 * 3 * 6.738e9 * 4 * 7 / 8)
     assert r7["fits"]

@@ -132,3 +132,30 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path, selector):
                         {"cfg": {**unbounded, "runtime": {**unbounded["runtime"],
                                                          "world_size": 1}}})
     assert free["result"]["stopped"] == "budget" and free["step"] == 6
+
+
+@pytest.mark.slow
+def test_bf16_run_selects_on_the_masters_of_every_round(tmp_path):
+    """A bf16 ZeRO-3 run (DESIGN §3): every selection round runs on one fp32 twin, reloaded
+    with the optimizer's master weights of that moment, and its finite differences still
+    reach the forward passes (directional scores are not all 0 in any round)."""
+    run = tmp_path / "run"
+    cfg = _u2a_config(run)
+    cfg["model"]["dtype"] = "bfloat16"
+    ranks = run_ranks(2, "tests.rank_fns:half_precision_rounds", {"cfg": cfg})
+    for r in ranks:
+        loads = r["loads"]
+        assert [x["step"] for x in loads] == [0, 2, 4]
+        assert all(x["equal"] and not x["run"] and x["dtypes"] == ["torch.float32"]
+                   for x in loads)
+        assert len({x["twin"] for x in loads}) == 1  # built once, reloaded each round
+        assert r["round"] == 3 and len(r["losses"]) == 6
+        assert all(math.isfinite(x) for x in r["losses"])
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    rounds = _scores(run)
+    assert sorted(rounds) == [0, 1, 2]
+    for rows in rounds.values():
+        assert any(row["score"] != 0.0 for row in rows)
+        assert all(math.isfinite(row["score"]) for row in rows)
+    w = ranks[0]["weights"][ranks[0]["support"]]
+    assert float(w.max() - w.min()) > 1e-6  # reweighting moved w off uniform

@@ -243,7 +243,6 @@ class RunConfig:
             raise ConfigError("unlearn.retain_kl_weight > 0 needs data.retain")
         if self.selector.enabled and self.data.pa is None:
             raise ConfigError("selector.enabled needs data.pa (the preference pairs of J)")
-        _check_selector_precision(self)
         if self.eval.target is not None:
             _choice("eval.target.mode", self.eval.target.mode, ("max", "min"))
         for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
@@ -308,31 +307,6 @@ def _validate_floors(ec: EvalConfig) -> None:
                 raise ConfigError(f"{key}: {metric} needs eval.judge and eval.harmful_prompts")
         elif need is not None and getattr(ec, need) is None:
             raise ConfigError(f"{key}: {metric} needs eval.{need}")
-
-
-def _check_selector_precision(cfg: RunConfig) -> None:
-    """Finite differences in half precision lose their signal: refuse them before the run.
-
-    The selector perturbs the parameters by ε·v with ‖ε·v‖ about 1% of their RMS (Lanczos and
-    Neumann HVPs, directional scores); bf16 rounds each weight to 2⁻⁸ ≈ 0.4% of itself and fp16
-    to 0.05%, so θ ± εv is mostly θ again and the differences are rounding noise. The HVP
-    raises on half-precision parameters, but only at round 0; directional scores would be
-    silently wrong. Without finite differences (identity iHVP, per-example gradients) half
-    precision is fine.
-    """
-    sel, dtype = cfg.selector, cfg.model.dtype
-    if not sel.enabled or dtype == "float32":
-        return
-    uses = [k for k, on in (
-        ("selector.ihvp=neumann", sel.ihvp == "neumann" and sel.hvp == "finite_difference"),
-        ("selector.score=directional", sel.score == "directional")) if on]
-    if uses:
-        raise ConfigError(
-            f"model.dtype={dtype} with {' and '.join(uses)}: the selector's finite differences "
-            f"perturb the weights by about 1% and {dtype} rounds them to "
-            f"{'0.4' if dtype == 'bfloat16' else '0.05'}%, so they measure rounding noise; use "
-            "model.dtype=float32, or selector.ihvp=identity with "
-            "selector.score=per_example_grad (no finite differences)")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

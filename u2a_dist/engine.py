@@ -9,6 +9,7 @@ all-reduce (the selector passes ``group=None`` then).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -57,8 +58,10 @@ def resolve_ds_config_path(path: str) -> Path:
     raise ConfigError(f"runtime.ds_config: {path!r} not found")
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, train: bool = True) -> dict[str, Any]:
-    """The JSON file of runtime.ds_config with the run's batch, stage and precision applied."""
+def build_ds_config(cfg: RunConfig, world_size: int, train: bool = True,
+                    frozen: bool = False) -> dict[str, Any]:
+    """The JSON file of runtime.ds_config with the run's batch, stage and precision applied
+    (``frozen``: an engine that computes gradients and never steps, :meth:`Engine.fp32_twin`)."""
     path = resolve_ds_config_path(cfg.runtime.ds_config)
     try:
         ds = json.loads(path.read_text())
@@ -73,7 +76,10 @@ def build_ds_config(cfg: RunConfig, world_size: int, train: bool = True) -> dict
         # Parameters under the threshold would stay unpartitioned; the selector's sharded
         # vectors assume every parameter is partitioned (DESIGN §6).
         zero["stage3_param_persistence_threshold"] = 0
-    ds["gradient_clipping"] = cfg.unlearn.grad_clip if train else 0.0
+    if frozen:
+        # no optimizer state to move: the frozen engine's SGD at lr 0 keeps none
+        zero.pop("offload_optimizer", None)
+    ds["gradient_clipping"] = cfg.unlearn.grad_clip if train and not frozen else 0.0
     ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
     ds["fp16"] = {"enabled": cfg.model.dtype == "float16"}
     ds.setdefault("steps_per_print", 10**9)
@@ -87,15 +93,21 @@ class Engine:
     """A DeepSpeed engine around one causal LM, with partition-level access for the selector."""
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, world_size: int,
-                 train: bool = True) -> None:
+                 train: bool = True, frozen: bool = False) -> None:
+        """``train``: gradients and the run's optimizer. ``frozen``: gradients (ZeRO's
+        partitioned ones at stage 3, which DeepSpeed only sets up with an optimizer) from an
+        SGD at lr 0 that is never stepped."""
         import deepspeed
 
         self.cfg = cfg
         self.world_size = world_size
         self.stage = cfg.runtime.zero_stage
-        self.ds_config = build_ds_config(cfg, world_size, train=train)
+        self.ds_config = build_ds_config(cfg, world_size, train=train, frozen=frozen)
         optimizer = scheduler = None
-        if train:
+        if frozen:
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                        lr=0.0)
+        elif train:
             params = [p for p in model.parameters() if p.requires_grad]
             if cfg.unlearn.optimizer == "adamw":
                 optimizer = torch.optim.AdamW(params, lr=cfg.unlearn.lr,
@@ -113,6 +125,16 @@ class Engine:
         self.params = [p for p in self.ds.module.parameters() if p.requires_grad or not train]
         self.partitioned = self.stage == 3
         self._stage0_grad_norm: float | None = None  # see step()
+
+    @classmethod
+    def fp32_twin(cls, cfg: RunConfig, model: torch.nn.Module, world_size: int) -> Engine:
+        """An fp32, frozen engine with the same ZeRO stage and partition layout as the run's,
+        for the selector of a bf16/fp16 run (DESIGN §3: its finite differences perturb the
+        weights by about 1%, which 16-bit weights round away). :meth:`load_parts` fills it
+        with the run engine's :meth:`fp32_master_parts`."""
+        model = model.float()
+        cfg32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+        return cls(cfg32, model, world_size, train=True, frozen=True)
 
     # ------------------------------------------------------------------ forward / step
 
@@ -169,6 +191,73 @@ class Engine:
             return [p.ds_tensor for p in self.params]
         return [p.data for p in self.params]
 
+    @torch.no_grad()
+    def fp32_master_parts(self) -> list[torch.Tensor]:
+        """This rank's fp32 master weights in the :meth:`local_parts` layout (collective at
+        stages 1-2, which assemble them from every rank's fragment).
+
+        In a bf16/fp16 run the optimizer updates fp32 copies of the weights and the forward
+        pass reads them rounded to 16 bits; these are the copies. In an fp32 run they are
+        :meth:`local_parts` itself.
+        """
+        parts = self.local_parts()
+        if all(t.dtype == torch.float32 for t in parts):
+            return parts
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+        stage0 = self._stage0_masters() if self.stage == 0 else {}
+        out = []
+        for i, (p, part) in enumerate(zip(self.params, parts)):
+            if self.stage == 3:
+                master = safe_get_local_fp32_param(p)
+            elif self.stage == 0:
+                master = stage0.get(id(p))
+            else:
+                master = safe_get_full_fp32_param(p)
+            if master is None or master.numel() != part.numel():
+                raise RuntimeError(
+                    f"parameter {i}: no fp32 master copy of its {part.numel()} local elements "
+                    f"in DeepSpeed's {type(self.optimizer).__name__} (ZeRO stage {self.stage})")
+            out.append(master.detach().float().reshape(part.shape))
+        return out
+
+    def _stage0_masters(self) -> dict[int, torch.Tensor]:
+        """Stage 0 in bf16/fp16: DeepSpeed's FP16_UnfusedOptimizer keeps ``fp32_groups``
+        parallel to ``fp16_groups`` (it sets no ``_hp_mapping`` for the safe_get helpers)."""
+        opt = self.ds.optimizer
+        halves, masters = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+        if halves is None or masters is None:
+            return {}
+        return {id(h): m for hs, ms in zip(halves, masters) for h, m in zip(hs, ms)}
+
+    def release_gathered(self) -> None:
+        """ZeRO-3: partition every parameter a pass left gathered, so that the next forward
+        all-gathers the current ``p.ds_tensor``.
+
+        Needed before any pass that follows a write into the partitions (finite differences,
+        :meth:`load_parts`). Measured here (deepspeed 0.19.8, 2 CPU ranks): on an engine whose
+        first pass was a forward+backward, a later no-grad forward left every parameter
+        AVAILABLE (its trace expects the backward to reuse them within
+        ``stage3_max_reuse_distance``), and the forwards after it ignored writes into the
+        partitions: directional scores came out exactly 0.
+        """
+        release = getattr(self.ds.optimizer, "empty_partition_cache", None)
+        if self.stage == 3 and release is not None:
+            release()  # the ZeRO-3 optimizer's: partition_all_parameters, without gc.collect
+
+    @torch.no_grad()
+    def load_parts(self, parts: list[torch.Tensor]) -> None:
+        """Overwrite this rank's :meth:`local_parts` with ``parts`` (same layout), e.g. another
+        engine's :meth:`fp32_master_parts`; the next forward pass reads them."""
+        mine = self.local_parts()
+        if len(parts) != len(mine):
+            raise ValueError(f"{len(parts)} parts for an engine with {len(mine)}")
+        for i, (dst, src) in enumerate(zip(mine, parts)):
+            if dst.numel() != src.numel():
+                raise ValueError(f"part {i}: {src.numel()} elements for {dst.numel()}")
+            dst.copy_(src.reshape(dst.shape))
+        self.release_gathered()
+
     def local_grads(self) -> list[torch.Tensor]:
         """fp32 copies of this rank's gradient partitions after a backward pass."""
         if self.stage == 3:
@@ -223,6 +312,7 @@ class Engine:
         if self.stage == 3:
             import deepspeed
 
+            self.release_gathered()  # else parameters a pass left gathered are not re-read
             with deepspeed.zero.GatheredParameters(list(self.ds.module.parameters()),
                                                    modifier_rank=modifier_rank):
                 yield

@@ -216,11 +216,14 @@ class TrainerProblem:
     """HyperProblem on a :class:`u2a_dist.trainer.Trainer` (any ZeRO stage, any world size).
 
     Every method is collective: all ranks call it with the same arguments, and ZeRO-3 forward
-    passes are padded so every rank makes the same number of them.
+    passes are padded so every rank makes the same number of them. The passes run on
+    ``trainer.selector_engine()``: the run's engine, or in a bf16/fp16 run an fp32 twin loaded
+    with the optimizer's master weights when the problem is made (DESIGN §3).
     """
 
     def __init__(self, trainer, hessian_batch: int) -> None:
         self.t = trainer
+        self.engine = trainer.selector_engine()
         self.cfg = trainer.cfg
         self.ids = trainer.forget.ids
         self.hessian_batch = hessian_batch
@@ -228,10 +231,10 @@ class TrainerProblem:
     # ---- layout
 
     def parts(self) -> list[torch.Tensor]:
-        return self.t.engine.local_parts()
+        return self.engine.local_parts()
 
     def zeros(self) -> ShardedVector:
-        engine = self.t.engine
+        engine = self.engine
         parts = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
                  for t in engine.local_parts()]
         valid = None
@@ -251,8 +254,9 @@ class TrainerProblem:
 
     def _accumulated_grad(self, batches) -> list[torch.Tensor]:
         """Σ over `batches` of local gradients; each item is a loss closure on the engine."""
-        engine = self.t.engine
+        engine = self.engine
         acc: list[torch.Tensor] | None = None
+        engine.release_gathered()  # θ may have just been written (finite differences)
         engine.zero_grad()
         for closure in batches:
             loss = closure()
@@ -290,7 +294,7 @@ class TrainerProblem:
                 batch = to_device(collate([pairs.chosen[i] for i in real]
                                           + [pairs.rejected[i] for i in real], t.pad_id),
                                   t.device)
-                logp, _ = sequence_logps(t.engine.ds, batch)
+                logp, _ = sequence_logps(self.engine.ds, batch)
                 lc, lr = logp[:len(real)], logp[len(real):]
                 loss, _, _ = dpo_loss(lc, lr, ref_c[real].float().to(t.device),
                                       ref_r[real].float().to(t.device), beta)
@@ -336,7 +340,7 @@ class TrainerProblem:
             def closure() -> torch.Tensor:
                 real = [idx[i] if i >= 0 else idx[0] for i in chunk]
                 mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk], device=t.device)
-                total = t.per_example_inner(t.engine.ds, real)[0]
+                total = t.per_example_inner(self.engine.ds, real)[0]
                 w = t.weights[real].float().to(t.device) * mask
                 return world * scale * (w * total).sum()
             return closure
@@ -356,7 +360,7 @@ class TrainerProblem:
         local = shard(list(range(max(n, t.world_size))), t.rank, t.world_size)
 
         def closure() -> torch.Tensor:
-            kl_sum, count = t.retain_kl_term(local)
+            kl_sum, count = t.retain_kl_term(local, self.engine)
             return self.cfg.unlearn.retain_kl_weight * t.world_size * kl_sum / max(count, 1.0)
         return closure
 
@@ -370,7 +374,8 @@ class TrainerProblem:
         from u2a_dist.passes import dataset_logps
 
         t = self.t
-        model = t.engine.module
+        self.engine.release_gathered()  # θ may have just been written (finite differences)
+        model = self.engine.module
         was_training = model.training
         model.eval()
         bs = self.cfg.eval.batch_size
@@ -390,7 +395,7 @@ class TrainerProblem:
         t = self.t
 
         def closure() -> torch.Tensor:
-            total = t.per_example_inner(t.engine.ds, [i])[0]
+            total = t.per_example_inner(self.engine.ds, [i])[0]
             return total.sum()  # same example on every rank: the rank average is ∇f_i
 
         return self._as_vector(self._accumulated_grad([closure]))

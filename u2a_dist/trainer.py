@@ -18,7 +18,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -149,6 +149,7 @@ class Trainer:
         # θ0 = the starting model = the frozen reference (DESIGN §2); fp32 local partitions.
         self.theta0 = [t.detach().float().clone() for t in self.engine.local_parts()]
         self._eval_copy: torch.nn.Module | None = None
+        self._fp32_engine: Engine | None = None  # the selector's, in a bf16/fp16 run
         # A whole, unpartitioned θ0 for the retain KL's reference logits: each rank runs it on
         # its own share with no collective (a second ZeRO-3 engine would all-gather per layer).
         self.reference: torch.nn.Module | None = None
@@ -296,10 +297,12 @@ class Trainer:
             kl_sum, count = self._retain_kl(logits[r0:], batch, r0)
         return total, loss, kl_sum, count
 
-    def retain_kl_term(self, local_idx: list[int]) -> tuple[torch.Tensor, float]:
-        """The retain KL of retain examples ``local_idx`` alone (its own forward pass)."""
+    def retain_kl_term(self, local_idx: list[int], engine: Engine | None = None
+                       ) -> tuple[torch.Tensor, float]:
+        """The retain KL of retain examples ``local_idx`` alone (its own forward pass, on
+        ``engine``: the run's by default)."""
         batch = to_device(collate([self.retain[i] for i in local_idx], self.pad_id), self.device)
-        logits = self.engine.forward(input_ids=batch["input_ids"],
+        logits = (engine or self.engine).forward(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).logits
         return self._retain_kl(logits, batch, 0)
 
@@ -311,6 +314,25 @@ class Trainer:
             ref_logits = self.reference(input_ids=ids, attention_mask=mask).logits
         kl_sum, count = token_kl_sum(logits, ref_logits, batch["labels"][offset:])
         return kl_sum, all_reduce_sum(count)
+
+    def selector_engine(self) -> Engine:
+        """The engine the selector's passes run on, holding the current θ (collective).
+
+        An fp32 run: the run's own engine. A bf16/fp16 run: an fp32 twin with the same ZeRO
+        partitions (built at the first call), loaded with the optimizer's fp32 master weights
+        at every call, because the selector's finite differences perturb θ by about 1% and
+        16-bit weights round that away (DESIGN §3). It costs 4 bytes per local parameter for
+        the weights and 4 for the gradients, on top of the run's engine.
+        """
+        if all(t.dtype == torch.float32 for t in self.engine.local_parts()):
+            return self.engine
+        masters = self.engine.fp32_master_parts()
+        if self._fp32_engine is None:
+            model = load_model(replace(self.cfg.model, dtype="float32"),
+                               self._resolved, seed=self.cfg.runtime.seed)
+            self._fp32_engine = Engine.fp32_twin(self.cfg, model, self.world_size)
+        self._fp32_engine.load_parts(masters)
+        return self._fp32_engine
 
     def prox_grads(self) -> list[torch.Tensor]:
         lam = self.cfg.unlearn.prox_lambda
