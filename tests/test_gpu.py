@@ -49,7 +49,8 @@ def test_gpu_path_matches_the_cpu_loop(tmp_path):
             cpu["selector"]["outer_grad"]["J"], rel=1e-4)
 
 
-def _recipe_run(tmp_path, device: str, stage: int) -> tuple[list[dict], list[dict]]:
+def _recipe_run(tmp_path, device: str, stage: int, dtype: str = "float32"
+                ) -> tuple[list[dict], list[dict]]:
     """The whole product path on one rank (`u2a run`, local launcher): the recipe's inner loss
     (NPO + mismatch + retain KL on θ0's own answers + prox), a U2A selection round with the
     Neumann iHVP and directional scores, PA and generation metrics every 2 steps."""
@@ -58,9 +59,9 @@ def _recipe_run(tmp_path, device: str, stage: int) -> tuple[list[dict], list[dic
     from tests.conftest import tiny_config
     from u2a_dist.cli import main
 
-    run = tmp_path / f"{device}-z{stage}"
+    run = tmp_path / f"{device}-z{stage}-{dtype}"
     cfg = tiny_config(
-        run,
+        run, model={"name_or_path": "tiny-gpt2", "dtype": dtype},
         data={"forget": {"path": "builtin:harmful", "schema": "completions", "split": "train",
                          "limit": 12},
               "retain": {"path": "builtin:harmless", "schema": "prompts", "split": "train",
@@ -78,7 +79,7 @@ def _recipe_run(tmp_path, device: str, stage: int) -> tuple[list[dict], list[dic
                                   "split": "eval", "limit": 4},
               "harmless_prompts": {"path": "builtin:harmless", "schema": "prompts",
                                    "split": "eval", "limit": 4}})
-    path = tmp_path / f"{device}-z{stage}.yaml"
+    path = tmp_path / f"{device}-z{stage}-{dtype}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", "--config", str(path), "--launcher", "local"]) == 0
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -116,3 +117,27 @@ def test_trainer_on_cuda_matches_the_trainer_on_the_cpu(tmp_path, stage):
     if first[7] - first[8] > 2 * tol:
         assert [g["weight"] for g in gpu_s] == pytest.approx([c["weight"] for c in cpu_s],
                                                              abs=1e-6)
+
+
+def test_bf16_selector_on_cuda_matches_the_cpu(tmp_path):
+    """A bf16 run's selector (DESIGN §3: an fp32 twin loaded with the master weights) on CUDA
+    against the same run on the CPU. Round 0 selects at θ0 rounded to bf16 on both devices, in
+    fp32 on both, so its scores agree as the fp32 runs' do; finite differences on the bf16
+    weights would be rounding noise. Training is bf16 and may differ in rounding after that."""
+    import math
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu_m, gpu_s = _recipe_run(tmp_path, "cuda", 3, "bfloat16")
+    cpu_m, cpu_s = _recipe_run(tmp_path, "cpu", 3, "bfloat16")
+    g0 = [s for s in gpu_s if s["round"] == 0]
+    c0 = [s for s in cpu_s if s["round"] == 0]
+    assert [s["index"] for s in g0] == [s["index"] for s in c0] and len(c0) == 12
+    tol = 0.02 * max(abs(s["score"]) for s in c0)
+    assert tol > 0
+    for g, c in zip(g0, c0):
+        assert g["score"] == pytest.approx(c["score"], abs=tol)
+    for m in gpu_m + cpu_m:
+        assert all(math.isfinite(v) for k, v in m.items() if k.startswith("loss"))

@@ -86,6 +86,7 @@ def test_bf16_run_gives_the_selector_its_fp32_master_weights(tmp_path, stage):
     for bit, in the run's partition layout, and its FD-HVP matches the exact HVP at them."""
     cfg = _selector_cfg(tmp_path, model={"name_or_path": "tiny-gpt2", "dtype": "bfloat16"},
                         zero_stage=stage)
+    cfg["runtime"]["ds_config"] = "ds_configs/zero3_bf16.json"  # the shipped bf16 file
     ranks = run_ranks(2, "tests.rank_fns:selector_checks",
                       {"cfg": cfg, "train_steps": 2, "per_example": stage == 3})
     for r in ranks:
