@@ -374,8 +374,8 @@ class Constants:
     # stage -> (replicated, partitioned) engine bytes per parameter: params + optimizer states
     # + master copies = Φ·(r + p/W). Priors: fp32 AdamW as u2a runs on CPU.
     engine_bytes_per_param: dict[str, list[float]] = field(default_factory=lambda: {
-        "0": [12.0, 0.0], "1": [4.0, 12.0], "2": [4.0, 12.0], "3": [0.0, 12.0],
-        "3off": [0.0, 12.0]})
+        "0": [12.0, 0.0], "1": [4.0, 12.0], "2": [4.0, 12.0], "3": [0.0, 16.0],
+        "3off": [0.0, 16.0]})
 
     def time_vector(self) -> list[float]:
         return [1.0 / self.flops_per_core, self.latency_s, 1.0 / self.bandwidth_Bps,
@@ -768,11 +768,18 @@ def calibrate_engine_bytes(states: list[tuple[Setup, float]], c: Constants) -> C
 
 
 def engine_states_from_scaling(record: dict[str, Any]) -> list[tuple[Setup, float]]:
+    """(setup, engine bytes) per rank. ZeRO-3 records made before ``scaling.engine_state``
+    counted the fp32 master partitions (no ``zero3_master_counted``) get them added: one fp32
+    copy of the rank's partitions, 4 bytes per local parameter (all runs here are fp32)."""
     out = []
     for c in record["configs"]:
         if c.get("ok"):
             for m in c["memory"]["per_rank"]:
-                out.append((_setup(c), float(m["engine"]["total_bytes"])))
+                e = m["engine"]
+                total = float(e["total_bytes"])
+                if c["stage"] in ZERO3_STAGES and not e.get("zero3_master_counted"):
+                    total += 4.0 * e["param_numel"]
+                out.append((_setup(c), total))
     return out
 
 
@@ -1056,7 +1063,8 @@ FORMULAS = """\
   `4Φ + 12Φ/N`; stage 2 `2Φ + 14Φ/N`; stage 3 `16Φ/N` bytes. 7.5B on 64 GPUs: 120, 31.4, 16.6,
   1.9 GB. u2a on CPU runs fp32 with AdamW: engine bytes `Φ·(r + p/W)` per stage, fitted below
   (fp32: r, p = 12, 0 at stage 0; 4, 12 at stage 2 — params whole, Adam + fp32 master
-  partitioned; 0, 12 at stage 3 — DeepSpeed's fp32 master aliases the partition).
+  partitioned; 0, 16 at stage 3 — the partition, a separate fp32 master copy of it and Adam:
+  DeepSpeed 0.19.8 copies the master even for fp32 parameters).
 - Memory per rank (host RSS on a CPU, the CUDA allocator's peak on a GPU):
   `M0 + engine + grads + θ0 + (selector vectors + τ)·4Φ_local + ω3·Φ + λ·activations`;
   grads `4Φ` (stage 0) or `4Φ/W`; θ0 the trainer's fp32 copy of its partition (`4Φ_local`);

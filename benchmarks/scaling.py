@@ -635,6 +635,18 @@ def engine_state(engine: Any) -> dict[str, Any]:
         out["optimizer_device"] = next(
             (str(v.device) for st in base.state.values() for v in st.values()
              if isinstance(v, torch.Tensor) and v.numel() > 1), None)
+    # ZeRO-3 keeps its fp32 master partitions in fp32_partitioned_groups_flat and leaves the
+    # base optimizer's param_groups empty outside step(), so they were missed above. DeepSpeed
+    # 0.19.8 copies them even for fp32 parameters (its alias test compares a torch.device with
+    # a string, which is never equal).
+    zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if zero3_flat is not None:
+        for t in zero3_flat:
+            ptr = t.untyped_storage().data_ptr()
+            if t.numel() and ptr not in model_ptrs and ptr not in seen:
+                seen.add(ptr)
+                master += t.numel() * t.element_size()
+        out["zero3_master_counted"] = True
     out.update({"optimizer_state_bytes": int(state_bytes), "master_bytes": int(master),
                 "grad_bytes_after_step": int(grads),
                 "optimizer": type(engine.optimizer).__name__,

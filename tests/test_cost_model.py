@@ -158,17 +158,18 @@ def test_memory_formula_by_hand():
                                      param_modules=1, layers=1, hidden=8, heads=1, vocab=10))
     c = dataclasses.replace(cm.Constants(), base_memory_bytes=1e9, activation_factor=0.0,
                             temp_vectors=0.0, zero3_full_bytes_per_param=0.0)
-    # engine Φ·12/W + grads 4Φ/W + θ0 4Φ/W = 20Φ/W; an HVP adds 4 vectors of 4Φ/W
-    assert cm.predict_memory(setup, "train", c, 0, 0) == pytest.approx(1e9 + 20 * 1e8 / 4)
-    assert cm.predict_memory(setup, "hvp", c, 0, 0) == pytest.approx(1e9 + 36 * 1e8 / 4)
+    # engine Φ·16/W (partition, fp32 master copy, Adam) + grads 4Φ/W + θ0 4Φ/W = 24Φ/W; an
+    # HVP adds 4 vectors of 4Φ/W
+    assert cm.predict_memory(setup, "train", c, 0, 0) == pytest.approx(1e9 + 24 * 1e8 / 4)
+    assert cm.predict_memory(setup, "hvp", c, 0, 0) == pytest.approx(1e9 + 40 * 1e8 / 4)
     z0 = dataclasses.replace(setup, stage="0")
     assert cm.predict_memory(z0, "train", c, 0, 0) == pytest.approx(1e9 + 20 * 1e8)
     # τ temporaries: vectors of 4Φ/W; ZeRO-3 at W > 1 holds ω3·Φ unpartitioned (not at W = 1)
     c2 = dataclasses.replace(c, temp_vectors=2.0, zero3_full_bytes_per_param=8.0)
     assert cm.predict_memory(setup, "train", c2, 0, 0) == pytest.approx(
-        1e9 + 28 * 1e8 / 4 + 8 * 1e8)
+        1e9 + 32 * 1e8 / 4 + 8 * 1e8)
     one = dataclasses.replace(setup, world=1)
-    assert cm.predict_memory(one, "train", c2, 0, 0) == pytest.approx(1e9 + 28 * 1e8)
+    assert cm.predict_memory(one, "train", c2, 0, 0) == pytest.approx(1e9 + 32 * 1e8)
     # on a GPU with offload the states live on the host: the device holds activations only
     off = dataclasses.replace(setup, stage="3off", device="gpu")
     assert cm.predict_memory(off, "hvp", c2, 0, 0) == pytest.approx(1e9)
@@ -329,6 +330,9 @@ def test_real_scaling_run_distributes_the_partitions(tmp_path):
         assert full / 2 <= m["engine"]["param_numel"] <= full / 2 + cpu[2]["arch"]["param_tensors"]
         assert m["engine"]["optimizer_state_bytes"] == pytest.approx(
             one[0]["engine"]["optimizer_state_bytes"] / 2, rel=0.01)
+    for m in one + two:  # ZeRO-3's fp32 master: a separate copy of the partition, counted
+        e = m["engine"]
+        assert e["zero3_master_counted"] and e["master_bytes"] == 4 * e["param_numel"]
     # the collectives counted at W = 2 are the ZeRO-3 formula's 3Φ(W−1)/W per step
     assert cpu[2]["step"]["comm"]["wire_bytes"] == pytest.approx(
         3 * full * 4 / 2, rel=0.01)
