@@ -91,6 +91,17 @@ def malloc_trim() -> None:
         pass
 
 
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equally long 1-D sequences or tensors (no ties
+    handling: scores here are continuous)."""
+    import torch
+
+    ra = torch.as_tensor(a).argsort().argsort().double()
+    rb = torch.as_tensor(b).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
 # ---------------------------------------------------------------- runs of the u2a CLI and their
 # summaries (recipe_ablation.py and time_to_target.py share them)
 

@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import stamp  # noqa: E402
+from benchmarks.common import spearman, stamp  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -76,12 +76,6 @@ def run_config(spec: dict[str, Any], out: str) -> dict[str, Any]:
 # ---- one rank ---------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    from benchmarks.common import read_hwm_rss
-
-    return read_hwm_rss()[1]
-
-
 def held_bytes(engine: Any) -> int:
     """Bytes of the distinct storages a ZeRO-3 engine holds for this rank's partitions: the
     parameters, ZeRO's fp32 master copy (when separate) and the gradient partitions."""
@@ -100,7 +94,7 @@ def rank_main(spec: dict[str, Any], out_path: str) -> None:
 
     import torch
 
-    from benchmarks.common import malloc_trim, peak_rss_bytes
+    from benchmarks.common import malloc_trim, peak_rss_bytes, read_hwm_rss
     from u2a_dist.config import config_from_dict
     from u2a_dist.engine import init_distributed
     from u2a_dist.selector import TrainerProblem, directional_scores, solve_ihvp
@@ -113,7 +107,7 @@ def rank_main(spec: dict[str, Any], out_path: str) -> None:
     def mark(phase: str, t0: float) -> None:
         gc.collect()
         malloc_trim()  # freed heap back to the OS: the RSS is what is live
-        rec["rss_bytes"][phase] = _rss_bytes()
+        rec["rss_bytes"][phase] = read_hwm_rss()[1]  # the current RSS
         rec["time_s"][phase] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
@@ -191,15 +185,6 @@ def launch(spec: dict[str, Any], timeout: int) -> list[dict[str, Any]]:
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(spec["world"])]
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    import torch
-
-    ra = torch.tensor(a).argsort().argsort().double()
-    rb = torch.tensor(b).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 def compare(runs: dict[str, list[dict[str, Any]]], top_k: int) -> dict[str, Any]:
     """Selection agreement (rank 0 holds the scores every rank holds) and memory per rank."""
     import torch
@@ -218,7 +203,7 @@ def compare(runs: dict[str, list[dict[str, Any]]], top_k: int) -> dict[str, Any]
             "twin_build_rss_bytes": twin,
             "round_rss_bf16_minus_fp32": r16["rss_bytes"]["round"] - r32["rss_bytes"]["round"],
             "peak_rss_bf16_minus_fp32": r16["peak_rss_bytes"] - r32["peak_rss_bytes"]})
-    return {"spearman": _spearman(a, b), "top_k": k, "top_k_overlap": len(top_a & top_b),
+    return {"spearman": spearman(a, b), "top_k": k, "top_k_overlap": len(top_a & top_b),
             "rel_l2": float((tb - ta).norm() / ta.norm()), "memory": memory}
 
 

@@ -35,7 +35,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import stamp  # noqa: E402
+from benchmarks.common import spearman, stamp  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -69,12 +69,6 @@ def _per_example_max(spec: str, model: str) -> int:
         return int(spec)
     limits = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
     return int(limits.get(model, 1024))
-
-
-def _spearman(a, b) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -121,7 +115,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             p, _ = per_example_scores(problem, v, idx)
             p_s = time.perf_counter() - t0
             row.update({"per_example_s": round(p_s, 3), "ratio": round(p_s / d_s, 2),
-                        "spearman": round(_spearman(d, p), 5),
+                        "spearman": round(spearman(d, p), 5),
                         "rel_l2": float((d - p).norm() / p.norm())})
         rows.append(row)
         print(f"[{model}] N={n}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "n"),

@@ -104,11 +104,10 @@ class Engine:
         self.stage = cfg.runtime.zero_stage
         self.ds_config = build_ds_config(cfg, world_size, train=train, frozen=frozen)
         optimizer = scheduler = None
+        params = [p for p in model.parameters() if p.requires_grad]
         if frozen:
-            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                        lr=0.0)
+            optimizer = torch.optim.SGD(params, lr=0.0)
         elif train:
-            params = [p for p in model.parameters() if p.requires_grad]
             if cfg.unlearn.optimizer == "adamw":
                 optimizer = torch.optim.AdamW(params, lr=cfg.unlearn.lr,
                                               weight_decay=cfg.unlearn.weight_decay)

@@ -302,8 +302,8 @@ class Trainer:
         """The retain KL of retain examples ``local_idx`` alone (its own forward pass, on
         ``engine``: the run's by default)."""
         batch = to_device(collate([self.retain[i] for i in local_idx], self.pad_id), self.device)
-        logits = (engine or self.engine).forward(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).logits
+        logits = (engine or self.engine).forward(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return self._retain_kl(logits, batch, 0)
 
     def _retain_kl(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
@@ -324,7 +324,7 @@ class Trainer:
         16-bit weights round that away (DESIGN §3). It costs 4 bytes per local parameter for
         the weights and 4 for the gradients, on top of the run's engine.
         """
-        if all(t.dtype == torch.float32 for t in self.engine.local_parts()):
+        if self.cfg.model.dtype == "float32":
             return self.engine
         masters = self.engine.fp32_master_parts()
         if self._fp32_engine is None:
