@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv and install in
-# the order that works on CPU machines (DESIGN §6): torch from its CPU wheel first, deepspeed
+# the order that works on CPU machines (docs/design.md §6): torch from its CPU wheel first, deepspeed
 # without build isolation (it imports torch at build time), then the rest pinned by
 # constraints.txt so nothing pulls CUDA packages.
 PYTHON ?= python3

@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["u2a_dist", "u2a_dist.*"]),
-    package_data={"u2a_dist": ["ds_configs/*.json", "recipes/*.yaml"]},
+    package_data={"u2a_dist": ["ds_configs/*.json", "recipes/*.yaml"],
+                  "u2a_dist.data": ["builtin/*.jsonl"]},  # the demo data set
     install_requires=[
         # torch first, from the wheel you want (CPU or CUDA); deepspeed with
         # --no-build-isolation (see the Makefile for the order that works).

@@ -53,27 +53,6 @@ def test_unknown_key_is_named(tmp_path):
     assert res.returncode == 2 and "unlearn.learning_rate" in res.stderr
 
 
-def test_non_finite_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    # A learning rate of 1e30 sends the weights to ~1e30 after one Adam step: the next forward
-    # pass overflows, which the trainer must detect before it touches the weights again.
-    cfg = tiny_config(out, unlearn={"lr": 1e30, "steps": 4}, runtime={"checkpoint_every": 1})
-    res = u2a("run", "--config", write_config(tmp_path / "c.yaml", cfg))
-    assert res.returncode != 0
-    error = json.loads((out / "error.json").read_text())
-    assert error["error"] == "NonFiniteLossError" and "step 2" in error["message"]
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step1"
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith("tmp-")]
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [0, 1]
-    # The kept checkpoint is complete: it exports to a loadable model.
-    res = u2a("export", "--checkpoint", str(out), "--out", str(tmp_path / "exported"))
-    assert res.returncode == 0, res.stderr
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
-
-
 def test_a_different_config_does_not_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -208,3 +208,59 @@ def test_loaders_read_builtin_sets():
     assert len(kept) == 6
     with pytest.raises(DataError, match="known"):
         load_pairs(DataSpec(path="builtin:missing"))
+
+
+def test_packaged_files_load():
+    """Every row of every packaged file has exactly its columns, as text (what ``_table``
+    reads), and every table ``builtin.py`` names is a file that ships."""
+    from u2a_dist.data.builtin import _COLUMNS, DATA_DIR, _table
+    from u2a_dist.data.readers import read_rows
+
+    assert sorted(p.stem for p in DATA_DIR.glob("*.jsonl")) == sorted(_COLUMNS)
+    for name, columns in _COLUMNS.items():
+        rows = read_rows(DATA_DIR / f"{name}.jsonl")
+        assert len(rows) == len(_table(name)) > 0
+        for loc, row in rows:
+            assert sorted(row) == sorted(columns), loc
+            assert all(isinstance(v, str) and v.strip() == v for v in row.values()), loc
+
+
+def _data_imports() -> dict[str, tuple[set[str], set[str]]]:
+    """For each module of ``u2a_dist.data``: the data modules it imports at module level, and
+    those it imports inside functions."""
+    import ast
+    from pathlib import Path
+
+    import u2a_dist.data
+
+    root = Path(u2a_dist.data.__file__).parent
+    names = {p.stem for p in root.glob("*.py")} - {"__init__"}
+    out = {}
+    for name in names:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        top: set[str] = set()
+        inner: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            parts = [t.split(".") for t in targets]
+            found = {p[2] for p in parts if p[:2] == ["u2a_dist", "data"] and p[2:3] and
+                     p[2] in names}
+            (top if node in tree.body else inner).update(found)
+        out[name] = (top, inner)
+    return out
+
+
+def test_data_package_imports_form_no_circle():
+    graph = _data_imports()
+    assert graph["records"][0] == {"readers"}
+    assert all(not inner for _, inner in graph.values()), graph
+    done: set[str] = set()
+    while len(done) < len(graph):  # peel off modules whose imports are all done
+        ready = {m for m, (top, _) in graph.items() if m not in done and top <= done}
+        assert ready, f"import circle among {sorted(set(graph) - done)}"
+        done |= ready

@@ -48,7 +48,7 @@ def test_validation_errors_name_the_key(raw, key):
 
 
 def test_half_precision_with_the_finite_difference_selector_is_accepted():
-    """bf16/fp16 runs give the selector an fp32 twin of the master weights (DESIGN §3), so
+    """bf16/fp16 runs give the selector an fp32 twin of the master weights (docs/design.md §3), so
     Neumann HVPs and directional scores are no longer refused with them."""
     base = {"data": {"forget": {"path": "builtin:harmful", "schema": "completions"},
                      "pa": {"path": "builtin:all", "schema": "pairs"}},

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN §5): PA metrics by hand, sharded generation, judges, `u2a eval`, the
+"""Evaluation (docs/design.md §5): PA metrics by hand, sharded generation, judges, `u2a eval`, the
 periodic evaluation of the training loop, the recipes, and bad evaluation input."""
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def test_trainer_on_cuda_matches_the_trainer_on_the_cpu(tmp_path, stage):
 
 
 def test_bf16_selector_on_cuda_matches_the_cpu(tmp_path):
-    """A bf16 run's selector (DESIGN §3: an fp32 twin loaded with the master weights) on CUDA
+    """A bf16 run's selector (design.md §3: an fp32 twin loaded with the master weights) on CUDA
     against the same run on the CPU. Round 0 selects at θ0 rounded to bf16 on both devices, in
     fp32 on both, so its scores agree as the fp32 runs' do; finite differences on the bf16
     weights would be rounding noise. Training is bf16 and may differ in rounding after that."""

@@ -1,4 +1,4 @@
-"""The per-example inner term ℓ_i + c_m·m_i of DESIGN §2, recomputed by hand, token by token."""
+"""The per-example inner term ℓ_i + c_m·m_i of design.md §2, recomputed by hand, token by token."""
 
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def _tiny_gpt2():
         bos_token_id=0,
         eos_token_id=0,
     )
-    cfg._attn_implementation = "eager"  # CPU SDPA has no second-order autograd (DESIGN §6)
+    cfg._attn_implementation = "eager"  # CPU SDPA has no second-order autograd (docs/design.md §6)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()  # eval: no dropout, deterministic passes
     g = torch.Generator().manual_seed(1)

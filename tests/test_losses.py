@@ -1,4 +1,4 @@
-"""Each loss of DESIGN §2 against an independent hand computation (plain Python/math)."""
+"""Each loss of docs/design.md §2 against an independent hand computation (plain Python/math)."""
 
 from __future__ import annotations
 

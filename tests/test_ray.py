@@ -1,4 +1,4 @@
-"""Ray runtime (DESIGN §3, §7): `ray job submit` on a loopback cluster, the embedded default,
+"""Ray runtime (design.md §3, §7): `ray job submit` on a loopback cluster, the embedded default,
 an actor killed mid-run, a hung collective, two nodes in network namespaces, and listeners.
 
 Every job here is the same tiny run (tiny-gpt2, 2 ZeRO-3 ranks on gloo, 6 GA steps, a checkpoint

@@ -1,4 +1,4 @@
-"""The selector against independent exact computations (DESIGN §2, issue acceptance)."""
+"""The selector against independent exact computations (docs/design.md §2, issue acceptance)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_sharded_fd_hvp_matches_exact_hvp_on_a_gathered_copy(two_rank):
 
 @pytest.mark.parametrize("stage", [3, 2, 0])
 def test_bf16_run_gives_the_selector_its_fp32_master_weights(tmp_path, stage):
-    """DESIGN §3: in a bf16 run the selector's finite differences run on an fp32 twin loaded
+    """docs/design.md §3: in a bf16 run the selector's finite differences run on an fp32 twin loaded
     with the optimizer's master weights, which the run's bf16 weights only round. After two
     training steps the masters carry precision the bf16 weights lack; the twin holds them bit
     for bit, in the run's partition layout, and its FD-HVP matches the exact HVP at them."""

@@ -85,7 +85,7 @@ def test_u2a_select_scores_every_negative_without_training(tmp_path, capsys):
     run = tmp_path / "sel"
     assert main(["select", "--config", _write(_u2a_config(run), tmp_path / "c.yaml"),
                  "--launcher", "local"]) == 0
-    rounds = _scores(run)
+    rounds = _scores(run / "select")  # select's own place inside the run directory
     assert list(rounds) == [0] and len(rounds[0]) == N
     assert sum(r["weight"] > 0 for r in rounds[0]) == K
     assert not (run / "model").exists() and not (run / "checkpoints").exists()
@@ -136,7 +136,7 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path, selector):
 
 @pytest.mark.slow
 def test_bf16_run_selects_on_the_masters_of_every_round(tmp_path):
-    """A bf16 ZeRO-3 run (DESIGN §3): every selection round runs on one fp32 twin, reloaded
+    """A bf16 ZeRO-3 run (docs/design.md §3): every selection round runs on one fp32 twin, reloaded
     with the optimizer's master weights of that moment, and its finite differences still
     reach the forward passes (directional scores are not all 0 in any round)."""
     run = tmp_path / "run"

@@ -12,6 +12,7 @@ from typing import Any
 
 from u2a_dist.config import ConfigError, RunConfig, config_from_dict, load_config
 from u2a_dist.data.readers import DataError
+from u2a_dist.fsio import CheckpointError, check_claimable
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -33,8 +34,12 @@ def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
 
         check_local_launch(cfg.runtime.device, cfg.runtime.world_size)
     preflight(cfg)  # every error surfaces before the run directory is touched
-    run_dir = RunDir(cfg.out)
-    resuming = run_dir.prepare(cfg, overwrite=overwrite)
+    if mode == "select":
+        run_dir = _select_dir(cfg)
+        resuming = False
+    else:
+        run_dir = RunDir(cfg.out)
+        resuming = run_dir.prepare(cfg, overwrite=overwrite)
     run_dir.write_json("job.json", {"mode": mode})
     if resuming:
         print(f"[u2a] {cfg.out} has a checkpoint ({run_dir.latest_checkpoint()}): resuming",
@@ -51,6 +56,20 @@ def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
         raise ConfigError("runtime.launcher=deepspeed: start with "
                           "`deepspeed --hostfile H launcher/ds_launch.py --config FILE`")
     return load_summary(run_dir.path)
+
+
+def _select_dir(cfg: RunConfig):
+    """``<out>/select``: `u2a select`'s own place, beside (never over) a run's training state;
+    replaced by the next `u2a select` since u2a made it."""
+    from u2a_dist.fsio import claim_dir, is_marked
+    from u2a_dist.rundir import RunDir
+
+    parent = Path(cfg.out)
+    if not (parent / "config.yaml").is_file():  # not a run directory: make it one (no config)
+        claim_dir(parent, "run")
+    run_dir = RunDir(parent / "select")
+    run_dir.prepare(cfg, overwrite=is_marked(run_dir.path, "select"), kind="select")
+    return run_dir
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -119,7 +138,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides + ["selector.enabled=true"])
     summary = _launch(cfg, args.launcher or cfg.runtime.launcher, overwrite=True, mode="select")
     top = ", ".join(str(i) for i in summary["support"][:10])
-    print(f"[u2a] scored {summary['n']} negatives -> {cfg.out}/scores.jsonl; support "
+    print(f"[u2a] scored {summary['n']} negatives -> {Path(cfg.out) / 'select'}/scores.jsonl; "
+          "support "
           f"(top-{len(summary['support'])}): {top}{' ...' if len(summary['support']) > 10 else ''}")
     print(json.dumps(summary["stats"], default=str))
     return 0
@@ -131,6 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.out
+    check_claimable(Path(out))  # it writes eval.json there: a new, empty or u2a directory only
     result = evaluate_model(cfg, args.model, out)
     print(f"[u2a] eval of {args.model} against {cfg.model.name_or_path} -> {out}/eval.json",
           flush=True)
@@ -139,10 +160,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from u2a_dist.checkpoint import export_checkpoint
+    from u2a_dist.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out)
-    print(f"[u2a] exported {args.checkpoint} -> {args.out}")
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"[u2a] exported {args.checkpoint} -> {out}")
     return 0
 
 
@@ -168,12 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train from a YAML config")
     p.add_argument("--config", required=True)
     p.add_argument("--launcher", choices=["local", "ray", "deepspeed"], default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing u2a run "
+                   "directory (only what u2a wrote in it; anything else is refused)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("select", help="round-0 scores of every negative (scores.jsonl), no "
-                       "training")
+    p = sub.add_parser("select", help="round-0 scores of every negative, no training: "
+                       "<out>/select/scores.jsonl (a run's training state is left alone)")
     p.add_argument("--config", required=True)
     p.add_argument("--launcher", choices=["local", "ray"], default=None)
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -205,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as exc:
         print(f"u2a: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # rank failures etc.: one clear line, details in the run's logs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -100,6 +101,10 @@ class UnlearnConfig:
     weight_decay: float = 0.0
     grad_clip: float = field(default=1.0, metadata={"help": "Global grad-norm clip; 0 = off."})
     warmup_steps: int = 0
+    max_param_abs: float = field(default=1.0e4, metadata={
+        "help": "An update that leaves any parameter non-finite or above this magnitude is "
+                "rolled back and stops the run (a blown-up learning rate), so the last "
+                "checkpoint stays the good one."})
 
 
 @dataclass
@@ -211,19 +216,7 @@ class RunConfig:
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
         _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))
         _choice("runtime.device", self.runtime.device, DEVICES)
-        for key in ("unlearn.lr", "unlearn.npo_beta", "selector.dpo_beta", "selector.eta"):
-            _positive(key, _get(self, key))
-        for key in ("unlearn.steps", "unlearn.batch_size", "runtime.world_size",
-                    "selector.neumann_terms", "selector.top_k", "selector.hessian_batch",
-                    "data.max_length", "eval.batch_size", "eval.max_new_tokens"):
-            _positive(key, _get(self, key))
-        for key in ("unlearn.prox_lambda", "unlearn.mismatch_weight", "unlearn.retain_kl_weight",
-                    "unlearn.forget_weight", "unlearn.time_budget_s",
-                    "unlearn.grad_clip", "eval.every", "runtime.checkpoint_every",
-                    "runtime.max_failures", "selector.rounds", "selector.steps_per_round",
-                    "selector.outer_sample"):
-            if _get(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {_get(self, key)!r}")
+        _check_numbers(self)
         for key in ("selector.alpha", "selector.damping", "selector.fd_eps"):
             value = _get(self, key)
             if isinstance(value, str) and value != "auto":
@@ -268,6 +261,35 @@ class RunConfig:
         Path(path).write_text(self.to_yaml())
 
 
+#: Numeric keys that must be > 0; every other numeric key must be >= 0 (and every one finite,
+#: which ``_coerce`` checks), except those in _SIGNED.
+_POSITIVE = {
+    "unlearn.lr", "unlearn.npo_beta", "unlearn.steps", "unlearn.batch_size",
+    "selector.dpo_beta", "selector.eta", "selector.neumann_terms", "selector.neumann_tol",
+    "selector.identity_gamma", "selector.power_iters", "selector.top_k",
+    "selector.hessian_batch", "runtime.world_size", "runtime.timeout_s", "data.max_length",
+    "eval.batch_size", "eval.max_new_tokens", "unlearn.max_param_abs",
+}
+_SIGNED = {"eval.target.value"}
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    """Every numeric key finite, > 0 where it is a size/rate/time, >= 0 otherwise."""
+    def walk(obj: Any, prefix: str) -> None:
+        for f in fields(obj):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, DataSpec):
+                walk(value, key + ".")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ConfigError(f"{key} must be a finite number, got {value!r}")
+                if key in _POSITIVE and not value > 0:
+                    raise ConfigError(f"{key} must be > 0, got {value!r}")
+                if key not in _SIGNED and value < 0:
+                    raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    walk(cfg, "")
+
+
 def _validate_spec(key: str, spec: DataSpec) -> None:
     _choice(f"{key}.schema", spec.schema, SCHEMAS)
     if spec.field is not None:
@@ -295,7 +317,8 @@ def _validate_floors(ec: EvalConfig) -> None:
         checks.append(("eval.target.metric", ec.target.metric, ec.target.value))
         checks += [(f"eval.target.require.{m}", m, b) for m, b in ec.target.require.items()]
     for key, metric, bound in checks:
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) \
+                or not math.isfinite(bound):
             raise ConfigError(f"{key}: bound must be a number, got {bound!r}")
         need = _GENERATION_METRICS.get(metric)
         if metric in ("eval/retain_ppl", "eval/retain_ppl_ratio"):
@@ -312,11 +335,6 @@ def _validate_floors(ec: EvalConfig) -> None:
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
-
-
-def _positive(key: str, value: Any) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value!r}")
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -364,21 +382,27 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if inner is int:
         if isinstance(value, bool) or not _is_intlike(value):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return int(value)
+        return int(float(value)) if isinstance(value, str) else int(value)  # "1e3" -> 1000
     if inner is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if inner is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     if get_origin(inner) in (Union, types.UnionType):  # float | str ("auto")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             return str(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number or 'auto', got {value!r}")
+        return number
     if get_origin(inner) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
@@ -389,7 +413,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 def _is_intlike(value: Any) -> bool:
     try:
         return float(value) == int(float(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
         return False
 
 
@@ -455,7 +479,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):

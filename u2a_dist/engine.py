@@ -74,7 +74,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, train: bool = True,
     zero["stage"] = cfg.runtime.zero_stage
     if cfg.runtime.zero_stage == 3:
         # Parameters under the threshold would stay unpartitioned; the selector's sharded
-        # vectors assume every parameter is partitioned (DESIGN §6).
+        # vectors assume every parameter is partitioned (docs/design.md §6).
         zero["stage3_param_persistence_threshold"] = 0
     if frozen:
         # no optimizer state to move: the frozen engine's SGD at lr 0 keeps none
@@ -128,7 +128,7 @@ class Engine:
     @classmethod
     def fp32_twin(cls, cfg: RunConfig, model: torch.nn.Module, world_size: int) -> Engine:
         """An fp32, frozen engine with the same ZeRO stage and partition layout as the run's,
-        for the selector of a bf16/fp16 run (DESIGN §3: its finite differences perturb the
+        for the selector of a bf16/fp16 run (docs/design.md §3: its finite differences perturb the
         weights by about 1%, which 16-bit weights round away). :meth:`load_parts` fills it
         with the run engine's :meth:`fp32_master_parts`."""
         model = model.float()

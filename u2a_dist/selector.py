@@ -1,4 +1,4 @@
-"""The U2A selector: which negatives to unlearn and how hard (DESIGN §2).
+"""The U2A selector: which negatives to unlearn and how hard (docs/design.md §2).
 
 At the current θ, with inner weights w:
 
@@ -218,7 +218,7 @@ class TrainerProblem:
     Every method is collective: all ranks call it with the same arguments, and ZeRO-3 forward
     passes are padded so every rank makes the same number of them. The passes run on
     ``trainer.selector_engine()``: the run's engine, or in a bf16/fp16 run an fp32 twin loaded
-    with the optimizer's master weights when the problem is made (DESIGN §3).
+    with the optimizer's master weights when the problem is made (docs/design.md §3).
     """
 
     def __init__(self, trainer, hessian_batch: int) -> None:

@@ -1,4 +1,4 @@
-"""Weighted unlearning on a DeepSpeed engine: the inner problem of U2A (DESIGN §2).
+"""Weighted unlearning on a DeepSpeed engine: the inner problem of U2A (docs/design.md §2).
 
 Every rank runs this same code. A step draws a global batch of B forget examples from the
 support S (a seeded permutation, identical on every rank), each rank takes its B/W share, and the
@@ -16,15 +16,22 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from u2a_dist.checkpoint import (
+    CheckpointStore,
+    crash_point,
+    load_trainer_state,
+    safe_torch_load,
+    save_trainer_state,
+)
 from u2a_dist.config import RunConfig, spec_paths
 from u2a_dist.data.examples import Completion, load_completions, load_pairs
 from u2a_dist.data.readers import DataError
@@ -42,6 +49,7 @@ from u2a_dist.evaluate import (
     target_holds,
     training_prompt_keys,
 )
+from u2a_dist.export import write_model_dir
 from u2a_dist.losses import (
     NonFiniteLossError,
     token_kl_sum,
@@ -146,7 +154,7 @@ class Trainer:
         model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
         self.engine = Engine(cfg, model, self.world_size)
         self.device = self.engine.device  # batches go here; data and caches stay on the CPU
-        # θ0 = the starting model = the frozen reference (DESIGN §2); fp32 local partitions.
+        # θ0 = the starting model = the frozen reference (docs/design.md §2); fp32 local partitions.
         self.theta0 = [t.detach().float().clone() for t in self.engine.local_parts()]
         self._eval_copy: torch.nn.Module | None = None
         self._fp32_engine: Engine | None = None  # the selector's, in a bf16/fp16 run
@@ -171,9 +179,12 @@ class Trainer:
         self.eval_time = 0.0
         self.round = 0
         self.resumed_from: int | None = None
-        self._init_eval()  # before a checkpoint is loaded: the reference answers are θ0's
-        if run_dir is not None and (tag := run_dir.latest_checkpoint()) is not None:
-            self.load_checkpoint(tag)
+        resume = run_dir.latest_checkpoint() if run_dir is not None else None
+        self._init_eval(resuming=resume is not None)  # before a checkpoint is loaded: the
+        if resume is not None:                        # reference answers are θ0's
+            self.load_checkpoint(resume)
+        elif run_dir is not None and self.rank == 0:
+            run_dir.truncate_metrics_after(-1)  # a fresh start: no line of an earlier attempt
 
     # ------------------------------------------------------------------ data
 
@@ -321,7 +332,7 @@ class Trainer:
         An fp32 run: the run's own engine. A bf16/fp16 run: an fp32 twin with the same ZeRO
         partitions (built at the first call), loaded with the optimizer's fp32 master weights
         at every call, because the selector's finite differences perturb θ by about 1% and
-        16-bit weights round that away (DESIGN §3). It costs 4 bytes per local parameter for
+        16-bit weights round that away (docs/design.md §3). It costs 4 bytes per local parameter for
         the weights and 4 for the gradients, on top of the run's engine.
         """
         if self.cfg.model.dtype == "float32":
@@ -379,6 +390,7 @@ class Trainer:
         if cfg.unlearn.prox_lambda > 0:
             self.engine.add_to_local_grads(self.prox_grads())
         self.engine.step()
+        self._check_update()
         self.step += 1
         dt = time.perf_counter() - t0
         self.train_time += dt
@@ -398,6 +410,21 @@ class Trainer:
             raise NonFiniteLossError(f"step {self.step}: non-finite loss after the update")
         return metrics
 
+    def _check_update(self) -> None:
+        """Stop before a blown-up update is kept: parameters non-finite or above
+        unlearn.max_param_abs on any rank end the run at this step, which is then neither
+        counted, logged, checkpointed nor exported (the last checkpoint stays the good one)."""
+        bound = self.cfg.unlearn.max_param_abs
+        bad = any(not bool(torch.isfinite(t).all()) or (t.numel() and float(t.abs().max()) > bound)
+                  for t in self.engine.local_parts())
+        if all_reduce_sum(float(bad)) > 0:
+            good = self.run_dir.latest_checkpoint() if self.run_dir is not None else None
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the update left parameters non-finite or above "
+                f"unlearn.max_param_abs={bound:g} (is unlearn.lr={self.cfg.unlearn.lr:g} too "
+                "large?); the step is discarded and training stopped; "
+                + (f"checkpoint {good} is the last good one" if good else "no checkpoint yet"))
+
     def set_support(self, support: list[int], weights: torch.Tensor) -> None:
         """Train on `support` with `weights` from now on (a new seeded epoch order)."""
         self.weights = weights.double().clone()
@@ -406,7 +433,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _init_eval(self) -> None:
+    def _init_eval(self, resuming: bool) -> None:
         """Prompt sets, judge and retain set of the generation-based evaluation (if any).
 
         retain_ppl scores θ0's own harmless answers unless eval.retain is given: they are made
@@ -424,7 +451,6 @@ class Trainer:
         if self.gen_eval.excluded and self.rank == 0:
             log.info("evaluation leaves out %d prompts that the training data contains",
                      self.gen_eval.excluded)
-        resuming = self.run_dir is not None and self.run_dir.latest_checkpoint() is not None
         if resuming and self.gen_eval.needs_reference():
             self.eval_time += self.gen_eval.prepare(self.reference if self.reference is not None
                                                     else self.eval_model())
@@ -576,59 +602,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "round": self.round, "train_time": self.train_time,
-                "eval_time": self.eval_time, "weights": self.weights.clone(),
-                "sampler": self.sampler.state_dict(),
+    def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able rest): what a checkpoint holds besides DeepSpeed's state."""
+        version, internal, gauss = random.getstate()
+        tensors = {"weights": self.weights.clone(), "torch_rng": torch.get_rng_state()}
+        meta = {"step": self.step, "round": self.round, "train_time": self.train_time,
+                "eval_time": self.eval_time, "sampler": self.sampler.state_dict(),
                 "retain_sampler": self.retain_sampler.state_dict() if self.retain_sampler
-                else None, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}
+                else None, "py_rng": [version, list(internal), gauss]}
+        return tensors, meta
 
-    def save_checkpoint(self) -> str:
-        """Write checkpoints/step{k} via a temporary name, then move the `latest` pointer."""
+    def save_checkpoint(self, final: bool = False) -> str:
+        """A crash-safe checkpoint of this step (u2a_dist.checkpoint); returns its tag (rank 0;
+        the temporary tag on the other ranks). ``final``: the end-of-run save."""
         assert self.run_dir is not None
-        root = self.run_dir.checkpoints
-        tag = f"step{self.step}"
-        tmp_tag = f"tmp-{tag}"
-        if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        store = CheckpointStore(self.run_dir.checkpoints)
+        tmp = store.begin(self.step) if self.rank == 0 else f"tmp-step{self.step}"
         barrier()
-        self.engine.save(root, tmp_tag)
+        self.engine.save(store.root, tmp)
+        crash_point("final_write" if final else "write", self.rank, self.step)
         barrier()
+        tag = tmp
         if self.rank == 0:
-            torch.save(self.trainer_state(), root / tmp_tag / "trainer_state.pt")
-            shutil.rmtree(root / tag, ignore_errors=True)
-            (root / tmp_tag).rename(root / tag)
-            from u2a_dist.rundir import atomic_write
-
-            atomic_write(root / "latest", tag + "\n")
-            self._prune(root, keep=tag)
+            save_trainer_state(store.root / tmp, *self.trainer_state())
+            tag = store.commit(tmp, self.step, self.rank, "final_" if final else "")
         barrier()
         return tag
-
-    @staticmethod
-    def _prune(root, keep: str, max_keep: int = 2) -> None:
-        tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")),
-                      key=lambda p: int(p.name[4:]))
-        for p in tags[:-max_keep]:
-            if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
 
     def load_checkpoint(self, tag: str) -> None:
         assert self.run_dir is not None
         root = self.run_dir.checkpoints
-        self.engine.load(root, tag)
-        state = torch.load(root / tag / "trainer_state.pt", weights_only=False)
+        with safe_torch_load():
+            self.engine.load(root, tag)
+        tensors, state = load_trainer_state(root / tag)
         self.step = int(state["step"])
         self.round = int(state["round"])
         self.train_time = float(state["train_time"])
         self.eval_time = float(state["eval_time"])
-        self.weights = state["weights"]
+        self.weights = tensors["weights"]
         self.sampler.load_state_dict(state["sampler"])
         if self.retain_sampler is not None and state["retain_sampler"] is not None:
             self.retain_sampler.load_state_dict(state["retain_sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["py_rng"])
+        torch.set_rng_state(tensors["torch_rng"])
+        version, internal, gauss = state["py_rng"]
+        random.setstate((version, tuple(internal), gauss))
         self.resumed_from = self.step
         if self.rank == 0:
             self.run_dir.truncate_metrics_after(self.step)
@@ -637,20 +654,11 @@ class Trainer:
 
     def export(self, out_dir) -> None:
         """Write model/ (safetensors + config + tokenizer) loadable by from_pretrained."""
-        from pathlib import Path
-
         state = self.engine.full_state_dict()  # collective: every rank takes part
         if self.rank == 0:
-            out_dir = Path(out_dir)
-            tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            resolved = resolve_model_dir(self.cfg.model)
-            fresh = load_model(self.cfg.model, resolved, seed=self.cfg.runtime.seed)
+            fresh = load_model(self.cfg.model, self._resolved, seed=self.cfg.runtime.seed)
             fresh.load_state_dict(state, strict=True)
-            fresh.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            tmp.rename(out_dir)
+            write_model_dir(fresh, self.tokenizer, Path(out_dir))
         barrier()
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from u2a_dist.data.examples import _need  # the one text-field check of every reader
 from u2a_dist.data.readers import DataError
+from u2a_dist.data.records import need_text
 
 FILE_SUFFIX = "_evaluations"
 HARMLESS_HELPFUL = "harmless_baseline"
@@ -89,8 +89,8 @@ def _load_file(path: Path) -> list[LabelledCompletion]:
         out.append(LabelledCompletion(
             source_model=model,
             setting=setting,
-            prompt=_need(where, row, "prompt"),
-            response=_need(where, row, "response"),
+            prompt=need_text(where, row, "prompt"),
+            response=need_text(where, row, "response"),
             category=None if category is None else str(category),
             harmful=_flag(row.get("is_jailbreak_llamaguard2"), where, "is_jailbreak_llamaguard2"),
             no_refusal=_flag(row.get("is_jailbreak_substring_matching"), where,

@@ -4,7 +4,7 @@
 - ``Pair(prompt, chosen, rejected)``: preference pairs for J and for pa/accuracy.
 - ``Prompt(prompt)``: prompts for generation-based evaluation.
 
-Schemas (DESIGN §4): ``pairs`` (prompt/chosen/rejected), ``refusal-pairs`` (same, plus model and
+Schemas (design.md §4): ``pairs`` (prompt/chosen/rejected), ``refusal-pairs`` (same, plus model and
 category), ``hh-rlhf`` (two whole dialogues that differ in the last Assistant turn),
 ``completions`` (labelled model completions, a file or a directory of them), ``prompts``
 (``instruction``), ``qa`` (``question``/``answer``, or TruthfulQA's CSV columns).
@@ -12,51 +12,20 @@ category), ``hh-rlhf`` (two whole dialogues that differ in the last Assistant tu
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from u2a_dist.config import DataSpec
+from u2a_dist.data.builtin import builtin_completions, builtin_pairs, builtin_prompts
+from u2a_dist.data.completions import (
+    LabelledCompletion,
+    load_labelled_completions,
+    over_refusal_pairs,
+)
 from u2a_dist.data.readers import DataError, Row, read_rows
 
-Messages = list[dict[str, str]]
-
-
-@dataclass
-class Completion:
-    id: str
-    prompt: str
-    response: str
-    history: Messages = field(default_factory=list)  # earlier turns (hh-rlhf), before `prompt`
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Pair:
-    id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    history: Messages = field(default_factory=list)
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Prompt:
-    id: str
-    prompt: str
-    history: Messages = field(default_factory=list)
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-def _need(loc: str, row: Row, key: str) -> str:
-    if key not in row or row[key] is None:
-        raise DataError(f"{loc}: missing field {key!r} (row has {sorted(row)})")
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{loc}: field {key!r} must be text, got {type(value).__name__}")
-    return value
+# The record types live in ``records``; other modules import them from here too.
+from u2a_dist.data.records import Completion, Messages, Pair, Prompt, need_text, prompt_hash
 
 
 def _row_id(loc: str, row: Row) -> str:
@@ -94,7 +63,7 @@ def _hh_pair(loc: str, row: Row) -> Pair:
     A few HH-RLHF rows differ before their last turn; the shared part is the context, the rest
     of each dialogue is that side's answer.
     """
-    chosen, rejected = _need(loc, row, "chosen"), _need(loc, row, "rejected")
+    chosen, rejected = need_text(loc, row, "chosen"), need_text(loc, row, "rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -117,8 +86,8 @@ def _pairs(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Pair]:
         out = []
         for loc, row in rows:
             attrs = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-            out.append(Pair(_row_id(loc, row), _need(loc, row, "prompt"),
-                            _need(loc, row, "chosen"), _need(loc, row, "rejected"),
+            out.append(Pair(_row_id(loc, row), need_text(loc, row, "prompt"),
+                            need_text(loc, row, "chosen"), need_text(loc, row, "rejected"),
                             attrs=attrs))
         return out
     if spec.schema == "hh-rlhf":
@@ -126,9 +95,9 @@ def _pairs(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Pair]:
     if spec.schema == "qa":  # TruthfulQA: best answer ≻ first incorrect answer
         out = []
         for loc, row in rows:
-            wrong = _need(loc, row, "Incorrect Answers").split(";")[0].strip()
-            out.append(Pair(_row_id(loc, row), _need(loc, row, "Question"),
-                            _need(loc, row, "Best Answer"), wrong))
+            wrong = need_text(loc, row, "Incorrect Answers").split(";")[0].strip()
+            out.append(Pair(_row_id(loc, row), need_text(loc, row, "Question"),
+                            need_text(loc, row, "Best Answer"), wrong))
         return out
     raise DataError(f"{spec.path}: schema {spec.schema!r} does not give preference pairs")
 
@@ -144,17 +113,15 @@ def _completions(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Completion
         out = []
         for loc, row in rows:
             if "question" in row:
-                prompt, answer = _need(loc, row, "question"), _need(loc, row, "answer")
+                prompt, answer = need_text(loc, row, "question"), need_text(loc, row, "answer")
             else:
-                prompt, answer = _need(loc, row, "Question"), _need(loc, row, "Best Answer")
+                prompt, answer = need_text(loc, row, "Question"), need_text(loc, row, "Best Answer")
             out.append(Completion(_row_id(loc, row), prompt, answer))
         return out
     raise DataError(f"{spec.path}: schema {spec.schema!r} does not give completions")
 
 
-def _labelled(spec: DataSpec):
-    from u2a_dist.data.completions import load_labelled_completions
-
+def _labelled(spec: DataSpec) -> list[LabelledCompletion]:
     try:
         return load_labelled_completions(spec.path)
     except FileNotFoundError as exc:
@@ -170,8 +137,7 @@ def _keep(spec: DataSpec, attrs: dict[str, Any], prompt: str) -> bool:
         elif have != want and str(have) != str(want):
             return False
     if spec.split is not None:
-        digest = hashlib.sha1(prompt.strip().lower().encode()).digest()
-        in_eval = int.from_bytes(digest[:8], "big") / 2**64 < spec.eval_fraction
+        in_eval = prompt_hash(prompt) / 2**64 < spec.eval_fraction
         if in_eval != (spec.split == "eval"):
             return False
     return True
@@ -207,8 +173,6 @@ def load_completions(spec: DataSpec | list[DataSpec]) -> list[Completion]:
     if isinstance(spec, list):
         return _concat([load_completions(one) for one in spec])
     if (name := _builtin(spec)) is not None:
-        from u2a_dist.data.builtin import builtin_completions
-
         return _finish(spec, builtin_completions(name, spec.field), "completions")
     if spec.schema == "completions":
         items = [Completion(f"{c.source_model}__{c.setting}:{i}", c.prompt, c.response,
@@ -224,12 +188,8 @@ def load_pairs(spec: DataSpec | list[DataSpec]) -> list[Pair]:
     if isinstance(spec, list):
         return _concat([load_pairs(one) for one in spec])
     if (name := _builtin(spec)) is not None:
-        from u2a_dist.data.builtin import builtin_pairs
-
         return _finish(spec, builtin_pairs(name), "pairs")
     if spec.schema == "completions":  # over-refusal pairs: helpful ≻ refusal on harmless prompts
-        from u2a_dist.data.completions import over_refusal_pairs
-
         labelled = _labelled(spec)
         items = [Pair(f"over_refusal:{i}", prompt, helpful, refusal,
                       attrs={"kind": "over_refusal"})
@@ -242,14 +202,12 @@ def load_prompts(spec: DataSpec | list[DataSpec]) -> list[Prompt]:
     if isinstance(spec, list):
         return _concat([load_prompts(one) for one in spec])
     if (name := _builtin(spec)) is not None:
-        from u2a_dist.data.builtin import builtin_prompts
-
         return _finish(spec, builtin_prompts(name), "prompts")
     if spec.schema == "prompts":
         items = []
         for loc, row in read_rows(spec.path, spec.hub_split):
             key = "instruction" if "instruction" in row else "prompt"
-            items.append(Prompt(_row_id(loc, row), _need(loc, row, key),
+            items.append(Prompt(_row_id(loc, row), need_text(loc, row, key),
                                 attrs={k: v for k, v in row.items() if k != key}))
         return _finish(spec, items, "prompts")
     if spec.schema == "completions":

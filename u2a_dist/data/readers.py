@@ -9,6 +9,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,23 @@ def _kind(path: Path) -> str:
 
 
 def read_rows(path: str | Path, hub_split: str = "train") -> list[tuple[str, Row]]:
-    """Rows with a location string (``file:line``) each, for error messages and ids."""
+    """Rows with a location string (``file:line``) each, for error messages and ids.
+
+    A file that is not UTF-8 text, or a ``.gz`` that is not gzip, is a DataError naming it.
+    """
     p = Path(path)
+    try:
+        return _read_rows(p, path, hub_split)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                        "UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{p}: not a valid gzip file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_rows(p: Path, path: str | Path, hub_split: str) -> list[tuple[str, Row]]:
     if p.is_dir():
         rows: list[tuple[str, Row]] = []
         files = sorted(q for q in p.iterdir() if _kind(q) in ("json", "jsonl", "csv", "parquet"))

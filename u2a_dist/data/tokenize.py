@@ -1,7 +1,7 @@
 """Tokenise (prompt, response) with the chat template and prompt masking; collate; shard.
 
 Labels are ``-100`` on prompt and padding tokens, so every log-prob in losses.py is a sum over
-response tokens only (DESIGN §2). The response ends with the eos token (``<|im_end|>`` for
+response tokens only (docs/design.md §2). The response ends with the eos token (``<|im_end|>`` for
 ChatML models), because a model that is to stop after a refusal must learn where to stop.
 """
 

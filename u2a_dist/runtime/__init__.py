@@ -1,4 +1,4 @@
-"""How ranks are started (DESIGN §3): every path ends in ``u2a_dist.job.run_rank``.
+"""How ranks are started (docs/design.md §3): every path ends in ``u2a_dist.job.run_rank``.
 
 - ``local``: W rank processes on this machine (``runtime.local.launch_local``).
 - ``ray``: one Ray actor per rank in a placement group, restart from the last checkpoint on actor

@@ -12,7 +12,10 @@ torchrun's agent); gloo's own sockets are pinned to the loopback interface.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +91,9 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
     """Run ``python -m u2a_dist.runtime.worker`` W times and wait; raise if any rank fails."""
     logs = run_dir.path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    stale = run_dir.path / "error.json"
+    if stale.is_file():  # an earlier attempt's: kept in logs/, so that this one's is not mixed
+        stale.rename(logs / f"error-{int(stale.stat().st_mtime)}.json")
     store = LoopbackStore(world_size)
     port = store.port
     procs = []
@@ -106,7 +112,9 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
                 shown = _echo_progress(logs / "rank0.log", shown)
             codes = [p.poll() for p in procs]
             if any(c not in (None, 0) for c in codes):
-                failed = next(i for i, c in enumerate(codes) if c not in (None, 0))
+                # a rank killed by a signal is the cause; the others' errors follow from it
+                failed = min((i for i, c in enumerate(codes) if c not in (None, 0)),
+                             key=lambda i: (codes[i] > 0, i))
                 break
             if all(c == 0 for c in codes):
                 break
@@ -126,8 +134,30 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
     if not quiet:
         _echo_progress(logs / "rank0.log", shown)
     if failed is not None:
-        raise RankFailure(f"rank {failed} failed (exit {procs[failed].returncode}); last lines "
-                          f"of {logs / f'rank{failed}.log'}:\n" + _tail(logs / f"rank{failed}.log"))
+        code = procs[failed].returncode
+        how = _exit_text(code)
+        log_path = logs / f"rank{failed}.log"
+        written = run_dir.path / "error.json"
+        if code < 0 or not written.is_file():
+            # A killed rank writes nothing; what another rank wrote is a consequence of it.
+            record = {"error": "RankFailure", "rank": failed, "exit": code,
+                      "message": f"rank {failed} {how}", "log": str(log_path),
+                      "tail": _tail(log_path)}
+            if written.is_file():
+                record["consequence"] = json.loads(written.read_text())
+            run_dir.write_json("error.json", record)
+        raise RankFailure(f"rank {failed} {how}; last lines of {log_path} (warnings left "
+                          "out):\n" + _tail(log_path))
+
+
+def _exit_text(code: int) -> str:
+    """``failed (exit 1)`` or ``was killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"failed (exit {code})"
 
 
 def _echo_progress(path: Path, shown: int) -> int:
@@ -141,6 +171,20 @@ def _echo_progress(path: Path, shown: int) -> int:
 
 
 def _tail(path: Path, n: int = 25) -> str:
+    """The last ``n`` lines of a rank's log without Python warnings (a warning's line and the
+    source line it quotes), which otherwise crowd out the error."""
     if not path.is_file():
         return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    kept: list[str] = []
+    skip_next = False
+    for line in path.read_text(errors="replace").splitlines():
+        if skip_next and line.startswith(" "):
+            skip_next = False
+            continue
+        skip_next = bool(_WARNING.search(line))
+        if not skip_next:
+            kept.append(line)
+    return "\n".join(kept[-n:])
+
+
+_WARNING = re.compile(r":\d+: \w*Warning: ")

@@ -1,4 +1,4 @@
-"""Ray runtime (DESIGN §3): one actor per rank in a placement group; restart on actor death.
+"""Ray runtime (docs/design.md §3): one actor per rank in a placement group; restart on actor death.
 
 Every rank runs the same code as under the local and `deepspeed` launchers: an actor sets
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and calls ``u2a_dist.job.run_rank``.
@@ -63,6 +63,7 @@ from ray.util.placement_group import (  # noqa: E402
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
+from u2a_dist.checkpoint import tag_step  # noqa: E402
 from u2a_dist.config import RunConfig  # noqa: E402
 from u2a_dist.rundir import RunDir  # noqa: E402
 from u2a_dist.runtime.local import RankFailure  # noqa: E402
@@ -327,7 +328,7 @@ def _connect(cfg: RunConfig) -> tuple[bool, bool]:
 
     Returns (initialised here, so shut down at the end; embedded). A plain ``ray.init()`` could
     attach to a stale local cluster: the embedded start is explicit, bound to loopback and
-    without a dashboard (DESIGN §6).
+    without a dashboard (docs/design.md §6).
     """
     if ray.is_initialized():
         return False, False
@@ -568,10 +569,7 @@ def _poll(group: _Group, dog: Watchdog, display: _Display) -> None:
 
 def _checkpoint_step(run_dir: RunDir) -> int | None:
     tag = run_dir.latest_checkpoint()
-    if tag is None:
-        return None
-    digits = "".join(ch for ch in tag if ch.isdigit())
-    return int(digits) if digits else None
+    return None if tag is None else tag_step(tag)
 
 
 def _prepare_restart(run_dir: RunDir, attempt: int) -> tuple[int | None, int, int]:

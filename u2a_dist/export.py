@@ -1,0 +1,90 @@
+"""Export a model directory for ``from_pretrained``: in-run (gathered live weights, from the
+trainer) or offline from a DeepSpeed (ZeRO) checkpoint of a run (``u2a export``), which needs
+no process group: DeepSpeed's ``zero_to_fp32`` merges the per-rank partitions on one process,
+its pickles read through :func:`u2a_dist.checkpoint.safe_torch_load`.
+
+The output directory is replaced only when u2a made it (its marker), never when it holds
+anything else, and it may not overlap the run it reads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from u2a_dist.checkpoint import CheckpointError, CheckpointStore, safe_torch_load
+from u2a_dist.config import ConfigError, load_config
+from u2a_dist.fsio import check_disjoint, is_marked, mark
+
+
+def _locate(checkpoint: str | Path) -> tuple[Path, Path, str]:
+    """(run dir, checkpoints dir, tag) from a run directory or a checkpoints/<tag> path."""
+    path = Path(checkpoint)
+    if (path / "config.yaml").is_file():
+        store = CheckpointStore(path / "checkpoints")
+        tag = store.resume_tag()
+        if tag is None:
+            raise FileNotFoundError(f"{path}: the run has no complete checkpoint")
+        return path, store.root, tag
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        store = CheckpointStore(path.parent)
+        if (problem := store.problem(path.name)) is not None:
+            raise FileNotFoundError(f"{path}: not a complete checkpoint ({problem})")
+        return path.parent.parent, path.parent, path.name
+    raise FileNotFoundError(f"{path}: neither a run directory nor a run's checkpoints/<tag>")
+
+
+def check_weights(state: dict[str, torch.Tensor], bound: float, where: str) -> None:
+    """Refuse weights that are non-finite or above ``bound`` in magnitude (a blown-up run)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not (torch.isfinite(t).all() and t.abs().max() <= bound):
+            raise CheckpointError(f"{where}: parameter {name} is non-finite or above "
+                                  f"unlearn.max_param_abs={bound:g}; not exporting it")
+
+
+def write_model_dir(model: torch.nn.Module, tokenizer, out: Path) -> Path:
+    """``model/``-style directory (safetensors + config + tokenizer), replacing ``out`` only
+    when it is empty or an earlier u2a export; written under a temporary name first."""
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_marked(out))):
+        raise ConfigError(f"{out} exists and is not a u2a export (no marker): not replacing it; "
+                          "choose a new or empty directory")
+    tmp = out.with_name(f".{out.name}.u2a-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    mark(tmp, "export")
+    if out.exists():
+        old = out.with_name(f".{out.name}.u2a-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
+
+    run, ckpt_dir, tag = _locate(checkpoint)
+    check_disjoint(Path(out), [run], what="--out")
+    cfg = load_config(run / "config.yaml")
+    with safe_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    check_weights(state, cfg.unlearn.max_param_abs, str(ckpt_dir / tag))
+    resolved = resolve_model_dir(cfg.model)
+    model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{ckpt_dir / tag}: checkpoint does not match the model "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]})")
+    return write_model_dir(model, load_tokenizer(cfg.model, resolved), Path(out))
