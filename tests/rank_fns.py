@@ -82,7 +82,8 @@ def selector_checks(cfg: dict, per_example: bool = True,
     (after ``train_steps`` training steps; in a bf16 run also the fp32 twin against the
     optimizer's master weights)."""
     from u2a_dist.linalg import NEUMANN_STATE_VECTORS, ShardedVector, finite_difference_hvp
-    from u2a_dist.selector import TrainerProblem, directional_scores, per_example_scores, solve_ihvp
+    from u2a_dist.selector import directional_scores, per_example_scores, solve_ihvp
+    from u2a_dist.trainer_problem import TrainerProblem
 
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
@@ -150,7 +151,7 @@ def selector_checks(cfg: dict, per_example: bool = True,
 
 
 def round0_scores(cfg: dict) -> dict[str, Any]:
-    from u2a_dist.selector import select_round0
+    from u2a_dist.u2a_loop import select_round0
 
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
@@ -161,7 +162,7 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
 
 def u2a_report(cfg: dict, prepare: bool = True) -> dict[str, Any]:
     """Run the U2A loop (round-0 selection, train, reweight, ...) and report its state."""
-    from u2a_dist.selector import run_u2a
+    from u2a_dist.u2a_loop import run_u2a
 
     trainer = _trainer_in_run_dir(cfg, prepare)
     losses: list[float] = []
@@ -184,7 +185,7 @@ def inner_terms(cfg: dict, idx: list[int]) -> dict[str, Any]:
 
 def outer_grad_check(cfg: dict) -> dict[str, Any]:
     """∇J on a sample of the pairs (selector.outer_sample), gathered, with what a check needs."""
-    from u2a_dist.selector import TrainerProblem
+    from u2a_dist.trainer_problem import TrainerProblem
 
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
@@ -205,7 +206,7 @@ def outer_grad_check(cfg: dict) -> dict[str, Any]:
 
 def budget_report(cfg: dict) -> dict[str, Any]:
     """Train (or run the U2A loop when the selector is on) under unlearn.time_budget_s."""
-    from u2a_dist.selector import run_u2a
+    from u2a_dist.u2a_loop import run_u2a
 
     trainer = Trainer(config_from_dict(cfg), None)
     result = run_u2a(trainer) if trainer.cfg.selector.enabled else trainer.train()
@@ -221,7 +222,7 @@ def step_metrics(cfg: dict, steps: int) -> list[dict[str, Any]]:
 def half_precision_rounds(cfg: dict) -> dict[str, Any]:
     """The U2A loop in a bf16 run, recording at every selection which engine the selector got
     and whether it held the optimizer's fp32 master weights at that moment."""
-    from u2a_dist.selector import run_u2a
+    from u2a_dist.u2a_loop import run_u2a
 
     trainer = _trainer_in_run_dir(cfg, prepare=True)
     loads: list[dict[str, Any]] = []

@@ -234,7 +234,7 @@ class ToyProblem:
 def test_hypergradient_equals_finite_difference_of_the_resolved_outer_loss():
     toy = ToyProblem()
     toy.set_theta(toy.solve(toy.w))
-    cfg = SelectorConfig(neumann_terms=200, neumann_tol=1e-8, power_iters=10)
+    cfg = SelectorConfig(neumann_terms=200, neumann_tol=1e-8, lanczos_steps=10)
     hg = hypergradients(toy, cfg, list(range(len(toy.w))))
     h = 1e-4
     true = []
@@ -250,7 +250,7 @@ def test_hypergradient_equals_finite_difference_of_the_resolved_outer_loss():
 def test_weight_update_along_the_hypergradient_lowers_the_true_outer_loss():
     toy = ToyProblem(seed=1)
     toy.set_theta(toy.solve(toy.w))
-    cfg = SelectorConfig(neumann_terms=200, neumann_tol=1e-8, power_iters=10)
+    cfg = SelectorConfig(neumann_terms=200, neumann_tol=1e-8, lanczos_steps=10)
     hg = hypergradients(toy, cfg, list(range(len(toy.w))))
     j0 = float(toy.outer(toy.theta))
     down = exponentiated_gradient(toy.w, hg.grads, eta=2.0)

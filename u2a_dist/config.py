@@ -9,17 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid; the message names the key."""
-
+from u2a_dist.losses import LOSSES
+from u2a_dist.typed import ConfigError, build_dataclass
 
 SCHEMAS = ("pairs", "hh-rlhf", "refusal-pairs", "completions", "prompts", "qa")
 
@@ -82,7 +79,11 @@ class DataConfig:
 
 @dataclass
 class UnlearnConfig:
-    loss: str = field(default="ga", metadata={"help": "ga | npo"})
+    loss: str = field(default="ga", metadata={
+        "help": "The unlearning loss ℓ_i by name: ga | npo | any class registered in "
+                "u2a_dist.losses.LOSSES."})
+    loss_args: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Options of the loss class beyond npo_beta (its __init__ keyword arguments)."})
     lr: float = 1e-5
     steps: int = field(default=100, metadata={"help": "Optimiser step budget."})
     time_budget_s: float = field(default=0.0, metadata={
@@ -117,8 +118,9 @@ class SelectorConfig:
     identity_gamma: float = 1.0
     alpha: Union[float, str] = "auto"
     damping: Union[float, str] = "auto"
-    power_iters: int = 20
-    hvp: str = field(default="finite_difference", metadata={"help": "finite_difference | exact"})
+    lanczos_steps: int = field(default=20, metadata={
+        "help": "HVPs of the Lanczos run that estimates λ_min and λ_max of H for `auto` damping "
+                "and alpha (`power_iters`, its former name, is still read)."})
     fd_eps: Union[float, str] = "auto"
     hessian_batch: int = 32
     outer_sample: int = field(default=0, metadata={
@@ -206,10 +208,12 @@ class RunConfig:
         """Check cross-field constraints; raise ConfigError naming the key."""
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.attn_implementation", self.model.attn_implementation, ("eager", "sdpa"))
-        _choice("unlearn.loss", self.unlearn.loss, ("ga", "npo"))
+        _choice("unlearn.loss", self.unlearn.loss, tuple(sorted(LOSSES)))
+        if (why := LOSSES[self.unlearn.loss].check_args(self.unlearn.loss_args)) is not None:
+            raise ConfigError(f"unlearn.loss_args {self.unlearn.loss_args!r} do not fit "
+                              f"unlearn.loss={self.unlearn.loss!r}: {why}")
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "identity"))
-        _choice("selector.hvp", self.selector.hvp, ("finite_difference", "exact"))
         _choice("selector.score", self.selector.score, ("directional", "per_example_grad"))
         _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))
         _choice("runtime.launcher", self.runtime.launcher, ("local", "ray", "deepspeed"))
@@ -262,11 +266,11 @@ class RunConfig:
 
 
 #: Numeric keys that must be > 0; every other numeric key must be >= 0 (and every one finite,
-#: which ``_coerce`` checks), except those in _SIGNED.
+#: which ``typed.build_dataclass`` checks), except those in _SIGNED.
 _POSITIVE = {
     "unlearn.lr", "unlearn.npo_beta", "unlearn.steps", "unlearn.batch_size",
-    "selector.dpo_beta", "selector.eta", "selector.neumann_terms", "selector.neumann_tol",
-    "selector.identity_gamma", "selector.power_iters", "selector.top_k",
+    "selector.dpo_beta", "selector.eta", "selector.neumann_terms",
+    "selector.identity_gamma", "selector.lanczos_steps", "selector.top_k",
     "selector.hessian_batch", "runtime.world_size", "runtime.timeout_s", "data.max_length",
     "eval.batch_size", "eval.max_new_tokens", "unlearn.max_param_abs",
 }
@@ -345,96 +349,6 @@ def _get(obj: Any, dotted: str) -> Any:
 
 # ---------------------------------------------------------------- building from dicts / YAML
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    if get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        optional = len(args) < len(get_args(tp))
-        if len(args) == 1:
-            return args[0], optional
-        return Union[tuple(args)], optional
-    return tp, False
-
-
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    inner, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key} may not be null")
-    if get_origin(inner) in (Union, types.UnionType) and DataSpec in get_args(inner):
-        if isinstance(value, list):  # several specs, concatenated
-            if not value:
-                raise ConfigError(f"{key} is an empty list")
-            return [_coerce(f"{key}[{i}]", DataSpec, v) for i, v in enumerate(value)]
-        return _coerce(key, DataSpec, value)
-    if dataclasses.is_dataclass(inner):
-        if isinstance(value, str) and inner is DataSpec:
-            value = {"path": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
-        return _build(inner, value, key)
-    if inner is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true/false, got {value!r}")
-    if inner is int:
-        if isinstance(value, bool) or not _is_intlike(value):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return int(float(value)) if isinstance(value, str) else int(value)  # "1e3" -> 1000
-    if inner is float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return number
-    if inner is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    if get_origin(inner) in (Union, types.UnionType):  # float | str ("auto")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return str(value)
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be a finite number or 'auto', got {value!r}")
-        return number
-    if get_origin(inner) is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def _is_intlike(value: Any) -> bool:
-    try:
-        return float(value) == int(float(value))
-    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
-        return False
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    for key in raw:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"unknown config key {where!r}; known: {sorted(names)}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in raw:
-            where = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(where, hints[f.name], raw[f.name])
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
-
-
 def _parse_value(text: str) -> Any:
     """`key=value` values are YAML scalars (so `null`, `1e-5`, `[1,2]`, `{a: 1}` all work)."""
     try:
@@ -465,10 +379,21 @@ def _as_dict(value: Any, dotted: str) -> dict:
     raise ConfigError(f"override {dotted!r}: {value!r} is not a section")
 
 
+#: Former key names still read: (section, old) -> new.
+RENAMED = {("selector", "power_iters"): "lanczos_steps"}
+
+
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     raw = json.loads(json.dumps(raw))  # deep copy; the caller's dict is not touched
     apply_overrides(raw, overrides or [])
-    return _build(RunConfig, raw).validate()
+    for (section, old), new in RENAMED.items():
+        part = raw.get(section)
+        if isinstance(part, dict) and old in part:
+            if new in part:
+                raise ConfigError(f"{section}.{old} is the former name of {section}.{new}: "
+                                  "give one of them")
+            part[new] = part.pop(old)
+    return build_dataclass(RunConfig, raw).validate()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -49,6 +49,11 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> tuple[int, i
     return dist.get_rank(), dist.get_world_size()
 
 
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """True for a model whose parameters ZeRO-3 partitions (its forward is a collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def resolve_ds_config_path(path: str) -> Path:
     """A DeepSpeed JSON path as given, or relative to the repository/package root."""
     for candidate in (Path(path), REPO_ROOT / path, Path(__file__).parent / "ds_configs"
@@ -313,6 +318,17 @@ class Engine:
     def local_numels(self) -> list[int]:
         return [t.numel() for t in self.local_parts()]
 
+    def local_valid_numels(self) -> list[int] | None:
+        """How many elements of each local partition are real parameters, not ZeRO-3's zero
+        padding (None when every rank holds whole parameters)."""
+        if self.stage != 3:
+            return None
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return [max(0, min(p.ds_numel - rank * p.ds_tensor.numel(), p.ds_tensor.numel()))
+                for p in self.params]
+
     def partition_group(self):
         """Process group for sharded dot products: None when every rank holds everything."""
         import torch.distributed as dist
@@ -382,7 +398,3 @@ class Engine:
                                           load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
-
-
-def env_rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

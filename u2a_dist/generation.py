@@ -21,6 +21,7 @@ import torch.distributed as dist
 from u2a_dist.data.examples import Prompt
 from u2a_dist.data.tokenize import IGNORE, collate_prompts, encode_prompt
 from u2a_dist.device import model_device, to_device
+from u2a_dist.engine import is_partitioned
 from u2a_dist.passes import padded_shares, world
 
 
@@ -79,11 +80,6 @@ def answer_items(prompt_ids: Sequence[list[int]], answers: Share) -> list[dict[s
     they came (no re-tokenisation), loss on the answer tokens only; empty answers dropped."""
     return [{"input_ids": p + t, "labels": [IGNORE] * len(p) + t}
             for p, t in zip(prompt_ids, answers.tokens) if t]
-
-
-def is_partitioned(model) -> bool:
-    """True for a model whose parameters ZeRO-3 partitions (its forward is a collective)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

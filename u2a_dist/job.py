@@ -14,20 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from u2a_dist.config import RunConfig, load_config
-from u2a_dist.evaluate import holds, joint_target
+from u2a_dist.data.examples import load_completions, load_pairs
+from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
+from u2a_dist.evaluate import check_eval_inputs, holds, joint_target, training_prompt_keys
 from u2a_dist.fsio import atomic_write, check_disjoint
+from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.rundir import RunDir
+from u2a_dist.trainer import Trainer
+from u2a_dist.u2a_loop import run_u2a, select_round0
 
 log = logging.getLogger(__name__)
 
 
 def preflight(cfg: RunConfig) -> None:
     """Resolve (convert once) the model, check the tokenizer and read every data spec."""
-    from u2a_dist.data.examples import load_completions, load_pairs
-    from u2a_dist.engine import build_ds_config
-    from u2a_dist.evaluate import check_eval_inputs, training_prompt_keys
-    from u2a_dist.models import load_tokenizer, resolve_model_dir
-
     check_disjoint(Path(cfg.out), input_paths(cfg))
     build_ds_config(cfg, cfg.runtime.world_size)
     load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
@@ -43,8 +43,6 @@ def preflight(cfg: RunConfig) -> None:
 def input_paths(cfg: RunConfig) -> list[Path]:
     """The local files and directories a run reads (data specs, model, DeepSpeed JSON, judge):
     its output directory may overlap none of them."""
-    from u2a_dist.engine import resolve_ds_config_path
-
     specs = []
     for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
         spec = getattr(cfg.data, name)
@@ -69,9 +67,6 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
 
     In `select` mode (``u2a select``): round-0 scores of every negative, no training.
     """
-    from u2a_dist.engine import init_distributed
-    from u2a_dist.trainer import Trainer
-
     rank, world_size = init_distributed(cfg.runtime.timeout_s, cfg.runtime.device)
     try:
         trainer = Trainer(cfg, run_dir, rank, world_size)
@@ -116,8 +111,6 @@ def _before(trainer, run_dir: RunDir) -> tuple[dict[str, float], dict[str, Any]]
 
 
 def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
-    from u2a_dist.selector import select_round0
-
     if trainer.rank == 0:
         (run_dir.path / "scores.jsonl").unlink(missing_ok=True)
     hg = select_round0(trainer)
@@ -157,12 +150,7 @@ def _samples(trainer) -> dict[str, list[dict[str, str]]]:
 def run_training(trainer, progress=None) -> dict[str, Any]:
     """The training loop for this run's config: the U2A loop or plain weighted unlearning."""
     if trainer.cfg.selector.enabled:
-        try:
-            from u2a_dist.selector import run_u2a
-        except ImportError:
-            run_u2a = None
-        if run_u2a is not None:
-            return run_u2a(trainer, progress)
+        return run_u2a(trainer, progress)
     return trainer.train(progress=progress)
 
 

@@ -1,15 +1,22 @@
 """Per-example log-probs and the losses of docs/design.md §2.
 
 Everything is per example (shape ``[B]``) so that the trainer can weight examples and the
-selector can score them; reductions happen in the caller.
+selector can score them; reductions happen in the caller. The inner objective is defined once
+here (:class:`InnerObjective`); unlearning losses plug in by name (:data:`LOSSES`,
+:func:`register_loss`), the way open-unlearning's methods do: adding one is one class and its
+test. This module imports nothing from the rest of the package, so every layer may use it.
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from u2a_dist.data.tokenize import IGNORE
+#: The label of prompt and padding positions (no loss there).
+IGNORE = -100
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,17 +59,6 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.T
     return (2.0 / beta) * F.softplus(beta * (logp - ref_logp))
 
 
-def unlearn_loss(kind: str, logp: torch.Tensor, n_tokens: torch.Tensor,
-                 ref_logp: torch.Tensor | None, npo_beta: float) -> torch.Tensor:
-    if kind == "ga":
-        return ga_loss(logp, n_tokens)
-    if kind == "npo":
-        if ref_logp is None:
-            raise ValueError("NPO needs the reference log-probs")
-        return npo_loss(logp, ref_logp, npo_beta)
-    raise ValueError(f"unknown unlearning loss {kind!r}")
-
-
 def token_kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ over response tokens of KL(p_θ0 ‖ p_θ), and the token count (for a global mean)."""
@@ -73,9 +69,22 @@ def token_kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor,
     return (kl * mask).sum(), mask.sum()
 
 
+def prox_sq_norm(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """‖θ − θ0‖² over the given (local) parts, in float64 (the caller sums over ranks)."""
+    return sum(float((p.detach().double() - r.double()).pow(2).sum())
+               for p, r in zip(params, ref))
+
+
 def prox_value(params: list[torch.Tensor], ref: list[torch.Tensor], lam: float) -> float:
-    """(λ/2)‖θ − θ0‖² over the given (local) parts; its gradient λ(θ−θ0) is added in place."""
-    return 0.5 * lam * sum(float((p.float() - r).pow(2).sum()) for p, r in zip(params, ref))
+    """(λ/2)‖θ − θ0‖² over the given (local) parts."""
+    return 0.5 * lam * prox_sq_norm(params, ref)
+
+
+def prox_grads(params: list[torch.Tensor], ref: list[torch.Tensor],
+               lam: float) -> list[torch.Tensor]:
+    """λ(θ − θ0), flat per part: added to the local gradient partitions directly (under ZeRO-3
+    the parameters are not whole outside the forward pass; the term's Hessian λI is exact)."""
+    return [lam * (p.detach().float().reshape(-1) - r.reshape(-1)) for p, r in zip(params, ref)]
 
 
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor,
@@ -98,3 +107,96 @@ def check_finite(value: torch.Tensor, what: str, ids: list[str] | None = None) -
         if ids is not None and value.dim() == 1:
             where = f" (examples {[ids[i] for i in bad.nonzero().flatten().tolist()]})"
         raise NonFiniteLossError(f"non-finite {what}{where}")
+
+
+# --------------------------------------------------------------------------- unlearning losses
+
+class UnlearnLoss:
+    """ℓ_i, a per-example unlearning loss (minimised), chosen by ``unlearn.loss``.
+
+    Subclass, set ``name``, implement :meth:`__call__`, decorate with :func:`register_loss`:
+    the trainer's step, the selector's problem and every benchmark then use it. Options come
+    from ``unlearn.loss_args`` (keyword arguments of ``__init__``); ``needs_reference`` makes
+    the trainer cache logp(y_i|x_i;θ0) once and pass it as ``ref_logp``.
+    """
+
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg  # u2a_dist.config.UnlearnConfig
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> str | None:
+        """Why ``unlearn.loss_args`` do not fit ``__init__``, or None."""
+        try:
+            inspect.signature(cls.__init__).bind(None, None, **args)
+        except TypeError as exc:
+            return str(exc)
+        return None
+
+    def __call__(self, logp: torch.Tensor, n_tokens: torch.Tensor,
+                 ref_logp: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+#: unlearn.loss name -> class
+LOSSES: dict[str, type[UnlearnLoss]] = {}
+
+
+def register_loss(cls: type[UnlearnLoss]) -> type[UnlearnLoss]:
+    LOSSES[cls.name] = cls
+    return cls
+
+
+def build_unlearn_loss(cfg: Any) -> UnlearnLoss:
+    """The loss of an ``UnlearnConfig`` (its name and ``loss_args`` are validated there)."""
+    return LOSSES[cfg.loss](cfg, **cfg.loss_args)
+
+
+@register_loss
+class GradientAscent(UnlearnLoss):
+    """GA: ℓ_i = −nll_i."""
+
+    name = "ga"
+
+    def __call__(self, logp, n_tokens, ref_logp):
+        return ga_loss(logp, n_tokens)
+
+
+@register_loss
+class NPO(UnlearnLoss):
+    """NPO (Zhang et al. 2024), β = unlearn.npo_beta."""
+
+    name = "npo"
+    needs_reference = True
+
+    def __call__(self, logp, n_tokens, ref_logp):
+        if ref_logp is None:
+            raise ValueError("NPO needs the reference log-probs")
+        return npo_loss(logp, ref_logp, self.cfg.npo_beta)
+
+
+class InnerObjective:
+    """The per-example inner term ``∂L_in/∂w_i = c_f ℓ_i + c_m m_i`` (docs/design.md §2), the
+    one definition the training step, the selector's problem and the benchmarks share."""
+
+    def __init__(self, cfg: Any, has_mismatch: bool) -> None:
+        self.loss = build_unlearn_loss(cfg)
+        self.forget_weight = cfg.forget_weight
+        self.mismatch_weight = cfg.mismatch_weight if has_mismatch else 0.0
+
+    @property
+    def uses_mismatch(self) -> bool:
+        return self.mismatch_weight > 0
+
+    def __call__(self, logp: torch.Tensor, n_tokens: torch.Tensor,
+                 ref_logp: torch.Tensor | None, mismatch_logp: torch.Tensor | None = None,
+                 mismatch_tokens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_f ℓ_i + c_m m_i, ℓ_i) from the forget (and mismatch) log-probs."""
+        ell = self.loss(logp, n_tokens, ref_logp)
+        total = self.forget_weight * ell
+        if self.uses_mismatch:
+            total = total + self.mismatch_weight * nll(mismatch_logp, mismatch_tokens)
+        return total, ell

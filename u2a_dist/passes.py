@@ -24,6 +24,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_reduce_sum(value: float | torch.Tensor) -> float:
+    """Σ over ranks of a scalar (on the backend's device: NCCL reduces CUDA tensors only)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def padded_shares(n: int, world_size: int, batch_size: int) -> list[list[int]]:
     """Strided shares of range(n), each padded to the same multiple of batch_size.
 

@@ -22,7 +22,7 @@ RECIPE_UNLEARN: dict[str, Any] = {
 #: met the target sooner on SmolLM2 (the selector's rounds cost more than they saved).
 RECIPE_SELECTOR: dict[str, Any] = {
     "enabled": False, "top_k": 64, "rounds": 2, "steps_per_round": 8, "hessian_batch": 8,
-    "outer_sample": 64, "ihvp": "identity", "neumann_terms": 4, "power_iters": 5, "eta": 2.0,
+    "outer_sample": 64, "ihvp": "identity", "neumann_terms": 4, "lanczos_steps": 5, "eta": 2.0,
     "eta_scale": "max_abs",
 }
 

@@ -17,13 +17,11 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from u2a_dist.checkpoint import (
     CheckpointStore,
@@ -32,106 +30,28 @@ from u2a_dist.checkpoint import (
     safe_torch_load,
     save_trainer_state,
 )
-from u2a_dist.config import RunConfig, spec_paths
-from u2a_dist.data.examples import Completion, load_completions, load_pairs
-from u2a_dist.data.readers import DataError
-from u2a_dist.data.tokenize import collate, encode, shard
-from u2a_dist.device import comm_device, to_device
+from u2a_dist.config import RunConfig
+from u2a_dist.data.tokenize import collate, shard
+from u2a_dist.device import to_device
 from u2a_dist.engine import Engine
-from u2a_dist.evaluate import (
-    EncodedPairs,
-    GenerationEval,
-    better_best,
-    broken_floors,
-    encode_pairs,
-    pa_metrics,
-    pair_logps,
-    target_holds,
-    training_prompt_keys,
-)
+from u2a_dist.evaluate import GenerationEval, broken_floors, target_holds
 from u2a_dist.export import write_model_dir
 from u2a_dist.losses import (
+    InnerObjective,
     NonFiniteLossError,
+    prox_grads,
+    prox_sq_norm,
     token_kl_sum,
     token_logps,
-    unlearn_loss,
 )
-from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
-from u2a_dist.passes import dataset_logps, world
+from u2a_dist.models import load_model
+from u2a_dist.passes import all_reduce_sum, barrier, dataset_logps, world
+from u2a_dist.run_eval import RunEvaluation
+from u2a_dist.run_inputs import ForgetSet, RunInputs
 from u2a_dist.rundir import RunDir
+from u2a_dist.sampling import BatchSampler, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def all_reduce_sum(value: float | torch.Tensor) -> float:
-    """Σ over ranks of a scalar (on the backend's device: NCCL reduces CUDA tensors only)."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return float(t)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-@dataclass
-class ForgetSet:
-    examples: list[Completion]
-    items: list[dict[str, list[int]]]
-    mismatch: list[dict[str, list[int]]] | None  # (x_i, y'_i) for the mismatch term
-
-    @property
-    def ids(self) -> list[str]:
-        return [e.id for e in self.examples]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class BatchSampler:
-    """Seeded epochs over the support; state is two integers, so resume is exact."""
-
-    def __init__(self, support: list[int], batch_size: int, seed: int) -> None:
-        self.support = list(support)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.cursor = 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return [self.support[i] for i in torch.randperm(len(self.support), generator=g)]
-
-    def next_batch(self) -> list[int]:
-        out: list[int] = []
-        while len(out) < self.batch_size:
-            if self.cursor >= len(self._order):
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._permutation()
-            take = min(self.batch_size - len(out), len(self._order) - self.cursor)
-            out.extend(self._order[self.cursor:self.cursor + take])
-            self.cursor += take
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"support": self.support, "epoch": self.epoch, "cursor": self.cursor,
-                "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.support = list(state["support"])
-        self.seed = int(state.get("seed", self.seed))
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._permutation()
 
 
 class Trainer:
@@ -143,13 +63,11 @@ class Trainer:
         self.run_dir = run_dir
         self.rank, self.world_size = world() if rank is None else (rank, world_size or 1)
         seed_everything(cfg.runtime.seed)
-        resolved = resolve_model_dir(cfg.model)
-        self.tokenizer = load_tokenizer(cfg.model, resolved)
-        self.pad_id = self.tokenizer.pad_token_id
-        self._resolved = resolved
-        self.forget = self._load_forget()
-        self.pa = self._pairs(cfg.data.pa)
-        self.pa_eval = self._pairs(cfg.data.pa_eval)
+        self.inputs = RunInputs(cfg)
+        resolved = self._resolved = self.inputs.resolved
+        self.tokenizer, self.pad_id = self.inputs.tokenizer, self.inputs.pad_id
+        self.forget, self.pa, self.pa_eval = self.inputs.forget, self.inputs.pa, self.inputs.pa_eval
+        self.objective = InnerObjective(cfg.unlearn, has_mismatch=self.forget.mismatch is not None)
 
         model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
         self.engine = Engine(cfg, model, self.world_size)
@@ -164,9 +82,12 @@ class Trainer:
         if cfg.data.retain is not None:
             self.reference = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
             self.reference.eval().requires_grad_(False).to(self.device)
-        self.setup_time = 0.0
-        self.retain = self._load_retain()
-        self.ref_cache = self._reference_logps()
+        self.retain, self.setup_time = self.inputs.load_retain(self.reference)
+        # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
+        # log-probs from the copy, the selector test's directional scores stopped matching the
+        # per-example ones (tests/test_selector.py); the cause is not yet understood.
+        self.ref_cache = self.inputs.reference_logps(self.engine.module,
+                                                     forget=self.objective.loss.needs_reference)
 
         n = len(self.forget)
         self.weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -176,100 +97,17 @@ class Trainer:
                                if self.retain else None)
         self.step = 0
         self.train_time = 0.0
-        self.eval_time = 0.0
         self.round = 0
         self.resumed_from: int | None = None
+        self.evaluation = RunEvaluation(cfg, self.tokenizer, self.pad_id, self.rank, run_dir,
+                                        self.pa_eval, self.ref_cache)
         resume = run_dir.latest_checkpoint() if run_dir is not None else None
-        self._init_eval(resuming=resume is not None)  # before a checkpoint is loaded: the
-        if resume is not None:                        # reference answers are θ0's
+        if resume is not None:  # θ0's reference answers first: the checkpoint replaces θ0
+            self.evaluation.prepare_resume(lambda: self.reference if self.reference is not None
+                                           else self.eval_model())
             self.load_checkpoint(resume)
         elif run_dir is not None and self.rank == 0:
             run_dir.truncate_metrics_after(-1)  # a fresh start: no line of an earlier attempt
-
-    # ------------------------------------------------------------------ data
-
-    def _encode(self, prompt: str, response: str, history=None) -> dict[str, list[int]]:
-        return encode(self.tokenizer, prompt, response, history, self.cfg.data.max_length)
-
-    def _load_forget(self) -> ForgetSet:
-        examples = load_completions(self.cfg.data.forget)
-        if not examples:
-            raise DataError(f"{spec_paths(self.cfg.data.forget)}: the forget set is empty")
-        items = [self._encode(e.prompt, e.response, e.history) for e in examples]
-        mismatch = None
-        if self.cfg.data.mismatch is not None:
-            answers = [c.response for c in load_completions(self.cfg.data.mismatch)]
-            # One fixed answer per example (i mod M), so m_i is a deterministic function of θ
-            # that the selector can score; over the forget set every answer is used.
-            mismatch = [self._encode(e.prompt, answers[i % len(answers)], e.history)
-                        for i, e in enumerate(examples)]
-        return ForgetSet(examples, items, mismatch)
-
-    def _load_retain(self) -> list[dict[str, list[int]]]:
-        """The retain set D_r. A ``prompts`` spec means θ0's own greedy answers to those
-        prompts (made here, sharded over the ranks; deterministic, so a resumed run makes the
-        same ones): the retain KL then holds the model to what it answered before."""
-        spec = self.cfg.data.retain
-        if spec is None:
-            return []
-        from u2a_dist.data.examples import load_prompts
-        from u2a_dist.generation import answer_items, encode_prompts, generate
-
-        items: list[dict[str, list[int]]] = []
-        for one in spec if isinstance(spec, list) else [spec]:
-            if one.schema != "prompts":
-                items += [self._encode(c.prompt, c.response, c.history)
-                          for c in load_completions(one)]
-                continue
-            t0 = time.perf_counter()
-            prompt_ids = encode_prompts(self.tokenizer, load_prompts(one),
-                                        self.cfg.data.max_length)
-            answers = generate(self.reference, self.tokenizer, prompt_ids,
-                               self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
-            self.setup_time += time.perf_counter() - t0
-            items += answer_items(prompt_ids, answers)
-        return items
-
-    def _pairs(self, spec) -> EncodedPairs | None:
-        if spec is None:
-            return None
-        return encode_pairs(self.tokenizer, load_pairs(spec), self.cfg.data.max_length)
-
-    def _reference_logps(self) -> dict[str, torch.Tensor]:
-        """Scalar reference log-probs at θ0, cached once (before any checkpoint is loaded)."""
-        cache: dict[str, torch.Tensor] = {}
-        bs = self.cfg.eval.batch_size
-        # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
-        # log-probs from the copy, the selector test's directional scores stopped matching the
-        # per-example ones (tests/test_selector.py); the cause is not yet understood.
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        if self.cfg.unlearn.loss == "npo":
-            cache["forget"], _ = dataset_logps(model, self.forget.items, self.pad_id, bs)
-        if self.pa_eval is not None:
-            cache["pa_eval/chosen"], cache["pa_eval/rejected"] = pair_logps(
-                model, self.pa_eval, self.pad_id, bs)
-        if self.pa is not None and self.cfg.selector.enabled:
-            cache["pa/chosen"], cache["pa/rejected"] = self._pa_reference(model, bs)
-        model.train(was_training)
-        return cache
-
-    def _pa_reference(self, model, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs of the pairs J will draw (selector.outer_sample): NaN for the
-        rest, so a pair outside every round's sample cannot be used by mistake. On SmolLM2 all
-        663 pairs took ~5 min of start-up where 3 rounds of 64 draw under 200."""
-        from u2a_dist.selector import outer_pairs_used
-
-        used = outer_pairs_used(len(self.pa), self.cfg)
-        subset = EncodedPairs([self.pa.ids[i] for i in used], [self.pa.chosen[i] for i in used],
-                              [self.pa.rejected[i] for i in used])
-        def spread(part: torch.Tensor) -> torch.Tensor:
-            return torch.full((len(self.pa),), float("nan"), dtype=part.dtype).index_copy_(
-                0, torch.tensor(used), part)
-
-        chosen, rejected = pair_logps(model, subset, self.pad_id, bs)
-        return spread(chosen), spread(rejected)
 
     # ------------------------------------------------------------------ the inner loss
 
@@ -284,7 +122,7 @@ class Trainer:
         but the gathers grow with the world size and the network.
         """
         groups = [[self.forget.items[i] for i in idx]]
-        mismatch = self.cfg.unlearn.mismatch_weight > 0 and self.forget.mismatch is not None
+        mismatch = self.objective.uses_mismatch
         if mismatch:
             groups.append([self.forget.mismatch[i] for i in idx])
         if retain_idx:
@@ -297,11 +135,10 @@ class Trainer:
         logp, ntok = token_logps(logits[:n], labels[:n])
         ref = self.ref_cache["forget"][idx].float().to(self.device) \
             if "forget" in self.ref_cache else None
-        loss = unlearn_loss(self.cfg.unlearn.loss, logp, ntok, ref, self.cfg.unlearn.npo_beta)
-        total = self.cfg.unlearn.forget_weight * loss
+        m_logp = m_ntok = None
         if mismatch:
             m_logp, m_ntok = token_logps(logits[n:2 * n], labels[n:2 * n])
-            total = total + self.cfg.unlearn.mismatch_weight * (-m_logp / m_ntok.clamp(min=1))
+        total, loss = self.objective(logp, ntok, ref, m_logp, m_ntok)
         kl_sum, count = torch.zeros((), device=self.device), 0.0
         if retain_idx:
             r0 = n * len(groups[:-1])
@@ -346,17 +183,14 @@ class Trainer:
         return self._fp32_engine
 
     def prox_grads(self) -> list[torch.Tensor]:
-        lam = self.cfg.unlearn.prox_lambda
-        return [lam * (p.detach().float().reshape(-1) - r.reshape(-1))
-                for p, r in zip(self.engine.local_parts(), self.theta0)]
+        return prox_grads(self.engine.local_parts(), self.theta0, self.cfg.unlearn.prox_lambda)
 
     def prox_value(self) -> float:
-        lam = self.cfg.unlearn.prox_lambda
-        local = sum(float((p.detach().double() - r.double()).pow(2).sum())
-                    for p, r in zip(self.engine.local_parts(), self.theta0))
+        """(λ/2)‖θ − θ0‖² over all ranks' partitions (collective under ZeRO-3)."""
+        local = prox_sq_norm(self.engine.local_parts(), self.theta0)
         if self.engine.partition_group() is not None:
             local = all_reduce_sum(local)
-        return 0.5 * lam * local
+        return 0.5 * self.cfg.unlearn.prox_lambda * local
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step on L_in(·, w); returns the step's metrics (same on all ranks)."""
@@ -433,28 +267,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _init_eval(self, resuming: bool) -> None:
-        """Prompt sets, judge and retain set of the generation-based evaluation (if any).
-
-        retain_ppl scores θ0's own harmless answers unless eval.retain is given: they are made
-        at the step-0 evaluation, or here when the run resumes from a checkpoint (θ0 is only
-        available now).
-        """
-        self.gen_eval: GenerationEval | None = None
-        self.best: dict[str, Any] | None = None
-        self._eval_cache: tuple[int, dict[str, float]] | None = None
-        ec = self.cfg.eval
-        if ec.harmful_prompts is None and ec.harmless_prompts is None:
-            return
-        self.gen_eval = GenerationEval(self.cfg, self.tokenizer, self.rank,
-                                       exclude=training_prompt_keys(self.cfg))
-        if self.gen_eval.excluded and self.rank == 0:
-            log.info("evaluation leaves out %d prompts that the training data contains",
-                     self.gen_eval.excluded)
-        if resuming and self.gen_eval.needs_reference():
-            self.eval_time += self.gen_eval.prepare(self.reference if self.reference is not None
-                                                    else self.eval_model())
-
     def eval_model(self) -> torch.nn.Module:
         """The current θ as a whole, unpartitioned module for evaluation passes.
 
@@ -471,46 +283,29 @@ class Trainer:
         self.engine.copy_params_into(self._eval_copy)
         return self._eval_copy
 
+    @property
+    def gen_eval(self) -> GenerationEval | None:
+        return self.evaluation.gen
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.evaluation.best
+
+    @property
+    def eval_time(self) -> float:
+        return self.evaluation.eval_time
+
+    @eval_time.setter
+    def eval_time(self, value: float) -> None:
+        self.evaluation.eval_time = value
+
     def has_eval(self) -> bool:
-        return self.pa_eval is not None or self.gen_eval is not None
+        return self.evaluation.has_eval()
 
     def evaluate(self) -> dict[str, float]:
-        """PA metrics on held-out pairs, plus generation metrics when eval prompts are given.
-
-        Time is logged apart (``timing/eval_s``, cumulative); a second call at the same step
-        returns the first result (the model has not changed).
-        """
-        if self._eval_cache is not None and self._eval_cache[0] == self.step:
-            return dict(self._eval_cache[1])
-        t0 = time.perf_counter()
-        out: dict[str, float] = {}
-        model = self.eval_model()
-        if self.pa_eval is not None:
-            was_training = model.training
-            model.eval()
-            chosen, rejected = pair_logps(model, self.pa_eval, self.pad_id,
-                                          self.cfg.eval.batch_size)
-            model.train(was_training)
-            out.update(pa_metrics(chosen, rejected, self.ref_cache["pa_eval/chosen"],
-                                  self.ref_cache["pa_eval/rejected"], self.cfg.selector.dpo_beta))
-        if self.gen_eval is not None:
-            at_theta0 = self.step == 0 and self.resumed_from is None
-            out.update(self.gen_eval(model, is_reference=at_theta0))
-        dt = time.perf_counter() - t0
-        self.eval_time += dt
-        out["timing/eval_step_s"] = dt
-        out["timing/eval_s"] = self.eval_time
-        self._eval_cache = (self.step, dict(out))
-        return out
-
-    def forget_nll(self) -> float:
-        """Mean token NLL of the whole forget set (does unlearning raise it?)."""
-        model = self.eval_model()
-        was_training = model.training
-        model.eval()
-        nlls = response_nll(model, self.forget.items, self.pad_id, self.cfg.eval.batch_size)
-        model.train(was_training)
-        return float(nlls.mean())
+        """The evaluation at this step (:meth:`RunEvaluation.evaluate`)."""
+        return self.evaluation.evaluate(self.eval_model, self.step,
+                                        at_theta0=self.step == 0 and self.resumed_from is None)
 
     def target_met(self, metrics: dict[str, float]) -> bool:
         """The eval.target metric reached its value (max: ≥, min: ≤) and every
@@ -521,32 +316,17 @@ class Trainer:
         """Utility floors (eval.floors: upper bounds) that ``metrics`` exceed."""
         return broken_floors(self.cfg, metrics)
 
-    def _best_metric(self) -> tuple[str, str]:
-        target = self.cfg.eval.target
-        return (target.metric, target.mode) if target is not None else ("pa/accuracy", "max")
-
     def track_best(self, metrics: dict[str, float]) -> bool:
-        """Record in best.json the evaluated step with the best target metric among those that
-        keep every floor (``evaluate.better_best``); True when this step is the new best."""
-        best = better_best(self.cfg, self.best, self.step, metrics)
-        if best is None:
-            return False
-        self.best = best
-        if self.rank == 0 and self.run_dir is not None:
-            self.run_dir.write_json("best.json", self.best)
-        return True
+        return self.evaluation.track_best(self.step, metrics)
 
-    def _load_best(self) -> None:
-        """On resume: the best step so far, unless it lies after the checkpoint."""
-        if self.best is not None or self.run_dir is None:
-            return
-        path = self.run_dir.path / "best.json"
-        if path.is_file():
-            import json
-
-            best = json.loads(path.read_text())
-            if best.get("step", 0) <= self.step and best.get("metric") == self._best_metric()[0]:
-                self.best = best
+    def forget_nll(self) -> float:
+        """Mean token NLL of the whole forget set (does unlearning raise it?)."""
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        nlls = response_nll(model, self.forget.items, self.pad_id, self.cfg.eval.batch_size)
+        model.train(was_training)
+        return float(nlls.mean())
 
     # ------------------------------------------------------------------ loop
 
@@ -566,7 +346,7 @@ class Trainer:
         """Run until `steps` more steps (default: to unlearn.steps), the target or a floor."""
         cfg = self.cfg
         end = cfg.unlearn.steps if steps is None else min(cfg.unlearn.steps, self.step + steps)
-        self._load_best()
+        self.evaluation.load_best(self.step)
         if self.step == 0 and cfg.eval.every and self.has_eval():
             metrics = self.evaluate()
             self.track_best(metrics)
@@ -668,4 +448,4 @@ def response_nll(model, items, pad_id: int, batch_size: int = 8) -> torch.Tensor
     return -logp / ntok.clamp(min=1)
 
 
-__all__ = ["Trainer", "BatchSampler", "response_nll", "token_logps"]
+__all__ = ["BatchSampler", "ForgetSet", "Trainer", "response_nll", "token_logps"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from u2a_dist.data.readers import DataError
+from u2a_dist.data.readers import DataError, once_key
 from u2a_dist.data.records import need_text
 
 FILE_SUFFIX = "_evaluations"
@@ -68,6 +68,17 @@ def _flag(value: Any, where: str, key: str) -> int | None:
 
 
 def _load_file(path: Path) -> list[LabelledCompletion]:
+    key = once_key(path)
+    if key is not None and key in _FILES:
+        return list(_FILES[key])
+    _FILES[key] = items = _parse_file(path)
+    return list(items)
+
+
+_FILES: dict[tuple | None, list[LabelledCompletion]] = {}  # read once per process
+
+
+def _parse_file(path: Path) -> list[LabelledCompletion]:
     model, setting = parse_file_name(path)
     try:
         with open(path, encoding="utf-8") as fh:

@@ -38,8 +38,11 @@ def read_rows(path: str | Path, hub_split: str = "train") -> list[tuple[str, Row
     A file that is not UTF-8 text, or a ``.gz`` that is not gzip, is a DataError naming it.
     """
     p = Path(path)
+    key = once_key(p, hub_split) if p.is_file() else None  # a directory: per file
+    if key is not None and key in _ROWS:
+        return list(_ROWS[key])
     try:
-        return _read_rows(p, path, hub_split)
+        rows = _read_rows(p, path, hub_split)
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
                         "UTF-8") from None
@@ -47,6 +50,23 @@ def read_rows(path: str | Path, hub_split: str = "train") -> list[tuple[str, Row
         raise DataError(f"{p}: not a valid gzip file ({exc})") from None
     except OSError as exc:
         raise DataError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if key is not None:
+        _ROWS[key] = rows
+    return list(rows)
+
+
+#: Rows of every local file read in this process: a run reads each data spec from several
+#: places (trainer, evaluation exclusions, preflight), the disk only once.
+_ROWS: dict[tuple, list[tuple[str, Row]]] = {}
+
+
+def once_key(path: Path, *extra: object) -> tuple | None:
+    """A cache key for a local file or directory that changes when it does (None otherwise)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size, *extra)
 
 
 def _read_rows(p: Path, path: str | Path, hub_split: str) -> list[tuple[str, Row]]:

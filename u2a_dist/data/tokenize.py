@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from u2a_dist.data.examples import Messages
-
-IGNORE = -100
+from u2a_dist.data.records import Messages
+from u2a_dist.losses import IGNORE  # re-exported: data and generation label with it
 
 
 def format_prompt(tokenizer, prompt: str, history: Messages | None = None) -> str:

@@ -1,0 +1,128 @@
+"""What one run reads, once per process: the tokenizer, the forget set with its mismatch
+answers, the preference pairs of J and the held-out ones, the retain set, and the reference
+(θ0) log-probs that the losses and metrics compare against."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from u2a_dist.config import RunConfig, spec_paths
+from u2a_dist.data.examples import Completion, load_completions, load_pairs, load_prompts
+from u2a_dist.data.readers import DataError
+from u2a_dist.data.tokenize import encode
+from u2a_dist.evaluate import EncodedPairs, encode_pairs, pair_logps
+from u2a_dist.generation import answer_items, encode_prompts, generate
+from u2a_dist.models import load_tokenizer, resolve_model_dir
+from u2a_dist.passes import dataset_logps
+from u2a_dist.sampling import outer_pairs_used
+
+Item = dict[str, list[int]]
+
+
+@dataclass
+class ForgetSet:
+    examples: list[Completion]
+    items: list[Item]
+    mismatch: list[Item] | None  # (x_i, y'_i) for the mismatch term
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class RunInputs:
+    """The run's data, tokenised (``u2a_dist.data`` reads each spec once per process)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.resolved = resolve_model_dir(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, self.resolved)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.forget = self._load_forget()
+        self.pa = self._pairs(cfg.data.pa)
+        self.pa_eval = self._pairs(cfg.data.pa_eval)
+
+    def encode(self, prompt: str, response: str, history=None) -> Item:
+        return encode(self.tokenizer, prompt, response, history, self.cfg.data.max_length)
+
+    def _load_forget(self) -> ForgetSet:
+        examples = load_completions(self.cfg.data.forget)
+        if not examples:
+            raise DataError(f"{spec_paths(self.cfg.data.forget)}: the forget set is empty")
+        items = [self.encode(e.prompt, e.response, e.history) for e in examples]
+        mismatch = None
+        if self.cfg.data.mismatch is not None:
+            answers = [c.response for c in load_completions(self.cfg.data.mismatch)]
+            # One fixed answer per example (i mod M), so m_i is a deterministic function of θ
+            # that the selector can score; over the forget set every answer is used.
+            mismatch = [self.encode(e.prompt, answers[i % len(answers)], e.history)
+                        for i, e in enumerate(examples)]
+        return ForgetSet(examples, items, mismatch)
+
+    def _pairs(self, spec) -> EncodedPairs | None:
+        if spec is None:
+            return None
+        return encode_pairs(self.tokenizer, load_pairs(spec), self.cfg.data.max_length)
+
+    def load_retain(self, reference: torch.nn.Module | None) -> tuple[list[Item], float]:
+        """The retain set D_r and the seconds spent generating it. A ``prompts`` spec means
+        θ0's (``reference``'s) own greedy answers to those prompts (sharded over the ranks;
+        deterministic, so a resumed run makes the same ones): the retain KL then holds the
+        model to what it answered before."""
+        spec = self.cfg.data.retain
+        if spec is None:
+            return [], 0.0
+        items: list[Item] = []
+        seconds = 0.0
+        for one in spec if isinstance(spec, list) else [spec]:
+            if one.schema != "prompts":
+                items += [self.encode(c.prompt, c.response, c.history)
+                          for c in load_completions(one)]
+                continue
+            t0 = time.perf_counter()
+            prompt_ids = encode_prompts(self.tokenizer, load_prompts(one),
+                                        self.cfg.data.max_length)
+            answers = generate(reference, self.tokenizer, prompt_ids,
+                               self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
+            seconds += time.perf_counter() - t0
+            items += answer_items(prompt_ids, answers)
+        return items, seconds
+
+    def reference_logps(self, model: torch.nn.Module,
+                        forget: bool) -> dict[str, torch.Tensor]:
+        """Scalar log-probs at θ0 (``model``, before any checkpoint is loaded), computed once:
+        the forget set's when the loss needs them, the held-out pairs', J's pairs'."""
+        cache: dict[str, torch.Tensor] = {}
+        bs = self.cfg.eval.batch_size
+        was_training = model.training
+        model.eval()
+        if forget:
+            cache["forget"], _ = dataset_logps(model, self.forget.items, self.pad_id, bs)
+        if self.pa_eval is not None:
+            cache["pa_eval/chosen"], cache["pa_eval/rejected"] = pair_logps(
+                model, self.pa_eval, self.pad_id, bs)
+        if self.pa is not None and self.cfg.selector.enabled:
+            cache["pa/chosen"], cache["pa/rejected"] = self._pa_reference(model, bs)
+        model.train(was_training)
+        return cache
+
+    def _pa_reference(self, model, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of the pairs J will draw (selector.outer_sample): NaN for the
+        rest, so a pair outside every round's sample cannot be used by mistake. On SmolLM2 all
+        663 pairs took ~5 min of start-up where 3 rounds of 64 draw under 200."""
+        used = outer_pairs_used(len(self.pa), self.cfg)
+        subset = EncodedPairs([self.pa.ids[i] for i in used], [self.pa.chosen[i] for i in used],
+                              [self.pa.rejected[i] for i in used])
+
+        def spread(part: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(self.pa),), float("nan"), dtype=part.dtype).index_copy_(
+                0, torch.tensor(used), part)
+
+        chosen, rejected = pair_logps(model, subset, self.pad_id, bs)
+        return spread(chosen), spread(rejected)

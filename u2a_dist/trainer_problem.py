@@ -1,0 +1,189 @@
+"""The DeepSpeed trainer as a :class:`u2a_dist.selector.HyperProblem`.
+
+Every method is collective: all ranks call it with the same arguments, and ZeRO-3 forward
+passes are padded so every rank makes the same number of them. The inner objective is the
+trainer's own (:class:`u2a_dist.losses.InnerObjective`, through ``Trainer.per_example_inner``
+and ``Trainer.objective``), so the selector differentiates exactly what the step minimises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from u2a_dist.data.tokenize import collate, shard
+from u2a_dist.device import to_device
+from u2a_dist.linalg import ShardedVector
+from u2a_dist.losses import check_finite, dpo_loss, sequence_logps
+from u2a_dist.passes import all_reduce_sum, dataset_logps, padded_shares
+from u2a_dist.sampling import outer_sample_indices
+
+
+class TrainerProblem:
+    """HyperProblem on a :class:`u2a_dist.trainer.Trainer` (any ZeRO stage, any world size).
+
+    Every method is collective: all ranks call it with the same arguments, and ZeRO-3 forward
+    passes are padded so every rank makes the same number of them. The passes run on
+    ``trainer.selector_engine()``: the run's engine, or in a bf16/fp16 run an fp32 twin loaded
+    with the optimizer's master weights when the problem is made (docs/design.md §3).
+    """
+
+    def __init__(self, trainer, hessian_batch: int) -> None:
+        self.trainer = trainer
+        self.engine = trainer.selector_engine()
+        self.cfg = trainer.cfg
+        self.ids = trainer.forget.ids
+        self.hessian_batch = hessian_batch
+
+    # ---- layout
+
+    def parts(self) -> list[torch.Tensor]:
+        return self.engine.local_parts()
+
+    def zeros(self) -> ShardedVector:
+        engine = self.engine
+        parts = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                 for t in engine.local_parts()]
+        return ShardedVector(parts, group=engine.partition_group(),
+                             valid_numel=engine.local_valid_numels())
+
+    def _as_vector(self, grads: list[torch.Tensor]) -> ShardedVector:
+        like = self.zeros()
+        return ShardedVector([g.reshape(q.shape).float().to(q.device)
+                              for g, q in zip(grads, like.parts)],
+                             group=like.group, valid_numel=like.valid_numel)
+
+    # ---- gradients
+
+    def _accumulated_grad(self, batches) -> list[torch.Tensor]:
+        """Σ over `batches` of local gradients; each item is a loss closure on the engine."""
+        engine = self.engine
+        acc: list[torch.Tensor] | None = None
+        engine.release_gathered()  # θ may have just been written (finite differences)
+        engine.zero_grad()
+        for closure in batches:
+            loss = closure()
+            engine.backward(loss)
+            grads = engine.local_grads()
+            acc = grads if acc is None else [a.add_(g) for a, g in zip(acc, grads)]
+            engine.zero_grad()
+        assert acc is not None
+        return acc
+
+    def _padded(self, n: int, batch: int) -> list[list[int]]:
+        """This rank's share of range(n) in batches; -1 marks padding (weight 0)."""
+        share = padded_shares(n, self.trainer.world_size, batch)[self.trainer.rank]
+        return [share[i:i + batch] for i in range(0, len(share), batch)]
+
+    def outer_grad(self) -> tuple[ShardedVector, float]:
+        t, pairs = self.trainer, self.trainer.pa
+        if pairs is None:
+            raise ValueError("the selector needs data.pa (the preference pairs of J)")
+        sample = self.outer_indices()
+        n, beta, world = len(sample), self.cfg.selector.dpo_beta, t.world_size
+        ref_c, ref_r = t.ref_cache["pa/chosen"], t.ref_cache["pa/rejected"]
+        total = [0.0]
+
+        def closure_for(chunk: list[int]):
+            def closure() -> torch.Tensor:
+                real = [sample[i] if i >= 0 else sample[0] for i in chunk]
+                mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk], device=t.device)
+                batch = to_device(collate([pairs.chosen[i] for i in real]
+                                          + [pairs.rejected[i] for i in real], t.pad_id),
+                                  t.device)
+                logp, _ = sequence_logps(self.engine.ds, batch)
+                lc, lr = logp[:len(real)], logp[len(real):]
+                loss, _, _ = dpo_loss(lc, lr, ref_c[real].float().to(t.device),
+                                      ref_r[real].float().to(t.device), beta)
+                total[0] += float((loss.detach() * mask).sum())
+                # DeepSpeed averages gradients over ranks: scale by W so the sum is ∇J.
+                return world * (loss * mask).sum() / n
+            return closure
+
+        # Pairs per pass: unlearn.batch_size (2 sequences each), about a training step's
+        # activations; eval.batch_size (16 in the recipe) held ~4 GB of them per rank on SmolLM2.
+        grads = self._accumulated_grad(closure_for(c) for c in
+                                       self._padded(n, self.cfg.unlearn.batch_size))
+        j_value = all_reduce_sum(total[0]) / n
+        vec = self._as_vector(grads)
+        return vec, j_value
+
+    def outer_indices(self) -> list[int]:
+        """The pairs of J this round: all of data.pa, or a seeded sample of selector.outer_sample
+        (the same on every rank, a fresh one each round)."""
+        return outer_sample_indices(len(self.trainer.pa), self.cfg.selector.outer_sample,
+                                    self.cfg.runtime.seed, self.trainer.round)
+
+    def _hessian_indices(self) -> list[int]:
+        """The Hessian batch: the whole support when it fits, else a seeded weighted subset."""
+        support = self.trainer.sampler.support
+        if self.hessian_batch >= len(support):
+            return list(support)
+        g = torch.Generator().manual_seed(self.cfg.runtime.seed * 7919 + self.trainer.round)
+        pick = torch.randperm(len(support), generator=g)[: self.hessian_batch]
+        return sorted(support[int(i)] for i in pick)
+
+    def inner_grad(self) -> list[torch.Tensor]:
+        t = self.trainer
+        idx = self._hessian_indices()
+        support_size = len(t.sampler.support)
+        scale = support_size / len(idx)
+        world = t.world_size
+        chunks = self._padded(len(idx), max(1, self.cfg.unlearn.batch_size // world))
+
+        def closure_for(chunk: list[int]):
+            def closure() -> torch.Tensor:
+                real = [idx[i] if i >= 0 else idx[0] for i in chunk]
+                mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk], device=t.device)
+                total = t.per_example_inner(self.engine.ds, real)[0]
+                w = t.weights[real].float().to(t.device) * mask
+                return world * scale * (w * total).sum()
+            return closure
+
+        closures = [closure_for(c) for c in chunks]
+        if self.cfg.unlearn.retain_kl_weight > 0 and t.retain:
+            closures.append(self._retain_closure())
+        return self._accumulated_grad(closures)
+
+    def _retain_closure(self):
+        """Retain-KL term on a fixed retain batch, an equal share per rank."""
+        t = self.trainer
+        n = min(len(t.retain), self.hessian_batch)
+        n -= n % t.world_size
+        local = shard(list(range(max(n, t.world_size))), t.rank, t.world_size)
+
+        def closure() -> torch.Tensor:
+            kl_sum, count = t.retain_kl_term(local, self.engine)
+            return self.cfg.unlearn.retain_kl_weight * t.world_size * kl_sum / max(count, 1.0)
+        return closure
+
+    def analytic_curvature(self) -> float:
+        return float(self.cfg.unlearn.prox_lambda)
+
+    # ---- per-example losses
+
+    def example_losses(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.trainer
+        self.engine.release_gathered()  # θ may have just been written (finite differences)
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        bs = self.cfg.eval.batch_size
+        logp, ntok = dataset_logps(model, [t.forget.items[i] for i in idx], t.pad_id, bs)
+        ref = t.ref_cache["forget"][idx] if "forget" in t.ref_cache else None
+        m_logp = m_ntok = None
+        if t.objective.uses_mismatch:
+            m_logp, m_ntok = dataset_logps(model, [t.forget.mismatch[i] for i in idx],
+                                           t.pad_id, bs)
+        f, ell = t.objective(logp, ntok, ref, m_logp, m_ntok)
+        model.train(was_training)
+        check_finite(f, "per-example inner loss", [self.ids[i] for i in idx])
+        return f, ell
+
+    def example_grad(self, i: int) -> ShardedVector:
+        t = self.trainer
+
+        def closure() -> torch.Tensor:
+            total = t.per_example_inner(self.engine.ds, [i])[0]
+            return total.sum()  # same example on every rank: the rank average is ∇f_i
+
+        return self._as_vector(self._accumulated_grad([closure]))

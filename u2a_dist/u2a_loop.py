@@ -1,0 +1,139 @@
+"""The U2A loop above the trainer: round 0 (score all, keep the top-k), then T steps, rescore,
+reweight, until the target, the step or time budget, or a floor (docs/design.md §2).
+
+The trainer exposes steps, the support and the weights and knows nothing of this loop; the
+mathematics is :mod:`u2a_dist.selector`, the model side :mod:`u2a_dist.trainer_problem`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+from u2a_dist.fsio import atomic_write
+from u2a_dist.selector import (
+    Hypergradient,
+    effective_eta,
+    exponentiated_gradient,
+    hypergradients,
+    select_top_k,
+)
+from u2a_dist.trainer_problem import TrainerProblem
+
+
+def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
+    if trainer.rank != 0 or trainer.run_dir is None:
+        return
+    for k, i in enumerate(hg.index):
+        trainer.run_dir.append("scores.jsonl", {
+            "round": trainer.round, "index": i, "id": trainer.forget.ids[i],
+            "score": float(hg.scores[k]), "weight": float(weights[i]),
+            "loss": float(hg.losses[k])})
+
+
+def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
+    """Round 0: score all N with w uniform, keep the top-k as the support, w uniform on it."""
+    cfg = trainer.cfg.selector
+    problem = TrainerProblem(trainer, hessian_batch or cfg.hessian_batch)
+    everything = list(range(len(trainer.forget)))
+    hg = hypergradients(problem, cfg, everything, seed=trainer.cfg.runtime.seed)
+    support = select_top_k(hg.scores, cfg.top_k)
+    weights = torch.zeros(len(trainer.forget), dtype=torch.float64)
+    weights[support] = 1.0 / len(support)
+    trainer.set_support(support, weights)
+    _log_scores(trainer, hg, weights)
+    return hg
+
+
+def reweight(trainer) -> Hypergradient:
+    """A later round: rescore the support at the current θ and move w by exponentiated gradient."""
+    cfg = trainer.cfg.selector
+    problem = TrainerProblem(trainer, cfg.hessian_batch)
+    support = list(trainer.sampler.support)
+    hg = hypergradients(problem, cfg, support, seed=trainer.cfg.runtime.seed + trainer.round)
+    eta = effective_eta(hg.grads, cfg.eta, cfg.eta_scale)
+    hg.stats["selector/eta"] = eta
+    new = exponentiated_gradient(trainer.weights[support], hg.grads, eta)
+    weights = torch.zeros_like(trainer.weights)
+    weights[support] = new
+    trainer.set_support(support, weights)
+    _log_scores(trainer, hg, weights)
+    return hg
+
+
+def run_u2a(trainer, progress=None) -> dict[str, Any]:
+    """Round 0 selection, then T steps / rescore / reweight, until target, budget or floor.
+
+    Resumable: the round, support and weights live in the trainer's checkpoints, so a restarted
+    job continues the round it was in (a round's scoring is deterministic, so redoing it after a
+    crash gives the same weights).
+    """
+    cfg = trainer.cfg
+    sel = cfg.selector
+    stats_log: list[dict[str, Any]] = []
+
+    def timed(fn) -> Hypergradient:
+        t0 = time.perf_counter()
+        hg = fn(trainer)
+        dt = time.perf_counter() - t0
+        trainer.train_time += dt  # selection is part of the method's training cost
+        record = {"step": trainer.step, "time_s": round(trainer.train_time, 4),
+                  "round": trainer.round, "timing/select_s": dt, **hg.stats,
+                  "selector/support": len(trainer.sampler.support),
+                  "selector/weight_max": float(trainer.weights.max()),
+                  "selector/weight_entropy": _entropy(trainer.weights)}
+        trainer.log(record)
+        stats_log.append(record)
+        if progress is not None:
+            progress(record)
+        return hg
+
+    if trainer.resumed_from is not None:
+        _drop_scores_from_round(trainer, trainer.round)
+    if trainer.step == 0 and trainer.round == 0:
+        timed(select_round0)
+        trainer.round = 1
+        if cfg.runtime.checkpoint_every and trainer.run_dir is not None:
+            trainer.save_checkpoint()
+    spr = sel.steps_per_round
+    result: dict[str, Any] = {}
+    while trainer.step < cfg.unlearn.steps:
+        if trainer.over_time_budget():  # before a reweighting round, which costs many steps
+            result = {}
+            break
+        # A round boundary whose reweighting has not happened yet (round r is done at step
+        # r * T): reached just now, or restored from a checkpoint written at the boundary.
+        if spr and trainer.step > 0 and trainer.step % spr == 0 \
+                and trainer.round == trainer.step // spr and trainer.round <= sel.rounds:
+            timed(reweight)
+            trainer.round += 1
+        boundary = (trainer.step // spr + 1) * spr if spr else cfg.unlearn.steps
+        result = trainer.train(steps=boundary - trainer.step, progress=progress)
+        if result["stopped"] != "budget":
+            break
+    if not result:
+        stopped = "time_budget" if trainer.over_time_budget() else "budget"
+        result = {"step": trainer.step, "stopped": stopped, "train_time_s": trainer.train_time,
+                  "eval_time_s": trainer.eval_time}
+    result["rounds"] = trainer.round
+    return result
+
+
+def _drop_scores_from_round(trainer, first_round: int) -> None:
+    """On resume: forget scores.jsonl rows of rounds the restored state has not reached."""
+    if trainer.rank != 0 or trainer.run_dir is None:
+        return
+    path = trainer.run_dir.path / "scores.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["round"] < first_round]
+    atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _entropy(w: torch.Tensor) -> float:
+    p = w[w > 0].double()
+    return float(-(p * p.log()).sum())
