@@ -1,6 +1,6 @@
-"""What every benchmark result is stamped with: hardware, versions, the command, the time;
-and what the benchmarks that run the u2a CLI share: the run, a time budget, the summary of a
-run directory, table cells and curves."""
+"""What the benchmarks share: the stamp of every result (hardware, versions, the command, the
+time), rank processes (:func:`launch_ranks`), and for the benchmarks that run the u2a CLI the
+run and the summary of its run directory."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def stamp() -> dict[str, Any]:
@@ -43,52 +46,52 @@ def stamp() -> dict[str, Any]:
     }
 
 
-# ---- per-process memory (Linux /proc; used by benchmarks/scaling.py) ------------------------
+def launch_ranks(module: str, spec: dict[str, Any], world: int, timeout: float,
+                 env: dict[str, str] | None = None, cpu: bool = True,
+                 keep_logs: Path | None = None) -> tuple[list[dict[str, Any]] | None, str]:
+    """``python -m MODULE --rank-spec JSON --rank-out FILE`` in ``world`` real rank processes
+    around the local launcher's rendezvous store on 127.0.0.1 (``env`` on top of each rank's
+    environment; ``cpu``: the ranks see no GPU). Returns every rank's JSON record, or None and
+    the failed rank's log tail; one failed rank stops the others (they would wait forever)."""
+    from u2a_dist.runtime.local import LoopbackStore, rank_env
 
-
-def peak_rss_bytes() -> int:
-    """This process's lifetime resident-set high-water mark (``ru_maxrss``), in bytes."""
-    import resource
-
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kib) * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes
-
-
-def read_hwm_rss() -> tuple[int, int]:
-    """(VmHWM, VmRSS) of this process in bytes: the high-water mark since the last
-    :func:`reset_hwm` and the current resident set. Falls back to ``ru_maxrss`` off Linux."""
+    tmp = Path(tempfile.mkdtemp(prefix="u2a-bench-"))
+    store = LoopbackStore(world, timeout_s=int(timeout))
+    procs = []
+    for rank in range(world):
+        rank_vars = {**rank_env(rank, world, store.port), **(env or {})}
+        if cpu:  # else init_distributed would pick nccl and DeepSpeed cuda
+            rank_vars.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+        cmd = [sys.executable, "-m", module, "--rank-spec", json.dumps(spec),
+               "--rank-out", str(tmp / f"rank{rank}.json")]
+        log = open(tmp / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=rank_vars, cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    deadline, error = time.monotonic() + timeout, ""
     try:
-        fields = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    fields[key] = int(rest.split()[0]) * 1024
-        return fields["VmHWM"], fields["VmRSS"]
-    except (OSError, KeyError, ValueError):
-        peak = peak_rss_bytes()
-        return peak, peak
-
-
-def reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs), so the
-    next :func:`read_hwm_rss` reports the peak of what ran in between. False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def malloc_trim() -> None:
-    """Hand freed heap memory back to the OS (glibc), so RSS after a phase shows what is live."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        for rank, (proc, _) in enumerate(procs):
+            try:
+                code: Any = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            if code != 0:
+                tail = (tmp / f"rank{rank}.log").read_text().splitlines()[-25:]
+                error = f"rank {rank} failed ({code}):\n" + "\n".join(tail)
+                break
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        store.close()
+    if keep_logs is not None:
+        keep_logs.mkdir(parents=True, exist_ok=True)
+        for rank in range(world):
+            (keep_logs / f"rank{rank}.log").write_text((tmp / f"rank{rank}.log").read_text())
+    if error:
+        return None, error
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)], ""
 
 
 def spearman(a, b) -> float:
@@ -105,14 +108,9 @@ def spearman(a, b) -> float:
 # ---------------------------------------------------------------- runs of the u2a CLI and their
 # summaries (recipe_ablation.py and time_to_target.py share them)
 
-REPO = Path(__file__).resolve().parents[1]
-
 #: The metrics a benchmark table and its curves show.
 SHOWN = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
          "eval/retain_ppl_ratio", "eval/degenerate_rate", "pa/accuracy")
-#: The metrics plotted against training time.
-PLOTTED = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
-           "eval/retain_ppl_ratio")
 
 
 def bench_env() -> dict[str, str]:
@@ -218,33 +216,3 @@ def fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "–"
     return f"{v:.{digits}e}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path, label: str = "variant",
-                keys: Sequence[str] = PLOTTED,
-                bounds: dict[str, float] | None = None) -> None:
-    """One panel per metric: each row's evaluated ``curve`` against training time;
-    ``bounds`` draws the target's bound on a panel as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, grid = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    axes = grid[0]
-    for ax, key in zip(axes, keys):
-        for r in rows:
-            pts = [(c["train_s"], c[key]) for c in r.get("curve", []) if key in c]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=r[label])
-        if bounds and key in bounds:
-            ax.axhline(bounds[key], color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("training time (s, evaluation excluded)")
-        ax.set_title(key)
-        values = [y for line in ax.lines for y in line.get_ydata()]
-        if values and min(values) > 0 and max(values) / min(values) > 1e3:
-            ax.set_yscale("log")  # a diverged run (GA's perplexity ratio) would flatten the rest
-    # the legend goes on the first panel with lines (without a judge eval/harmful_rate has none)
-    next((ax for ax in axes if ax.lines), axes[0]).legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

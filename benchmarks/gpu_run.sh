@@ -4,21 +4,19 @@
 #
 #     bash benchmarks/gpu_run.sh OUT_DIR [SHARED_DATA]
 #
-# 1. the `gpu` tests (the Trainer on CUDA equals the Trainer on the CPU; the scaling loop on
-#    CUDA equals the same loop on the CPU);
-# 2. benchmarks/scaling.py on the GPU, one configuration per call (each writes its own JSON, so
-#    a configuration that overruns its limit costs only itself): the SmolLM2-135M and
-#    SmolLM2-1.7B shapes with random weights (`random:` presets: no checkpoint to copy; time
-#    and memory do not depend on the weights' values), then the tiny model, offload last;
+# 1. the `gpu` tests (the Trainer on CUDA trains what it trains on the CPU);
+# 2. benchmarks/scaling.py --devices gpu: the product's Trainer and selector problem with
+#    runtime.device=cuda, one configuration per call (each writes its own JSON, so one that
+#    overruns its limit costs only itself): the SmolLM2-135M and 1.7B shapes with random
+#    weights (`random:` presets: no checkpoint to copy; time and memory do not depend on the
+#    weights' values), then the tiny model, offload last;
 # 3. OUT_DIR/scaling_gpu.json: all of them merged. Merge it with the CPU results:
 #    python benchmarks/scaling.py --merge CPU.json,OUT_DIR/scaling_gpu.json
-# CONFIGS="model:stage ..." picks the configurations; DEVICES=gpu-trainer measures the
-# product's Trainer on CUDA instead of the plain loop; DEVICES=cpu-loop runs the loop on the CPU
-# (to check this script without a GPU). SWEEP_REPEATS (default 3) repeats each selector sweep
-# point (median): the one measurement of 2026-11-28, without repeats, left the 135M shape's
-# N = 16 point the cost model's only miss. Measured on one H200 (2026-11-28, sweeps once):
-# 135M stages 0/2/3 took 24/28/78 s each, 1.7B stage 3 143 s, tiny 19-30 s; offload
-# (3off) did not finish within 20 s. Three sweep repeats add about 50 s to each stage-3 shape.
+# CONFIGS="model:stage ..." picks the configurations; DEVICES=cpu runs the same on the CPU (to
+# check this script without a GPU: DEVICES=cpu CONFIGS=tiny:3). SWEEP_REPEATS (default 3)
+# repeats each selector sweep point (median). On one H200 (2026-11-28, with the loop the
+# Trainer replaced, sweeps once): 135M stages 0/2/3 took 24/28/78 s each, 1.7B stage 3 143 s,
+# tiny 19-30 s; offload (3off) did not finish within 20 s.
 set -u
 out=${1:?usage: gpu_run.sh OUT_DIR [SHARED_DATA]}
 shared=${2:-$(dirname "$0")/../../shared/data}

@@ -3,7 +3,7 @@
     python benchmarks/half_precision.py [--model smollm2-135m-instruct] [--world 2]
         [--n 64] [--top-k 16] [--out DIR]
 
-DESIGN §3: the selector's finite differences perturb θ by about 1% of its RMS, which bf16
+docs/design.md §3: the selector's finite differences perturb θ by about 1% of its RMS, which bf16
 weights round away, so a bf16 run's selector runs on an fp32 twin engine (same ZeRO-3
 partitions) loaded with the optimizer's fp32 master weights (``Trainer.selector_engine``). For
 each precision this runs, in ``--world`` real rank processes (ZeRO-3, CPU or one GPU per rank),
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import spearman, stamp  # noqa: E402
+from benchmarks.common import launch_ranks, spearman, stamp  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -64,7 +63,7 @@ def run_config(spec: dict[str, Any], out: str) -> dict[str, Any]:
         "unlearn": {"loss": "ga", "batch_size": spec["batch_size"], "prox_lambda": 0.1},
         "selector": {"enabled": True, "top_k": spec["top_k"],
                      "hessian_batch": spec["hessian_batch"],
-                     "neumann_terms": spec["neumann_terms"], "power_iters": spec["power_iters"],
+                     "neumann_terms": spec["neumann_terms"], "lanczos_steps": spec["power_iters"],
                      "outer_sample": spec["pa_pairs"]},
         "runtime": {"world_size": spec["world"], "zero_stage": 3, "checkpoint_every": 0,
                     "device": spec["device"], "ds_config": "ds_configs/zero3_cpu.json"},
@@ -94,11 +93,12 @@ def rank_main(spec: dict[str, Any], out_path: str) -> None:
 
     import torch
 
-    from benchmarks.common import malloc_trim, peak_rss_bytes, read_hwm_rss
+    from benchmarks.instruments import malloc_trim, peak_rss_bytes, read_hwm_rss
     from u2a_dist.config import config_from_dict
     from u2a_dist.engine import init_distributed
-    from u2a_dist.selector import TrainerProblem, directional_scores, solve_ihvp
+    from u2a_dist.selector import directional_scores, solve_ihvp
     from u2a_dist.trainer import Trainer
+    from u2a_dist.trainer_problem import TrainerProblem
 
     rank, _ = init_distributed(device=spec["device"])
     cfg = config_from_dict(run_config(spec, tempfile.mkdtemp(prefix="u2a-half-")))
@@ -148,41 +148,12 @@ def rank_main(spec: dict[str, Any], out_path: str) -> None:
 
 def launch(spec: dict[str, Any], timeout: int) -> list[dict[str, Any]]:
     """``spec['world']`` real rank processes (gloo or nccl on 127.0.0.1); their records."""
-    from u2a_dist.runtime.local import LoopbackStore, rank_env
-
-    tmp = Path(tempfile.mkdtemp(prefix="u2a-half-ranks-"))
-    store = LoopbackStore(spec["world"], timeout_s=timeout)
-    procs = []
-    for rank in range(spec["world"]):
-        env = rank_env(rank, spec["world"], store.port)
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-        if spec["device"] == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            env["DS_ACCELERATOR"] = "cpu"
-        cmd = [sys.executable, "-m", "benchmarks.half_precision", "--rank-spec",
-               json.dumps(spec), "--rank-out", str(tmp / f"rank{rank}.json")]
-        log = open(tmp / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    failed = []
-    try:
-        for rank, (proc, log) in enumerate(procs):
-            try:
-                code: Any = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            log.close()
-            if code != 0:
-                failed.append(rank)
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-        store.close()
-    if failed:
-        tail = "\n".join((tmp / f"rank{failed[0]}.log").read_text().splitlines()[-30:])
-        raise RuntimeError(f"{spec['dtype']}: ranks {failed} failed\n{tail}")
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(spec["world"])]
+    ranks, error = launch_ranks("benchmarks.half_precision", spec, spec["world"], timeout,
+                                {"OMP_NUM_THREADS": str(spec["threads"])},
+                                cpu=spec["device"] == "cpu")
+    if ranks is None:
+        raise RuntimeError(f"{spec['dtype']}: {error}")
+    return ranks
 
 
 def compare(runs: dict[str, list[dict[str, Any]]], top_k: int) -> dict[str, Any]:

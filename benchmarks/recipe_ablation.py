@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import (  # noqa: E402
     cli_command,
     fmt,
-    plot_curves,
     run_or_reuse,
     stamp,
 )
+from benchmarks.reports import plot_curves  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -56,8 +56,8 @@ def _config(model: str, n_max: int, args: argparse.Namespace) -> dict[str, Any]:
                  "max_length": args.max_length},
         "unlearn": {"loss": "ga", "batch_size": args.batch_size, "prox_lambda": 0.1},
         "selector": {"enabled": True, "hessian_batch": args.hessian_batch,
-                     "neumann_terms": max(_ints(args.k)), "power_iters": args.power_iters,
-                     "neumann_tol": 0.0},
+                     "neumann_terms": max(_ints(args.k)), "lanczos_steps": args.power_iters,
+                     "neumann_tol": 1e-30},  # every term runs (0 is refused)
         "runtime": {"world_size": 1, "checkpoint_every": 0},
         "eval": {"every": 0, "target": None, "batch_size": args.batch_size},
         "out": str(RESULTS / "selector_cost_run"),
@@ -75,8 +75,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from u2a_dist.config import config_from_dict
     from u2a_dist.linalg import finite_difference_hvp, neumann_ihvp
-    from u2a_dist.selector import TrainerProblem, directional_scores, per_example_scores, solve_ihvp
+    from u2a_dist.selector import directional_scores, per_example_scores, solve_ihvp
     from u2a_dist.trainer import Trainer
+    from u2a_dist.trainer_problem import TrainerProblem
 
     ns = _ints(args.n)
     cfg = config_from_dict(_config(model, max(ns), args))

@@ -37,10 +37,10 @@ from benchmarks.common import (  # noqa: E402
     SHOWN,
     cli_command,
     fmt,
-    plot_curves,
     run_or_reuse,
     stamp,
 )
+from benchmarks.reports import plot_curves  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

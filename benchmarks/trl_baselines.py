@@ -13,7 +13,7 @@ budget or the time budget.
   objective J) on the pairs of ``data.pa``, read by u2a_dist's own loaders (same specs, splits and
   limits) and tokenised by u2a_dist's ``encode`` (chat template, eos, ``data.max_length``), so the
   pairs are token for token the ones J and ``pa/accuracy`` see. The reference model is passed
-  explicitly (DESIGN §6); θ0's log-probs of the pairs are computed once at start-up
+  explicitly (docs/design.md §6); θ0's log-probs of the pairs are computed once at start-up
   (``precompute_ref_log_probs``), as a u2a run caches its reference log-probs: set-up, not
   training time.
 - ``rlhf``: ``trl.RLOOTrainer`` (TRL defaults: 2 samples per prompt, temperature 1, KL β = 0.05
