@@ -40,6 +40,7 @@ demo: install
 	$(BIN)/u2a demo
 
 test: install apt
+	$(BIN)/lint-imports --config .importlinter
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install

@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["u2a_dist", "u2a_dist.*"]),
-    package_data={"u2a_dist": ["ds_configs/*.json", "recipes/*.yaml"],
+    package_data={"u2a_dist": ["ds_configs/*.json"],
                   "u2a_dist.data": ["builtin/*.jsonl"]},  # the demo data set
     install_requires=[
         # torch first, from the wheel you want (CPU or CUDA); deepspeed with
@@ -34,7 +34,7 @@ setup(
         "models": ["gguf>=0.10"],
         "bench": ["trl>=1.0", "datasets>=3.0", "matplotlib>=3.8", "tensorboard>=2.15",
                   "pandas>=2.0", "pyarrow>=15"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["u2a=u2a_dist.cli:main"]},
 )
