@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from u2a_dist.data.tokenize import IGNORE
@@ -75,3 +76,28 @@ def test_dpo_loss_and_rewards():
     margin = beta * ((-3 + 4) - (-5 + 4.5))
     assert math.isclose(float(loss), -math.log(1 / (1 + math.exp(-margin))), rel_tol=1e-6)
     assert math.isclose(float(wc), 0.5) and math.isclose(float(wr), -0.25)
+
+
+def test_simnpo_against_a_hand_computation():
+    """SimNPO through the registry and the inner objective: (2/β)·log(1 + exp(β·logp/|y| + γ))
+    computed by hand with math, no reference model, options from unlearn.loss_args."""
+    from u2a_dist.config import ConfigError, config_from_dict
+    from u2a_dist.losses import LOSSES, InnerObjective
+
+    base = {"data": {"forget": {"path": "builtin:harmful", "schema": "completions"}},
+            "selector": {"enabled": False},
+            "unlearn": {"loss": "simnpo", "npo_beta": 2.5, "loss_args": {"gamma": 0.5}}}
+    cfg = config_from_dict(base).unlearn
+    assert "simnpo" in LOSSES and not LOSSES["simnpo"].needs_reference
+    logp, ntok = torch.tensor([-12.0, -3.0]), torch.tensor([4, 2])
+    objective = InnerObjective(cfg, has_mismatch=False)
+    total, ell = objective(logp, ntok, None)
+    expected = [2 / 2.5 * math.log1p(math.exp(2.5 * lp / n + 0.5))
+                for lp, n in ((-12.0, 4), (-3.0, 2))]
+    torch.testing.assert_close(ell, torch.tensor(expected))
+    torch.testing.assert_close(total, ell)  # c_f = 1, no mismatch
+    cfg = config_from_dict({**base, "unlearn": {"loss": "simnpo", "loss_args": {"beta": 1.0}}})
+    ell = InnerObjective(cfg.unlearn, has_mismatch=False)(logp, ntok, None)[1]
+    torch.testing.assert_close(ell, 2 * torch.nn.functional.softplus(logp / ntok))
+    with pytest.raises(ConfigError, match="unlearn.loss_args"):
+        config_from_dict({**base, "unlearn": {"loss": "simnpo", "loss_args": {"delta": 1}}})

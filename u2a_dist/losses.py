@@ -177,6 +177,25 @@ class NPO(UnlearnLoss):
         return npo_loss(logp, ref_logp, self.cfg.npo_beta)
 
 
+@register_loss
+class SimNPO(UnlearnLoss):
+    """SimNPO (Fan et al. 2024, "Simplicity Prevails"): NPO without the reference model, on
+    the length-normalised log-prob, ℓ_i = −(2/β)·log σ(−β·logp_i/|y_i| − γ)
+    = (2/β)·softplus(β·logp_i/|y_i| + γ). β = unlearn.npo_beta unless ``loss_args.beta``;
+    γ = ``loss_args.gamma`` (0 by default; the paper's reward margin)."""
+
+    name = "simnpo"
+
+    def __init__(self, cfg: Any, beta: float | None = None, gamma: float = 0.0) -> None:
+        super().__init__(cfg)
+        self.beta = float(cfg.npo_beta if beta is None else beta)
+        self.gamma = float(gamma)
+
+    def __call__(self, logp, n_tokens, ref_logp):
+        per_token = logp / n_tokens.clamp(min=1)
+        return (2.0 / self.beta) * F.softplus(self.beta * per_token + self.gamma)
+
+
 class InnerObjective:
     """The per-example inner term ``∂L_in/∂w_i = c_f ℓ_i + c_m m_i`` (docs/design.md §2), the
     one definition the training step, the selector's problem and the benchmarks share."""
