@@ -256,3 +256,18 @@ def test_two_nodes_in_network_namespaces(tmp_path, local_run):
         flat = {a for values in addrs[ns].values() for a in values}
         assert flat <= {"127.0.0.1", "::1", ip} | {a for a in flat if a.startswith("fe80:")}, (
             ns, addrs[ns])
+
+
+@pytest.mark.slow
+def test_an_actor_killed_past_max_failures_leaves_error_json(tmp_path):
+    """runtime.max_failures=0: rank 1's actor dies after step 2 and the job gives up; the
+    driver writes error.json (the killed actor could not), naming the rank and the failure."""
+    cfg = job_config(tmp_path / "run")
+    cfg["runtime"]["max_failures"] = 0
+    res = run_u2a(["run", "--config", str(write_config(tmp_path / "cfg.yaml", cfg)),
+                   "--launcher", "ray"], base_env(U2A_RAY_FAULT="1:2"), timeout=600)
+    assert res.returncode == 1, (res.stdout + res.stderr)[-4000:]
+    assert "more than runtime.max_failures=0" in res.stderr
+    error = json.loads((tmp_path / "run" / "error.json").read_text())
+    assert error["error"] == "RayJobFailure" and error["rank"] == 1
+    assert [f["rank"] for f in error["failures"]] == [1]

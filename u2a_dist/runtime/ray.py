@@ -113,6 +113,9 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
                 where = (f"checkpoint step {ckpt}" if ckpt is not None
                          else "the start (no checkpoint)")
                 if len(failures) > cfg.runtime.max_failures:
+                    run_dir.write_json("error.json", {  # a killed actor wrote none itself
+                        "error": "RayJobFailure", "rank": lost.rank, "message": lost.why,
+                        "failures": failures})
                     raise RayJobFailure(
                         f"rank {lost.rank}'s actor died ({lost.why}); that is failure "
                         f"{len(failures)}, more than runtime.max_failures="
