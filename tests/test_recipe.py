@@ -141,9 +141,21 @@ def test_demo_and_the_yaml_recipe_share_the_inner_objective_and_selector() -> No
     from u2a_dist.cli import demo_config
     from u2a_dist.recipes import RECIPE_REQUIRE, RECIPE_SELECTOR, RECIPE_UNLEARN
 
+    # one source: the YAML names the recipe and restates none of its settings
     raw = yaml.safe_load((REPO / "configs" / "refusal_smollm2.yaml").read_text())
-    assert raw["unlearn"] == RECIPE_UNLEARN and raw["selector"] == RECIPE_SELECTOR
-    assert raw["eval"]["target"]["require"] == RECIPE_REQUIRE
+    assert raw["recipe"] == "refusal" and "unlearn" not in raw and "selector" not in raw
+    assert "require" not in raw["eval"]["target"]
+    cfg = load_config(REPO / "configs" / "refusal_smollm2.yaml")
+    assert {k: getattr(cfg.unlearn, k) for k in RECIPE_UNLEARN} == RECIPE_UNLEARN
+    assert {k: getattr(cfg.selector, k) for k in RECIPE_SELECTOR} == RECIPE_SELECTOR
+    assert cfg.eval.target.require == RECIPE_REQUIRE
+    # the file's own values and overrides win; the recipe itself is never edited
+    cfg = load_config(REPO / "configs" / "refusal_smollm2.yaml",
+                      ["unlearn.lr=1e-4", "eval.target.require.eval/over_refusal=0.05"])
+    assert cfg.unlearn.lr == 1e-4 and cfg.eval.target.require["eval/over_refusal"] == 0.05
+    assert RECIPE_UNLEARN["lr"] == 3.0e-5 and RECIPE_REQUIRE["eval/over_refusal"] == 0.1
+    with pytest.raises(ConfigError, match="recipe must be one of"):
+        config_from_dict({"recipe": "nope", "data": {"forget": "builtin:harmful"}})
     demo = config_from_dict(demo_config("runs/x", "smollm2-135m-instruct"))
     assert demo.unlearn.mismatch_weight == RECIPE_UNLEARN["mismatch_weight"]
     assert demo.unlearn.retain_kl_weight == RECIPE_UNLEARN["retain_kl_weight"]

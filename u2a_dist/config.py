@@ -16,6 +16,7 @@ from typing import Any, Union
 import yaml
 
 from u2a_dist.losses import LOSSES
+from u2a_dist.recipes import with_recipe
 from u2a_dist.typed import ConfigError, build_dataclass
 
 SCHEMAS = ("pairs", "hh-rlhf", "refusal-pairs", "completions", "prompts", "qa")
@@ -385,6 +386,10 @@ RENAMED = {("selector", "power_iters"): "lanczos_steps"}
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     raw = json.loads(json.dumps(raw))  # deep copy; the caller's dict is not touched
+    try:
+        raw = with_recipe(raw)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
     apply_overrides(raw, overrides or [])
     for (section, old), new in RENAMED.items():
         part = raw.get(section)

@@ -1,13 +1,16 @@
 """The default alignment recipe (issue 7): refuse harmful requests, keep answering harmless ones.
 
-``configs/refusal_smollm2.yaml`` is this recipe on the real data in ``../shared/data``;
-``u2a demo`` runs the same inner objective, selector settings and joint target on the built-in
-data (``builtin_recipe``). A test keeps the two in step. The values were chosen by measurement
-on SmolLM2-135M-Instruct with 2 ZeRO-3 CPU ranks; BENCHMARKS.md has the runs and the ablations.
+This module is the recipe's one source. A config names it (``recipe: refusal``, as
+``configs/refusal_smollm2.yaml`` does on the real data in ``../shared/data``) and gets its
+settings under its own (``RECIPES``; the config's values win); ``u2a demo`` runs the same inner
+objective, selector settings and joint target on the built-in data (``builtin_recipe``). The
+values were chosen by measurement on SmolLM2-135M-Instruct with 2 ZeRO-3 CPU ranks;
+BENCHMARKS.md has the runs and the ablations.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 #: Inner objective: NPO on the harmful compliances, mismatch toward templated refusals on the
@@ -61,3 +64,34 @@ def builtin_recipe(out: str, model: str) -> dict[str, Any]:
         },
         "out": out,
     }
+
+
+#: Recipes a config can name (``recipe: NAME``): settings laid under the config's own.
+RECIPES: dict[str, dict[str, Any]] = {
+    "refusal": {
+        "data": {"max_length": 64},  # prompt + answer: the first tokens decide refusal or not
+        "unlearn": RECIPE_UNLEARN,
+        "selector": RECIPE_SELECTOR,
+        "runtime": {"world_size": 2, "checkpoint_every": 0},
+        "eval": {"every": 5, "batch_size": 16, "max_new_tokens": 48,
+                 "target": {"require": RECIPE_REQUIRE}},
+    },
+}
+
+
+def with_recipe(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``recipe`` (if any) laid under it: a deep merge where ``raw`` wins."""
+    name = raw.get("recipe")
+    if name is None:
+        return raw
+    if name not in RECIPES:
+        raise KeyError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return _merge(RECIPES[name], {k: v for k, v in raw.items() if k != "recipe"})
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)  # the caller may edit the result; RECIPES stay as they are
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
