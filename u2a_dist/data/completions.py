@@ -69,13 +69,14 @@ def _flag(value: Any, where: str, key: str) -> int | None:
 
 def _load_file(path: Path) -> list[LabelledCompletion]:
     key = once_key(path)
-    if key is not None and key in _FILES:
-        return list(_FILES[key])
-    _FILES[key] = items = _parse_file(path)
-    return list(items)
+    if key is None:
+        return _parse_file(path)
+    if key not in _FILES:
+        _FILES[key] = _parse_file(path)
+    return list(_FILES[key])
 
 
-_FILES: dict[tuple | None, list[LabelledCompletion]] = {}  # read once per process
+_FILES: dict[tuple, list[LabelledCompletion]] = {}  # read once per process
 
 
 def _parse_file(path: Path) -> list[LabelledCompletion]:
