@@ -23,7 +23,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from u2a_dist.config import load_config
-    from u2a_dist.job import preflight, rank_main
+    from u2a_dist.job import preflight, run_rank_from_dir
     from u2a_dist.rundir import RunDir
 
     cfg = load_config(args.config, args.overrides + ["runtime.launcher=deepspeed"])
@@ -44,7 +44,7 @@ def main() -> int:
             if time.time() > deadline:
                 raise TimeoutError(f"rank 0 did not prepare {run_dir.path} within 600 s")
             time.sleep(0.5)
-    return rank_main(str(run_dir.path))
+    return run_rank_from_dir(str(run_dir.path))
 
 
 if __name__ == "__main__":

@@ -103,21 +103,38 @@ def _print_before_after(summary: dict[str, Any]) -> None:
 
 
 def _print_joint_target(cfg: RunConfig, summary: dict[str, Any]) -> None:
-    """The joint target on held-out prompts, before and after, and whether it holds."""
-    from u2a_dist.evaluate import joint_target, target_holds
+    """The joint target, before and after, with each rate's 95% interval and the sources it
+    is judged on; then every evaluation source's rates, and whether the target holds."""
+    from u2a_dist.eval_sources import source_table
+    from u2a_dist.evaluate import describe_target_row, target_holds, target_report
 
-    rows = joint_target(cfg, summary.get("after", {}))
+    after = summary.get("after", {})
+    rows = target_report(cfg, after)
     if not rows:
         return
-    before = {m: v for m, _, _, v in joint_target(cfg, summary.get("before", {}))}
-    print("[u2a] joint target on held-out prompts (before -> after):")
-    for metric, op, bound, value in rows:
-        print(f"[u2a]   {metric} {op} {bound:g}: {_num(before.get(metric))} -> {_num(value)}")
-    met = target_holds(cfg, summary.get("after", {}))
-    print(f"[u2a] joint target {'MET' if met else 'NOT met'} after {summary.get('step')} steps, "
+    before = {r["metric"]: r["value"] for r in target_report(cfg, summary.get("before", {}))}
+    print("[u2a] joint target (before -> after):")
+    for row in rows:
+        print(f"[u2a]   {describe_target_row(row)} (before {_num(before.get(row['metric']))})")
+    table = source_table(after)
+    if table:
+        print("[u2a] by evaluation source (rate [95% interval], n):")
+        for line in table:
+            print(f"[u2a]   {line}")
+    met = target_holds(cfg, after)
+    scopes = sorted({r["scope"] for r in rows if r["scope"] != "all"})
+    uncertain = [r["metric"] for r in rows if r["uncertain"]]
+    print(f"[u2a] joint target {'MET' if met else 'NOT met'} on {', '.join(scopes) or 'all'} "
+          f"after {summary.get('step')} steps, "
           f"{summary.get('train_time_s', 0.0):.0f} s of training "
           f"(evaluation {summary.get('eval_time_s', 0.0):.0f} s apart); "
           f"stopped: {summary.get('stopped')}")
+    if "seen sources" in scopes:
+        print("[u2a] note: no held-out source for some rates: training touched every "
+              "evaluation source of their kind, so they say nothing about other phrasings")
+    if uncertain:
+        print(f"[u2a] note: the 95% interval of {', '.join(uncertain)} crosses its bound: "
+              "too few prompts to tell")
 
 
 def _num(value: Any) -> str:
@@ -147,7 +164,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Metrics of the config's `eval` section for --model against the config's model (θ0)."""
-    from u2a_dist.evaluate import evaluate_model
+    from u2a_dist.eval_model import evaluate_model
+    from u2a_dist.eval_sources import source_table
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.out
@@ -155,6 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(cfg, args.model, out)
     print(f"[u2a] eval of {args.model} against {cfg.model.name_or_path} -> {out}/eval.json",
           flush=True)
+    for line in source_table(result):  # rate [95% interval], n, held out or not
+        print(f"[u2a]   {line}")
     print(json.dumps(result, default=str))
     return 0
 

@@ -41,12 +41,32 @@ class DataSpec:
         "help": "Keep at most this many rows."})
     hub_split: str = dataclasses.field(default="train", metadata={
         "help": "Split name for hub datasets."})
+    source: str | None = dataclasses.field(default=None, metadata={
+        "help": "Name of the prompt source (e.g. advbench, alpaca) for evaluation by source "
+                "and held-out checks; default: builtin:NAME's NAME or the file name's stem."})
 
 
 def spec_paths(spec: DataSpec | list[DataSpec] | None) -> str:
     """The path(s) of one spec or a list of them, for messages."""
     specs = spec if isinstance(spec, list) else [spec] if spec is not None else []
     return ", ".join(s.path for s in specs) or "(none)"
+
+
+def as_list(spec: DataSpec | list[DataSpec] | None) -> list[DataSpec]:
+    return spec if isinstance(spec, list) else [spec] if spec is not None else []
+
+
+def source_name(spec: DataSpec) -> str:
+    """``spec.source``, else ``builtin:NAME`` → NAME, else the file's name without its data
+    and ``.gz`` suffixes (``harmful_harmbench_test.json`` → ``harmful_harmbench_test``)."""
+    if spec.source:
+        return spec.source
+    if spec.path.startswith("builtin:"):
+        return spec.path[len("builtin:"):]
+    name = Path(spec.path.rstrip("/")).name.removesuffix(".gz")
+    for suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 @dataclass
@@ -179,8 +199,11 @@ class EvalConfig:
     target: TargetConfig | None = field(default_factory=TargetConfig)
     batch_size: int = 16
     max_new_tokens: int = 48
-    harmful_prompts: DataSpec | None = None
-    harmless_prompts: DataSpec | None = None
+    harmful_prompts: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Harmful prompts (a spec or a list, one per source): metrics are reported per "
+                "source and pooled over the sources training did not touch."})
+    harmless_prompts: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Harmless prompts, as harmful_prompts."})
     judge: str | None = field(default=None, metadata={
         "help": "Directory of a trained judge (u2a judge-train) or of an HF classifier."})
     floors: dict[str, float] = field(default_factory=dict, metadata={
@@ -250,9 +273,12 @@ class RunConfig:
                     _validate_spec(f"data.{name}" + (f"[{i}]" if isinstance(specs, list)
                                                      else ""), spec)
         for name in ("harmful_prompts", "harmless_prompts", "retain"):
-            spec = getattr(self.eval, name)
-            if spec is not None:
-                _validate_spec(f"eval.{name}", spec)
+            specs = getattr(self.eval, name)
+            for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
+                if spec is not None:
+                    _validate_spec(f"eval.{name}" + (f"[{i}]" if isinstance(specs, list)
+                                                     else ""), spec)
+        _validate_sources(self.eval)
         _validate_floors(self.eval)
         return self
 
@@ -316,6 +342,21 @@ _GENERATION_METRICS = {
 }
 
 
+def _validate_sources(ec: EvalConfig) -> None:
+    """Source names key per-source metrics (``eval/<metric>@<source>``): one name, one source."""
+    kinds: dict[str, str] = {}
+    for kind in ("harmful", "harmless"):
+        for spec in as_list(getattr(ec, f"{kind}_prompts")):
+            name = source_name(spec)
+            if name == "held_out" or not name or any(c in name for c in "@/ "):
+                raise ConfigError(f"eval.{kind}_prompts: source name {name!r} of {spec.path} "
+                                  "is not usable (not 'held_out', no '@', '/' or spaces)")
+            if name in kinds:
+                raise ConfigError(f"eval.{kind}_prompts: source {name!r} appears twice "
+                                  f"({kinds[name]} and {kind}); give each spec its own source")
+            kinds[name] = kind
+
+
 def _validate_floors(ec: EvalConfig) -> None:
     checks = [(f"eval.floors.{m}", m, b) for m, b in ec.floors.items()]
     if ec.target is not None:
@@ -325,6 +366,7 @@ def _validate_floors(ec: EvalConfig) -> None:
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) \
                 or not math.isfinite(bound):
             raise ConfigError(f"{key}: bound must be a number, got {bound!r}")
+        metric = metric.partition("@")[0]  # eval/<metric>@<source>: the metric's needs
         need = _GENERATION_METRICS.get(metric)
         if metric in ("eval/retain_ppl", "eval/retain_ppl_ratio"):
             if ec.retain is None and ec.harmless_prompts is None:

@@ -9,13 +9,11 @@ Generation-based metrics (``GenerationEval``) need ``eval.harmful_prompts`` and/
 ``eval.harmless_prompts``: greedy answers (``u2a_dist.generation``, sharded over ranks) judged by
 the refusal-phrase matcher and degeneracy heuristics of ``u2a_dist.judges`` and, when
 ``eval.judge`` is set, by the learned harm judge (``eval/harmful_rate``); ``eval/retain_ppl`` is
-the response-token perplexity of a retain set. ``evaluate_model`` is ``u2a eval``.
+the response-token perplexity of a retain set.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +28,19 @@ from u2a_dist.config import ConfigError, RunConfig
 from u2a_dist.data.examples import Pair, load_completions, load_pairs, load_prompts
 from u2a_dist.data.records import prompt_key
 from u2a_dist.data.tokenize import encode
-from u2a_dist.fsio import atomic_write, claim_dir
+from u2a_dist.eval_sources import (
+    HELD_OUT,
+    PER_SOURCE,
+    as_list,
+    crosses,
+    interval_of,
+    load_eval_sources,
+    rates_by_source,
+    target_value,
+)
 from u2a_dist.generation import Share, answer_items, encode_prompts, generate
 from u2a_dist.judges import is_degenerate, is_refusal
-from u2a_dist.passes import dataset_logps, world
+from u2a_dist.sharded import dataset_logps, world
 
 
 @dataclass
@@ -79,6 +86,18 @@ def pa_metrics(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor,
 
 # ------------------------------------------------------------------ generation-based metrics
 
+def response_flags(prompts: Sequence[str], responses: Sequence[str]
+                   ) -> tuple[list[bool], list[bool]]:
+    """Per response: refused (refusal matcher) and degenerate (neither a refusal nor an
+    answer: empty, looping, echo)."""
+    if len(prompts) != len(responses) or not responses:
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
+    refused = [is_refusal(r) for r in responses]
+    degenerate = [not ref and is_degenerate(r, echo_of=p)
+                  for p, r, ref in zip(prompts, responses, refused)]
+    return refused, degenerate
+
+
 def response_metrics(prompts: Sequence[str], responses: Sequence[str],
                      kind: str) -> dict[str, float]:
     """Refusal-matcher and degeneracy shares for one prompt set (no judge needed).
@@ -87,12 +106,11 @@ def response_metrics(prompts: Sequence[str], responses: Sequence[str],
     and ``eval/degenerate_rate`` (neither a refusal nor an answer: empty, looping, echo).
     ``kind="harmless"``: ``eval/over_refusal`` and ``eval/harmless_degenerate_rate``.
     """
-    if len(prompts) != len(responses) or not responses:
-        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
-    refused = [is_refusal(r) for r in responses]
-    degenerate = [not ref and is_degenerate(r, echo_of=p)
-                  for p, r, ref in zip(prompts, responses, refused)]
-    n = len(responses)
+    return _rates(kind, *response_flags(prompts, responses))
+
+
+def _rates(kind: str, refused: Sequence[bool], degenerate: Sequence[bool]) -> dict[str, float]:
+    n = len(refused)
     rate = sum(refused) / n
     if kind == "harmful":
         return {"eval/refusal_rate": rate, "eval/harmful_no_refusal": 1.0 - rate,
@@ -104,9 +122,15 @@ def response_metrics(prompts: Sequence[str], responses: Sequence[str],
 
 def judge_metrics(judge, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
     """``eval/harmful_rate`` (share judged harmful) and ``eval/harmful_prob`` (mean P(harm))."""
+    return _judged(judge, prompts, responses)[0]
+
+
+def _judged(judge, prompts: Sequence[str], responses: Sequence[str]
+            ) -> tuple[dict[str, float], list[bool]]:
     probs = np.asarray(judge.predict_proba(list(zip(prompts, responses))), dtype=np.float64)
-    return {"eval/harmful_rate": float((probs >= judge.threshold).mean()),
-            "eval/harmful_prob": float(probs.mean())}
+    harmful = probs >= judge.threshold
+    return ({"eval/harmful_rate": float(harmful.mean()), "eval/harmful_prob": float(probs.mean())},
+            [bool(h) for h in harmful])
 
 
 def perplexity(logp: torch.Tensor, ntok: torch.Tensor) -> float:
@@ -148,24 +172,26 @@ def check_eval_inputs(cfg: RunConfig):
         load_pairs(cfg.data.pa_eval)
     exclude = training_prompt_keys(cfg)
     for name in ("harmful_prompts", "harmless_prompts"):
-        spec = getattr(cfg.eval, name)
-        if spec is not None and all(prompt_key(p.prompt) in exclude for p in load_prompts(spec)):
-            raise ConfigError(f"eval.{name}: every prompt of {spec.path} also occurs in the "
-                              "training data; nothing is held out")
+        for spec in as_list(getattr(cfg.eval, name)):
+            if all(prompt_key(p.prompt) in exclude for p in load_prompts(spec)):
+                raise ConfigError(f"eval.{name}: every prompt of {spec.path} also occurs in "
+                                  "the training data; nothing is held out")
     if cfg.eval.retain is not None:
         load_completions(cfg.eval.retain)
     return load_eval_judge(cfg.eval.judge) if cfg.eval.judge is not None else None
 
 
-def joint_target(cfg: RunConfig, metrics: dict[str, Any]) -> list[tuple[str, str, float, Any]]:
-    """(metric, comparison, bound, value) for the target metric and every requirement."""
+def joint_target(cfg: RunConfig, metrics: dict[str, Any]
+                 ) -> list[tuple[str, str, float, Any, str]]:
+    """(metric, comparison, bound, value, scope) for the target metric and every requirement;
+    a rate is judged on the held-out sources when there are any (``eval_sources.target_value``,
+    scope says which)."""
     target = cfg.eval.target
     if target is None:
         return []
-    rows = [(target.metric, ">=" if target.mode == "max" else "<=", target.value,
-             metrics.get(target.metric))]
-    rows += [(k, "<=", b, metrics.get(k)) for k, b in target.require.items()]
-    return rows
+    bounds = [(target.metric, ">=" if target.mode == "max" else "<=", target.value)]
+    bounds += [(k, "<=", b) for k, b in target.require.items()]
+    return [(m, op, b, *target_value(metrics, m)) for m, op, b in bounds]
 
 
 def holds(op: str, bound: float, value: Any) -> bool:
@@ -175,14 +201,38 @@ def holds(op: str, bound: float, value: Any) -> bool:
 def target_holds(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
     """The target metric and every requirement hold in ``metrics``."""
     rows = joint_target(cfg, metrics)
-    return bool(rows) and all(holds(op, b, v) for _, op, b, v in rows)
+    return bool(rows) and all(holds(op, b, v) for _, op, b, v, _ in rows)
 
 
 def requirements_met(cfg: RunConfig, metrics: dict[str, Any]) -> bool:
     """Every eval.target.require bound holds (a metric not measured does not hold)."""
-    target = cfg.eval.target
-    return target is None or all(k in metrics and metrics[k] <= bound
-                                 for k, bound in target.require.items())
+    return all(holds(op, b, v) for _, op, b, v, _ in joint_target(cfg, metrics)[1:])
+
+
+def target_report(cfg: RunConfig, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """``joint_target`` with each rate's count and Wilson 95% interval, and whether the bound
+    lies inside it (``uncertain``: the evaluation set is too small to tell the side)."""
+    rows = []
+    for metric, op, bound, value, scope in joint_target(cfg, metrics):
+        iv = interval_of(metrics, f"{metric}@{HELD_OUT}" if scope == "held-out sources"
+                         else metric)
+        rows.append({"metric": metric, "op": op, "bound": bound, "value": value,
+                     "scope": scope, "met": holds(op, bound, value),
+                     "n": iv[1] if iv else None, "interval": iv[2:] if iv else None,
+                     "uncertain": crosses(bound, iv)})
+    return rows
+
+
+def describe_target_row(row: dict[str, Any]) -> str:
+    """``metric <= bound on <scope> (n=..): value [lo, hi]``, flagged when uncertain."""
+    value = row["value"]
+    text = f"{row['metric']} {row['op']} {row['bound']:g} on {row['scope']}"
+    text += f" (n={row['n']})" if row["n"] else ""
+    text += f": {value:.3f}" if isinstance(value, (int, float)) else ": n/a"
+    if row["interval"]:
+        lo, hi = row["interval"]
+        text += f" [95% {lo:.3f}, {hi:.3f}]"
+    return text + (" (the interval crosses the bound)" if row["uncertain"] else "")
 
 
 def broken_floors(cfg: RunConfig, metrics: dict[str, Any]) -> list[str]:
@@ -199,9 +249,10 @@ def better_best(cfg: RunConfig, best: dict[str, Any] | None, step: int,
     by the trainer and the TRL baselines of the benchmarks, so both pick a best step alike."""
     target = cfg.eval.target
     metric, mode = (target.metric, target.mode) if target is not None else ("pa/accuracy", "max")
-    if metric not in metrics or broken_floors(cfg, metrics):
+    value = target_value(metrics, metric)[0]
+    if value is None or broken_floors(cfg, metrics):
         return None
-    value, joint = float(metrics[metric]), requirements_met(cfg, metrics)
+    value, joint = float(value), requirements_met(cfg, metrics)
     if best is not None:
         sign = 1.0 if mode == "max" else -1.0
         if not (joint, sign * value) > (best.get("requirements_met", True), sign * best["value"]):
@@ -252,20 +303,20 @@ class GenerationEval:
         self.tokenizer = tokenizer
         ec = cfg.eval
         max_len = cfg.data.max_length
-        self.harmful = load_prompts(ec.harmful_prompts) if ec.harmful_prompts else []
-        self.harmless = load_prompts(ec.harmless_prompts) if ec.harmless_prompts else []
-        # Held out means held out: prompts the training data contains are not evaluated on.
-        self.excluded = 0
-        if exclude:
-            n = len(self.harmful) + len(self.harmless)
-            self.harmful = [p for p in self.harmful if prompt_key(p.prompt) not in exclude]
-            self.harmless = [p for p in self.harmless if prompt_key(p.prompt) not in exclude]
-            self.excluded = n - len(self.harmful) - len(self.harmless)
-            for name, kept in (("harmful_prompts", self.harmful),
-                               ("harmless_prompts", self.harmless)):
-                if getattr(ec, name) is not None and not kept:
-                    raise ConfigError(f"eval.{name}: every prompt also occurs in the training "
-                                      "data; nothing is held out")
+        # Held out means held out: prompts the training data contains are not evaluated on
+        # (``exclude``), and a source training touched is reported as not held out.
+        training_keys = training_prompt_keys(cfg, always=True)
+        self.sources = {kind: load_eval_sources(cfg, kind, training_keys, exclude or set())
+                        for kind in PER_SOURCE}
+        for kind, sources in self.sources.items():
+            for src in sources:
+                if not src.prompts:
+                    raise ConfigError(f"eval.{kind}_prompts: every prompt of source {src.name} "
+                                      "also occurs in the training data; nothing is held out")
+        self.harmful = [p for src in self.sources["harmful"] for p in src.prompts]
+        self.harmless = [p for src in self.sources["harmless"] for p in src.prompts]
+        self.excluded = sum(src.in_training for sources in self.sources.values()
+                            for src in sources) if exclude else 0
         self.harmful_ids = encode_prompts(tokenizer, self.harmful, max_len)
         self.harmless_ids = encode_prompts(tokenizer, self.harmless, max_len)
         self.judge = judge
@@ -340,20 +391,28 @@ class GenerationEval:
             texts = self._generate(model, self.harmful_ids).texts
             timing["timing/eval_generate_harmful_s"] = time.perf_counter() - t0
             prompts = [p.prompt for p in self.harmful]
-            out.update(response_metrics(prompts, texts, "harmful"))
+            refused, degenerate = response_flags(prompts, texts)
+            out.update(_rates("harmful", refused, degenerate))
+            flags = {"eval/harmful_no_refusal": [not r for r in refused],
+                     "eval/degenerate_rate": degenerate}
             if self.has_judge:
                 t0 = time.perf_counter()
-                judged = (judge_metrics(self.judge, prompts, texts) if self.judge is not None
+                judged = (_judged(self.judge, prompts, texts) if self.judge is not None
                           else None)
-                out.update(_broadcast(judged))
+                judged_metrics, flags["eval/harmful_rate"] = _broadcast(judged)
+                out.update(judged_metrics)
                 timing["timing/eval_judge_s"] = time.perf_counter() - t0
+            out.update(rates_by_source(self.sources["harmful"], flags))
             self.last_generations["harmful"] = texts
         if self.harmless:
             t0 = time.perf_counter()
             answers = self._generate(model, self.harmless_ids)
             timing["timing/eval_generate_harmless_s"] = time.perf_counter() - t0
-            out.update(response_metrics([p.prompt for p in self.harmless], answers.texts,
-                                        "harmless"))
+            refused, degenerate = response_flags([p.prompt for p in self.harmless],
+                                                 answers.texts)
+            out.update(_rates("harmless", refused, degenerate))
+            out.update(rates_by_source(self.sources["harmless"], {
+                "eval/over_refusal": refused, "eval/harmless_degenerate_rate": degenerate}))
             self.last_generations["harmless"] = answers.texts
             if is_reference and not self.retain:
                 self.prepare(model, answers=answers)
@@ -365,70 +424,3 @@ class GenerationEval:
             if self.reference_ppl is not None:  # utility relative to θ0 (1.0 = unchanged)
                 out["eval/retain_ppl_ratio"] = out["eval/retain_ppl"] / self.reference_ppl
             timing["timing/eval_retain_ppl_s"] = time.perf_counter() - t0
-
-
-# ------------------------------------------------------------------ u2a eval
-
-def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None = None
-                   ) -> dict[str, Any]:
-    """``u2a eval``: the metrics of ``cfg.eval`` for the model at ``model_path`` against the
-    reference ``cfg.model``, in this process (world size 1, or every rank of a process group:
-    generation and log-prob passes are sharded). Writes ``eval.json`` and ``generations.jsonl``
-    to ``out_dir`` (default ``cfg.out``) on rank 0; returns the eval.json object.
-    """
-    from u2a_dist.device import comm_device, resolve_device
-    from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
-
-    t_start = time.perf_counter()
-    judge = check_eval_inputs(cfg)
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(model_path))
-    model_dir, ref_dir = resolve_model_dir(model_cfg), resolve_model_dir(cfg.model)
-    same = _same_model(model_dir, ref_dir)
-    tokenizer = load_tokenizer(model_cfg, model_dir)
-    # runtime.device on one process; inside a process group, the group's device (NCCL: GPU)
-    device = comm_device() if dist.is_initialized() else resolve_device(cfg.runtime.device)
-    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed).eval().to(device)
-    reference = model if same else \
-        load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval().to(device)
-    result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
-                              "reference_is_model": same, "device": str(device),
-                              "timing/load_s": time.perf_counter() - t_start}
-    bs, pad = cfg.eval.batch_size, tokenizer.pad_token_id
-    if cfg.data.pa_eval is not None:
-        t0 = time.perf_counter()
-        pairs = encode_pairs(tokenizer, load_pairs(cfg.data.pa_eval), cfg.data.max_length)
-        chosen, rejected = pair_logps(model, pairs, pad, bs)
-        ref = (chosen, rejected) if same else pair_logps(reference, pairs, pad, bs)
-        result.update(pa_metrics(chosen, rejected, *ref, cfg.selector.dpo_beta))
-        result["pa/n_pairs"] = len(pairs)
-        result["timing/pa_s"] = time.perf_counter() - t0
-    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg))
-    if gen.enabled:
-        t0 = time.perf_counter()
-        if not same:
-            result["timing/eval_reference_s"] = gen.prepare(reference)
-        result.update(gen(model, is_reference=same))
-        result["eval/n_harmful"] = len(gen.harmful)
-        result["eval/n_harmless"] = len(gen.harmless)
-        result["eval/n_excluded"] = gen.excluded
-        result["timing/generation_eval_s"] = time.perf_counter() - t0
-    result["timing/eval_s"] = time.perf_counter() - t_start
-    if world()[0] == 0:
-        _write_eval(Path(out_dir if out_dir is not None else cfg.out), result, gen)
-    return result
-
-
-def _same_model(a: str, b: str) -> bool:
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
-
-
-def _write_eval(out: Path, result: dict[str, Any], gen: GenerationEval) -> None:
-    claim_dir(out, "eval")
-    atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
-    with open(out / "generations.jsonl", "w") as fh:
-        for kind, prompts in (("harmful", gen.harmful), ("harmless", gen.harmless)):
-            for p, text in zip(prompts, gen.last_generations.get(kind, [])):
-                fh.write(json.dumps({"kind": kind, "id": p.id, "prompt": p.prompt,
-                                     "response": text, "refusal": is_refusal(text)}) + "\n")

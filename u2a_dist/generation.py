@@ -1,6 +1,6 @@
 """Batched greedy generation, sharded across ranks (docs/design.md §5).
 
-Each rank generates a strided share of the prompts (``passes.padded_shares``): every share is
+Each rank generates a strided share of the prompts (``sharded.padded_shares``): every share is
 padded to the same number of batches of the same size. Given a ZeRO-3 partitioned model, a
 forward pass is a collective (every layer all-gathers its weights), so the ranks stay in step
 with ``synced_gpus=True`` (a rank whose batch has finished keeps making dummy forwards until
@@ -22,7 +22,7 @@ from u2a_dist.data.examples import Prompt
 from u2a_dist.data.tokenize import IGNORE, collate_prompts, encode_prompt
 from u2a_dist.device import model_device, to_device
 from u2a_dist.engine import is_partitioned
-from u2a_dist.passes import padded_shares, world
+from u2a_dist.sharded import padded_shares, world
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 from u2a_dist.config import RunConfig, load_config
 from u2a_dist.data.examples import load_completions, load_pairs
 from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
-from u2a_dist.evaluate import check_eval_inputs, holds, joint_target, training_prompt_keys
+from u2a_dist.eval_sources import source_table
+from u2a_dist.evaluate import check_eval_inputs, target_report, training_prompt_keys
 from u2a_dist.fsio import atomic_write, check_disjoint
 from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.rundir import RunDir
@@ -172,15 +173,22 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
 
 
 def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
-    rows = joint_target(cfg, summary["after"])
+    rows = target_report(cfg, summary["after"])
     if not rows:
         return []
-    before = dict((m, v) for m, _, _, v in joint_target(cfg, summary["before"]))
-    lines = ["", "## Joint target (held-out prompts)", "", "| metric | bound | before | after |"
-             " met after |", "|---|---|---|---|---|"]
-    for metric, op, bound, value in rows:
-        lines.append(f"| {metric} | {op} {bound:g} | {_fmt(before.get(metric))} | "
-                     f"{_fmt(value)} | {'yes' if holds(op, bound, value) else 'no'} |")
+    before = {r["metric"]: r["value"] for r in target_report(cfg, summary["before"])}
+    lines = ["", "## Joint target", "", "| metric | bound | judged on | n | before | after "
+             "| 95% interval | met after |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        iv = "{:.3f}–{:.3f}".format(*r["interval"]) if r["interval"] else ""
+        met = ("yes" if r["met"] else "no") + (" (interval crosses the bound)"
+                                               if r["uncertain"] else "")
+        lines.append(f"| {r['metric']} | {r['op']} {r['bound']:g} | {r['scope']} | "
+                     f"{r['n'] or ''} | {_fmt(before.get(r['metric']))} | {_fmt(r['value'])} "
+                     f"| {iv} | {met} |")
+    table = source_table(summary["after"])
+    if table:
+        lines += ["", "## By evaluation source (after)", "", "```", *table, "```"]
     return lines
 
 
@@ -215,7 +223,7 @@ PROGRESS_KEYS = ("step", "round", "loss", "forget/nll", "pa/accuracy", "eval/har
                  "timing/select_s", "time_s")
 
 
-def rank_main(run_dir: str) -> int:
+def run_rank_from_dir(run_dir: str) -> int:
     """Entry point of one rank process: RANK/WORLD_SIZE/MASTER_* come from the environment."""
     logging.basicConfig(level=os.environ.get("U2A_LOG_LEVEL", "WARNING"))
     rd = RunDir(run_dir)

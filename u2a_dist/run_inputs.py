@@ -16,8 +16,8 @@ from u2a_dist.data.tokenize import encode
 from u2a_dist.evaluate import EncodedPairs, encode_pairs, pair_logps
 from u2a_dist.generation import answer_items, encode_prompts, generate
 from u2a_dist.models import load_tokenizer, resolve_model_dir
-from u2a_dist.passes import dataset_logps
 from u2a_dist.sampling import outer_pairs_used
+from u2a_dist.sharded import dataset_logps
 
 Item = dict[str, list[int]]
 

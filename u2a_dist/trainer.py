@@ -45,11 +45,11 @@ from u2a_dist.losses import (
     token_logps,
 )
 from u2a_dist.models import load_model
-from u2a_dist.passes import all_reduce_sum, barrier, dataset_logps, world
 from u2a_dist.run_eval import RunEvaluation
 from u2a_dist.run_inputs import ForgetSet, RunInputs
 from u2a_dist.rundir import RunDir
 from u2a_dist.sampling import BatchSampler, seed_everything
+from u2a_dist.sharded import all_reduce_sum, barrier, dataset_logps, world
 
 log = logging.getLogger(__name__)
 

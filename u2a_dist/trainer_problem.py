@@ -14,8 +14,8 @@ from u2a_dist.data.tokenize import collate, shard
 from u2a_dist.device import to_device
 from u2a_dist.linalg import ShardedVector
 from u2a_dist.losses import check_finite, dpo_loss, sequence_logps
-from u2a_dist.passes import all_reduce_sum, dataset_logps, padded_shares
 from u2a_dist.sampling import outer_sample_indices
+from u2a_dist.sharded import all_reduce_sum, dataset_logps, padded_shares
 
 
 class TrainerProblem:

@@ -11,9 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
-    from u2a_dist.job import rank_main
+    from u2a_dist.job import run_rank_from_dir
 
-    return rank_main(args.run_dir)
+    return run_rank_from_dir(args.run_dir)
 
 
 def exit_rank(code: int) -> None:

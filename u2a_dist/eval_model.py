@@ -1,0 +1,91 @@
+"""``u2a eval``: the metrics of a run's evaluation for any model, against the run's reference
+model, written to ``eval.json`` and ``generations.jsonl``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from u2a_dist.config import RunConfig
+from u2a_dist.data.examples import load_pairs
+from u2a_dist.evaluate import (
+    GenerationEval,
+    check_eval_inputs,
+    encode_pairs,
+    pa_metrics,
+    pair_logps,
+    training_prompt_keys,
+)
+from u2a_dist.fsio import atomic_write, claim_dir
+from u2a_dist.judges import is_refusal
+from u2a_dist.sharded import world
+
+
+def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None = None
+                   ) -> dict[str, Any]:
+    """``u2a eval``: the metrics of ``cfg.eval`` for the model at ``model_path`` against the
+    reference ``cfg.model``, in this process (world size 1, or every rank of a process group:
+    generation and log-prob passes are sharded). Writes ``eval.json`` and ``generations.jsonl``
+    to ``out_dir`` (default ``cfg.out``) on rank 0; returns the eval.json object.
+    """
+    from u2a_dist.device import comm_device, resolve_device
+    from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
+
+    t_start = time.perf_counter()
+    judge = check_eval_inputs(cfg)
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(model_path))
+    model_dir, ref_dir = resolve_model_dir(model_cfg), resolve_model_dir(cfg.model)
+    same = _same_model(model_dir, ref_dir)
+    tokenizer = load_tokenizer(model_cfg, model_dir)
+    # runtime.device on one process; inside a process group, the group's device (NCCL: GPU)
+    device = comm_device() if dist.is_initialized() else resolve_device(cfg.runtime.device)
+    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed).eval().to(device)
+    reference = model if same else \
+        load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval().to(device)
+    result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
+                              "reference_is_model": same, "device": str(device),
+                              "timing/load_s": time.perf_counter() - t_start}
+    bs, pad = cfg.eval.batch_size, tokenizer.pad_token_id
+    if cfg.data.pa_eval is not None:
+        t0 = time.perf_counter()
+        pairs = encode_pairs(tokenizer, load_pairs(cfg.data.pa_eval), cfg.data.max_length)
+        chosen, rejected = pair_logps(model, pairs, pad, bs)
+        ref = (chosen, rejected) if same else pair_logps(reference, pairs, pad, bs)
+        result.update(pa_metrics(chosen, rejected, *ref, cfg.selector.dpo_beta))
+        result["pa/n_pairs"] = len(pairs)
+        result["timing/pa_s"] = time.perf_counter() - t0
+    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg))
+    if gen.enabled:
+        t0 = time.perf_counter()
+        if not same:
+            result["timing/eval_reference_s"] = gen.prepare(reference)
+        result.update(gen(model, is_reference=same))
+        result["eval/n_harmful"] = len(gen.harmful)
+        result["eval/n_harmless"] = len(gen.harmless)
+        result["eval/n_excluded"] = gen.excluded
+        result["timing/generation_eval_s"] = time.perf_counter() - t0
+    result["timing/eval_s"] = time.perf_counter() - t_start
+    if world()[0] == 0:
+        _write_eval(Path(out_dir if out_dir is not None else cfg.out), result, gen)
+    return result
+
+
+def _same_model(a: str, b: str) -> bool:
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def _write_eval(out: Path, result: dict[str, Any], gen: GenerationEval) -> None:
+    claim_dir(out, "eval")
+    atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
+    with open(out / "generations.jsonl", "w") as fh:
+        for kind, prompts in (("harmful", gen.harmful), ("harmless", gen.harmless)):
+            for p, text in zip(prompts, gen.last_generations.get(kind, [])):
+                fh.write(json.dumps({"kind": kind, "id": p.id, "prompt": p.prompt,
+                                     "response": text, "refusal": is_refusal(text)}) + "\n")
