@@ -165,3 +165,35 @@ def test_source_names_must_be_distinct_and_usable(tmp_path):
     with pytest.raises(ConfigError, match="eval.target.metric: eval/harmful_rate needs eval.judge"):
         config_from_dict(tiny_config(tmp_path, eval={"harmful_prompts": one, "target": {
             "metric": "eval/harmful_rate@tdc", "value": 0.1, "mode": "min"}}))
+
+
+def test_hold_out_sources_keeps_a_source_out_of_training_and_so_held_out(tmp_path):
+    """A file source sharing two prompts with the training data is not held out; naming it in
+    data.hold_out_sources drops those rows from forget and pa (every rank reads the same
+    filtered data), after which it is held out; the config reloads to itself."""
+    base = config_from_dict(tiny_config(tmp_path))
+    from u2a_dist.data.examples import load_completions, load_pairs
+
+    forget_prompts = [c.prompt for c in load_completions(base.data.forget)]
+    shared = _write_prompts(tmp_path / "shared_src.json", forget_prompts[:2] + ["Say hi."])
+    raw = tiny_config(tmp_path, eval={"target": None, "harmful_prompts": [
+        {"path": "builtin:harmful", "schema": "prompts", "split": "eval"},
+        {"path": shared, "schema": "prompts"}]})
+    seen = config_from_dict(raw)
+    gen = GenerationEval(seen, load_tokenizer(seen.model), exclude=set())
+    assert not gen.sources["harmful"][1].held_out and gen.sources["harmful"][1].in_training >= 2
+
+    raw["data"]["hold_out_sources"] = ["shared_src"]
+    held = config_from_dict(raw)
+    kept = [c.prompt for c in load_completions(held.data.forget)]
+    assert kept == [p for p in forget_prompts if p not in forget_prompts[:2]]
+    assert not {p.prompt for p in load_pairs(held.data.pa)} & set(forget_prompts[:2])
+    gen = GenerationEval(held, load_tokenizer(held.model), exclude=training_prompt_keys(held))
+    assert gen.sources["harmful"][1].held_out and len(gen.sources["harmful"][1].prompts) == 3
+    assert not gen.sources["harmful"][0].held_out  # builtin:harmful is still read by training
+    held.save(tmp_path / "c.yaml")
+    from u2a_dist.config import load_config
+
+    assert load_config(tmp_path / "c.yaml").to_dict() == held.to_dict()
+    with pytest.raises(ConfigError, match=r"data.hold_out_sources: \['nope'\] are not"):
+        config_from_dict({**raw, "data": {**raw["data"], "hold_out_sources": ["nope"]}})

@@ -41,6 +41,9 @@ class DataSpec:
         "help": "Keep at most this many rows."})
     hub_split: str = dataclasses.field(default="train", metadata={
         "help": "Split name for hub datasets."})
+    exclude: list[DataSpec] = dataclasses.field(default_factory=list, metadata={
+        "help": "Drop rows whose prompt occurs in these prompt specs (a source kept out of "
+                "training); data.hold_out_sources fills it."})
     source: str | None = dataclasses.field(default=None, metadata={
         "help": "Name of the prompt source (e.g. advbench, alpaca) for evaluation by source "
                 "and held-out checks; default: builtin:NAME's NAME or the file name's stem."})
@@ -96,6 +99,10 @@ class DataConfig:
         "help": "Answers y' for the mismatch term; `builtin:refusal_templates` = templated "
                 "refusals."})
     max_length: int = field(default=256, metadata={"help": "Max tokens (prompt + response)."})
+    hold_out_sources: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluation sources (names in eval.harmful_prompts/harmless_prompts) that "
+                "training must not touch: forget, pa and retain rows whose prompt occurs in one "
+                "are dropped, so it is held out. One per run is leave-one-source-out."})
 
 
 @dataclass
@@ -279,6 +286,7 @@ class RunConfig:
                     _validate_spec(f"eval.{name}" + (f"[{i}]" if isinstance(specs, list)
                                                      else ""), spec)
         _validate_sources(self.eval)
+        _hold_out_sources(self)
         _validate_floors(self.eval)
         return self
 
@@ -355,6 +363,22 @@ def _validate_sources(ec: EvalConfig) -> None:
                 raise ConfigError(f"eval.{kind}_prompts: source {name!r} appears twice "
                                   f"({kinds[name]} and {kind}); give each spec its own source")
             kinds[name] = kind
+
+
+def _hold_out_sources(cfg: RunConfig) -> None:
+    """Lay each source of ``data.hold_out_sources`` (all of it: no split, no limit) into the
+    ``exclude`` of every training spec. Idempotent, so a saved config reloads to itself."""
+    specs = {source_name(s): s for kind in ("harmful", "harmless")
+             for s in as_list(getattr(cfg.eval, f"{kind}_prompts"))}
+    unknown = [n for n in cfg.data.hold_out_sources if n not in specs]
+    if unknown:
+        raise ConfigError(f"data.hold_out_sources: {unknown} are not evaluation sources "
+                          f"(eval.harmful_prompts/harmless_prompts name {sorted(specs)})")
+    whole = [dataclasses.replace(specs[n], split=None, limit=None, exclude=[], source=n)
+             for n in cfg.data.hold_out_sources]
+    d = cfg.data
+    for spec in [s for group in (d.forget, d.pa, d.retain) for s in as_list(group)]:
+        spec.exclude += [w for w in whole if w not in spec.exclude]
 
 
 def _validate_floors(ec: EvalConfig) -> None:

@@ -79,6 +79,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
+    if get_origin(inner) is list:
+        (item,) = get_args(inner)
+        if isinstance(value, str):  # `key=a,b` on the command line
+            value = [v for v in value.split(",") if v] if item is str else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     return value
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from u2a_dist.config import DataSpec
+from u2a_dist.config import DataSpec, source_name
 from u2a_dist.data.builtin import builtin_completions, builtin_pairs, builtin_prompts
 from u2a_dist.data.completions import (
     LabelledCompletion,
@@ -25,7 +25,15 @@ from u2a_dist.data.completions import (
 from u2a_dist.data.readers import DataError, Row, read_rows
 
 # The record types live in ``records``; other modules import them from here too.
-from u2a_dist.data.records import Completion, Messages, Pair, Prompt, need_text, prompt_hash
+from u2a_dist.data.records import (
+    Completion,
+    Messages,
+    Pair,
+    Prompt,
+    need_text,
+    prompt_hash,
+    prompt_key,
+)
 
 
 def _row_id(loc: str, row: Row) -> str:
@@ -145,11 +153,16 @@ def _keep(spec: DataSpec, attrs: dict[str, Any], prompt: str) -> bool:
 
 def _finish(spec: DataSpec, items: list, what: str) -> list:
     items = [x for x in items if _keep(spec, x.attrs, x.prompt)]
+    if spec.exclude:  # a source kept out of training (data.hold_out_sources)
+        drop = {prompt_key(p.prompt) for ex in spec.exclude for p in load_prompts(ex)}
+        items = [x for x in items if prompt_key(x.prompt) not in drop]
     if spec.limit is not None:
         items = items[: spec.limit]
     if not items:
         raise DataError(f"{spec.path}: no {what} left after reading "
-                        f"(schema={spec.schema}, filter={spec.filter}, split={spec.split})")
+                        f"(schema={spec.schema}, filter={spec.filter}, split={spec.split}"
+                        + (f", without {[source_name(e) for e in spec.exclude]}"
+                           if spec.exclude else "") + ")")
     return items
 
 
