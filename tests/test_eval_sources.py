@@ -164,7 +164,7 @@ def test_source_names_must_be_distinct_and_usable(tmp_path):
     # a per-source bound is checked like its metric: the judge's rate needs a judge
     with pytest.raises(ConfigError, match="eval.target.metric: eval/harmful_rate needs eval.judge"):
         config_from_dict(tiny_config(tmp_path, eval={"harmful_prompts": one, "target": {
-            "metric": "eval/harmful_rate@tdc", "value": 0.1, "mode": "min"}}))
+            "metric": "eval/harmful_rate@harmful", "value": 0.1, "mode": "min"}}))
 
 
 def test_hold_out_sources_keeps_a_source_out_of_training_and_so_held_out(tmp_path):
@@ -197,3 +197,55 @@ def test_hold_out_sources_keeps_a_source_out_of_training_and_so_held_out(tmp_pat
     assert load_config(tmp_path / "c.yaml").to_dict() == held.to_dict()
     with pytest.raises(ConfigError, match=r"data.hold_out_sources: \['nope'\] are not"):
         config_from_dict({**raw, "data": {**raw["data"], "hold_out_sources": ["nope"]}})
+
+
+def test_a_config_file_composes_with_its_base(tmp_path):
+    import yaml
+
+    from u2a_dist.config import load_config
+
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "run")))
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump({
+        "base": "b.yaml", "unlearn": {"lr": 5e-4},
+        "eval": {"harmful_prompts": [{"path": "builtin:harmful", "schema": "prompts",
+                                      "split": "eval", "source": "builtin_harm"}]}}))
+    cfg = load_config(tmp_path / "v.yaml")
+    assert cfg.unlearn.lr == 5e-4 and cfg.unlearn.steps == 6  # overridden, inherited
+    assert cfg.out == str(tmp_path / "run") and cfg.eval.harmful_prompts[0].source == "builtin_harm"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "v.yaml"}))
+    with pytest.raises(ConfigError, match="base configs form a cycle"):
+        load_config(tmp_path / "v.yaml")
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"base": "missing.yaml"}))
+    with pytest.raises(ConfigError, match="missing.yaml.*does not exist.*the base of"):
+        load_config(tmp_path / "w.yaml")
+
+
+def test_a_bound_on_one_source_is_judged_there_and_names_a_real_source(tmp_path):
+    one = {"path": "builtin:harmful", "schema": "prompts", "split": "eval", "source": "hb"}
+    cfg = config_from_dict(tiny_config(tmp_path, eval={"harmful_prompts": one, "target": {
+        "metric": "eval/harmful_no_refusal@hb", "value": 0.15, "mode": "min"}}))
+    metrics = rates_by_source([_source("hb", 20, True)],
+                              {"eval/harmful_no_refusal": [True] * 2 + [False] * 18})
+    (row,) = target_report(cfg, metrics)
+    assert row["scope"] == "source hb, held out" and row["value"] == 0.1 and row["met"]
+    assert row["n"] == 20 and row["interval"] == pytest.approx(wilson_interval(2, 20))
+    assert row["uncertain"]  # 0.15 is inside [0.028, 0.301]
+    with pytest.raises(ConfigError, match="'tdc' is not an evaluation source"):
+        config_from_dict(tiny_config(tmp_path, eval={"harmful_prompts": one, "target": {
+            "metric": "eval/harmful_no_refusal@tdc", "value": 0.15, "mode": "min"}}))
+
+
+def test_the_sources_config_holds_out_harmbench_and_tdc(shared_data):  # noqa: ARG001
+    from tests.conftest import REPO
+    from u2a_dist.config import load_config
+    from u2a_dist.data.examples import load_completions, load_pairs
+
+    cfg = load_config(REPO / "configs" / "refusal_smollm2_sources.yaml")
+    keys = training_prompt_keys(cfg, always=True)
+    from u2a_dist.eval_sources import load_eval_sources
+
+    status = {s.name: s.held_out for kind in ("harmful", "harmless")
+              for s in load_eval_sources(cfg, kind, keys, set())}
+    assert status == {"harmbench": True, "tdc2023": True, "advbench": False, "alpaca": False,
+                      "truthfulqa": True}
+    assert load_completions(cfg.data.forget) and load_pairs(cfg.data.pa)

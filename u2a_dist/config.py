@@ -15,6 +15,7 @@ from typing import Any, Union
 
 import yaml
 
+from u2a_dist.config_files import read_config_file
 from u2a_dist.losses import LOSSES
 from u2a_dist.recipes import with_recipe
 from u2a_dist.typed import ConfigError, build_dataclass
@@ -390,7 +391,11 @@ def _validate_floors(ec: EvalConfig) -> None:
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) \
                 or not math.isfinite(bound):
             raise ConfigError(f"{key}: bound must be a number, got {bound!r}")
-        metric = metric.partition("@")[0]  # eval/<metric>@<source>: the metric's needs
+        metric, _, where = metric.partition("@")  # eval/<metric>@<source>: the metric's needs
+        names = [source_name(s) for k in ("harmful", "harmless")
+                 for s in as_list(getattr(ec, f"{k}_prompts"))]
+        if where and where not in [*names, "held_out"]:
+            raise ConfigError(f"{key}: {where!r} is not an evaluation source ({names})")
         need = _GENERATION_METRICS.get(metric)
         if metric in ("eval/retain_ppl", "eval/retain_ppl_ratio"):
             if ec.retain is None and ec.harmless_prompts is None:
@@ -468,21 +473,9 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        raw = loaded or {}
+    """Read a YAML config (``config_files``: with its ``base``, if it names one), or start from
+    defaults when path is None, and apply overrides."""
+    raw = read_config_file(Path(path)) if path is not None else {}
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as exc:

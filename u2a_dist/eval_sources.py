@@ -118,13 +118,16 @@ def rates_by_source(sources: Sequence[EvalSource], flags: dict[str, Sequence[boo
 
 
 def target_value(metrics: dict[str, float], metric: str) -> tuple[float | None, str]:
-    """The value a target on ``metric`` is judged by, and over what: the held-out sources'
-    pooled rate when any source of its kind is held out, else the rate over every evaluation
-    prompt ("seen sources": the report says so)."""
+    """The value a target on ``metric`` is judged by, and over what: for a rate, the held-out
+    sources' pooled rate when any source of its kind is held out, else the rate over every
+    evaluation prompt ("seen sources": the report says so); ``rate@source`` is that source."""
+    base, _, where = metric.partition("@")
+    if where:
+        held = "held out" if metrics.get(f"eval/held_out@{where}") else "NOT held out"
+        return metrics.get(metric), f"source {where}, {held}"
     if f"{metric}@{HELD_OUT}" in metrics:
         return metrics[f"{metric}@{HELD_OUT}"], "held-out sources"
-    scope = "seen sources" if metric in KIND_OF else "all"
-    return metrics.get(metric), scope
+    return metrics.get(metric), "seen sources" if metric in KIND_OF else "all"
 
 
 def interval_of(metrics: dict[str, float], key: str) -> tuple[int, int, float, float] | None:

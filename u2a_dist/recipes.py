@@ -86,12 +86,14 @@ def with_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     if name not in RECIPES:
         raise KeyError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
-    return _merge(RECIPES[name], {k: v for k, v in raw.items() if k != "recipe"})
+    return deep_merge(RECIPES[name], {k: v for k, v in raw.items() if k != "recipe"})
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)  # the caller may edit the result; RECIPES stay as they are
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` laid over ``base``: mappings merge key by key, anything else (lists too) from
+    ``top`` replaces; ``base`` is not changed (RECIPES stay as they are)."""
+    out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
             else v
     return out
