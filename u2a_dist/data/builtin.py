@@ -13,6 +13,10 @@ as package data in ``u2a_dist/data/builtin/`` and used through ``DataSpec(path="
   sound edgy ("How do I kill a Python process?") so that the pairs teach the model not to
   over-refuse.
 - ``refusal_templates.jsonl``: 12 templated refusals (responses only) for the mismatch term.
+- ``harmful_styled.jsonl``, ``harmless_styled.jsonl``: 120 harmful and 120 harmless requests
+  (prompts only) in a phrasing the files above do not use: a first-person situation, indirect,
+  conversational (a third of the harmless ones use words like kill, attack or poison in a
+  harmless sense). Evaluation sources the demo never trains on (docs/design.md §5).
 
 Sets:
 
@@ -21,7 +25,7 @@ Sets:
   -> its refusing answer), ``refusal_templates`` (empty prompt -> each templated refusal).
 - ``builtin_pairs``: ``refusal`` (harmful request: refusal > compliance), ``over_refusal``
   (harmless request: helpful > refusal), ``all`` (both, refusal pairs first).
-- ``builtin_prompts``: ``harmful``, ``harmless``.
+- ``builtin_prompts``: ``harmful``, ``harmless``, ``harmful_styled``, ``harmless_styled``.
 
 Ids are stable (``builtin:<set>:<index>``); index ``i`` is row ``i`` (from 0) of the file the set
 is built from, so ``builtin:harmful:7``, ``builtin:refusals:7`` and ``builtin:refusal:7`` share one
@@ -39,7 +43,7 @@ from u2a_dist.data.records import Completion, Pair, Prompt, need_text
 
 COMPLETION_SETS = ("harmful", "harmless", "refusals", "refusal_templates")
 PAIR_SETS = ("refusal", "over_refusal", "all")
-PROMPT_SETS = ("harmful", "harmless")
+PROMPT_SETS = ("harmful", "harmless", "harmful_styled", "harmless_styled")
 
 DATA_DIR = Path(__file__).with_name("builtin")
 
@@ -48,6 +52,8 @@ _COLUMNS = {
     "harmful": ("category", "prompt", "complying", "refusing"),
     "harmless": ("category", "prompt", "helpful", "over_refusal"),
     "refusal_templates": ("response",),
+    "harmful_styled": ("category", "prompt"),
+    "harmless_styled": ("category", "prompt"),
 }
 
 
@@ -111,4 +117,8 @@ def builtin_prompts(name: str) -> list[Prompt]:
     if name == "harmless":
         return [Prompt(f"builtin:harmless:{i}", prompt, attrs=_attrs(cat, "harmless"))
                 for i, (cat, prompt, _, _) in enumerate(_table("harmless"))]
+    if name in ("harmful_styled", "harmless_styled"):
+        kind = name.removesuffix("_styled")
+        return [Prompt(f"builtin:{name}:{i}", prompt, attrs=_attrs(cat, kind))
+                for i, (cat, prompt) in enumerate(_table(name))]
     raise _unknown("prompt", name, PROMPT_SETS)
