@@ -10,6 +10,8 @@ from pathlib import Path
 from tests.conftest import REPO
 
 MAX_LINES = 500
+#: Issue 20's bar for benchmarks/ (.py and .sh, tests included): half of its 5.0k lines then.
+MAX_BENCHMARK_LINES = 2500
 
 
 def _lines(paths) -> dict[str, int]:
@@ -43,3 +45,4 @@ def test_no_library_module_over_500_lines_and_benchmarks_are_smaller_than_the_li
     benchmarks = _lines(p for p in (REPO / "benchmarks").rglob("*")
                         if p.suffix in (".py", ".sh"))
     assert sum(benchmarks.values()) < sum(library.values())
+    assert sum(benchmarks.values()) <= MAX_BENCHMARK_LINES, sorted(benchmarks.items())

@@ -4,6 +4,7 @@ runs are, and one summary for every method. Tiny model, built-in data, real TRL,
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,13 @@ import torch
 import yaml
 
 from benchmarks import time_to_target, trl_baselines
-from benchmarks.common import fmt, read_metrics, summarise
+from benchmarks.time_to_target import fmt, read_metrics, summarise
 from tests.conftest import tiny_config
-from u2a_dist.models import load_model, resolve_model_dir
+from u2a_dist.config import load_config
+from u2a_dist.data.examples import load_completions
+from u2a_dist.evaluate import GenerationEval, prompt_key, training_prompt_keys
+from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
+from u2a_dist.run_eval import RunEvaluation
 
 #: Held-out prompts of the built-in data, the refusal matcher only (no judge), and the recipe's
 #: joint target in its judge-free form: the tiny random model never refuses, so it is never met.
@@ -52,23 +57,18 @@ def assert_every_parameter_changed(before: dict[str, torch.Tensor], model) -> No
     assert not unchanged, f"parameters not trained: {unchanged}"
 
 
-def slow_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every held-out evaluation takes EVAL_DELAY_S longer (the real evaluation still runs)."""
-    real = trl_baselines.HeldOutEval.__call__
-
-    def delayed(self, model):
-        time.sleep(EVAL_DELAY_S)
-        return real(self, model)
-
-    monkeypatch.setattr(trl_baselines.HeldOutEval, "__call__", delayed)
-
-
 def test_dpo_trains_every_parameter_and_logs_like_a_u2a_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = write_config(tmp_path, steps=4)
-    cfg = trl_baselines.method_config(config, tmp_path / "runs" / "dpo")
+    cfg = load_config(config, [f"out={tmp_path / 'runs' / 'dpo'}"])
     before = theta0(cfg)
-    slow_evaluations(monkeypatch)
+    real = RunEvaluation.evaluate  # every evaluation takes EVAL_DELAY_S longer
+
+    def delayed(self, *args, **kwargs):
+        time.sleep(EVAL_DELAY_S)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunEvaluation, "evaluate", delayed)
     t0 = time.perf_counter()
     run = trl_baselines.run_trl("dpo", cfg)
     wall = time.perf_counter() - t0
@@ -117,13 +117,10 @@ def test_dpo_sft_adds_the_chosen_answers_negative_log_likelihood(tmp_path: Path)
     DPO + SFT adds the chosen answers' mean token NLL, which for the tiny random model is near
     ln 384 (its vocabulary: a near-uniform next-token distribution). The first logged losses
     of the two runs differ by that, and the SFT term changes what the step does."""
-    import math
-
     config = write_config(tmp_path, steps=1, every=0)
-    first = {}
-    models = {}
+    first, models = {}, {}
     for method in ("dpo", "dpo_sft"):
-        cfg = trl_baselines.method_config(config, tmp_path / "runs" / method)
+        cfg = load_config(config, [f"out={tmp_path / 'runs' / method}"])
         run = trl_baselines.run_trl(method, cfg)
         first[method] = next(r["loss"] for r in read_metrics(Path(cfg.out)) if "loss" in r)
         models[method] = dict(run.model.named_parameters())
@@ -136,7 +133,7 @@ def test_rlhf_stops_at_the_target_after_training_every_parameter(tmp_path: Path)
     # 24 new tokens: the tiny model's samples then differ in the helpfulness term, so RLOO's
     # advantages (reward minus the other sample's) are not all zero.
     config = write_config(tmp_path, steps=6, max_new_tokens=24, target=MET_AT_ONCE)
-    cfg = trl_baselines.method_config(config, tmp_path / "runs" / "rlhf")
+    cfg = load_config(config, [f"out={tmp_path / 'runs' / 'rlhf'}"])
     before = theta0(cfg)
     run = trl_baselines.run_trl("rlhf", cfg)
     assert_every_parameter_changed(before, run.model)
@@ -153,11 +150,6 @@ def test_rlhf_stops_at_the_target_after_training_every_parameter(tmp_path: Path)
 
 
 def test_rlhf_reward_and_prompts_come_from_training_data(tmp_path: Path) -> None:
-    from u2a_dist.config import load_config
-    from u2a_dist.data.examples import load_completions
-    from u2a_dist.evaluate import GenerationEval, prompt_key, training_prompt_keys
-    from u2a_dist.models import load_tokenizer
-
     cfg = load_config(write_config(tmp_path))
     prompts = trl_baselines.rl_prompts(cfg)
     kinds = [k for _, k in prompts]
@@ -188,8 +180,7 @@ def test_rlhf_reward_and_prompts_come_from_training_data(tmp_path: Path) -> None
 
 def test_time_budget_stops_a_trl_run_and_its_final_model_is_evaluated(tmp_path: Path) -> None:
     config = write_config(tmp_path, steps=50)
-    cfg = trl_baselines.method_config(config, tmp_path / "runs" / "dpo",
-                                      ["unlearn.time_budget_s=1e-6"])
+    cfg = load_config(config, ["unlearn.time_budget_s=1e-6", f"out={tmp_path / 'runs' / 'dpo'}"])
     run = trl_baselines.run_trl("dpo", cfg)
     assert run.summary["step"] == 1 and run.summary["stopped"] == "time_budget"
     # step 1 is no evaluation step: the final model is evaluated after training
@@ -211,52 +202,6 @@ def test_a_missing_judge_names_the_key_and_the_command(
         time_to_target.main(["--config", str(config), "--methods", "sft"])
     assert set(time_to_target.METHODS) == {"u2a", "u2a_identity", "u2a_recipe", "uniform", "ga",
                                            "npo", "dpo", "dpo_sft", "rlhf"}
-
-
-@pytest.mark.slow
-def test_script_summarises_u2a_cli_and_trl_rows_alike(tmp_path: Path) -> None:
-    """The script runs the u2a CLI (`ga`) and both TRL methods as subprocesses; one summary
-    code reads all three; --reuse reads the same rows back."""
-    config = write_config(tmp_path, steps=2, max_new_tokens=24)
-    runs, results = tmp_path / "runs", tmp_path / "results" / "time_to_target.json"
-    # a budget no run reaches: it travels to every method as an override after the options
-    args = ["--config", str(config), "--methods", "ga,dpo,rlhf", "--runs-dir", str(runs),
-            "--out", str(results), "--time-budget-s", "3600"]
-    assert time_to_target.main(args) == 0
-    rows = json.loads(results.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["ga", "dpo", "rlhf"]
-    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
-    keys = [set(r) for r in rows]
-    assert keys[0] == keys[1] == keys[2]
-    for r in rows:
-        assert r["steps"] == 2 and [c["step"] for c in r["curve"]] == [0, 2]
-        assert r["returncode"] == 0 and r["wall_s"] > r["train_time_s"] + r["eval_time_s"]
-        assert r["after"]["eval/harmful_no_refusal"] is not None
-        assert r["after"]["pa/accuracy"] is not None
-    assert rows[0]["kind"] == "cli" and rows[0]["overrides"][:2] == ["selector.enabled=false",
-                                                                      "unlearn.loss=ga"]
-    assert (runs / "ga" / "model").is_dir()  # a real u2a run directory
-    table = results.with_suffix(".md").read_text()
-    assert all(f"| {m} |" in table for m in ("ga", "dpo", "rlhf"))
-    assert time_to_target.main([*args, "--reuse"]) == 0
-    again = json.loads(results.read_text())["rows"]
-    drop = ("wall_s", "returncode", "reused")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in rows]
-
-
-@pytest.mark.slow
-def test_time_budget_stops_a_u2a_cli_run(tmp_path: Path) -> None:
-    """unlearn.time_budget_s stops a CLI run at the first step that reached it."""
-    config = write_config(tmp_path, steps=500)
-    row = time_to_target.run_method(str(config), "ga", tmp_path / "runs",
-                                    ["unlearn.time_budget_s=1.0"])
-    assert "error" not in row, row.get("error")
-    assert row["stopped"] == "time_budget" and 0 < row["steps"] < 500
-    steps = [r for r in read_metrics(tmp_path / "runs" / "ga") if "loss" in r]
-    assert steps[-1]["step"] == row["steps"] and steps[-1]["time_s"] >= 1.0
-    assert all(r["time_s"] < 1.0 for r in steps[:-1])  # no step began after the budget
-    assert row["train_time_s"] == pytest.approx(steps[-1]["time_s"], abs=1e-3)  # logged to 4 dp
 
 
 def test_table_cells_keep_a_diverged_metric_readable() -> None:
