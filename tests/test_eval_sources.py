@@ -249,3 +249,14 @@ def test_the_sources_config_holds_out_harmbench_and_tdc(shared_data):  # noqa: A
     assert status == {"harmbench": True, "tdc2023": True, "advbench": False, "alpaca": False,
                       "truthfulqa": True}
     assert load_completions(cfg.data.forget) and load_pairs(cfg.data.pa)
+
+
+def test_a_run_protects_every_evaluation_source_file(tmp_path):
+    """Each listed source is an input the run's output may not overlap (job.input_paths)."""
+    from u2a_dist.job import input_paths
+
+    a = _write_prompts(tmp_path / "a.json", ["Say hi to my aunt for me."])
+    b = _write_prompts(tmp_path / "b.json", ["Say hello to my uncle for me."])
+    cfg = config_from_dict(tiny_config(tmp_path / "run", eval={"harmful_prompts": [
+        {"path": a, "schema": "prompts"}, {"path": b, "schema": "prompts"}]}))
+    assert {Path(a), Path(b)} <= set(input_paths(cfg))

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from u2a_dist.config import RunConfig, load_config
+from u2a_dist.config import RunConfig, as_list, load_config
 from u2a_dist.data.examples import load_completions, load_pairs
 from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
 from u2a_dist.eval_sources import source_table
@@ -44,12 +44,10 @@ def preflight(cfg: RunConfig) -> None:
 def input_paths(cfg: RunConfig) -> list[Path]:
     """The local files and directories a run reads (data specs, model, DeepSpeed JSON, judge):
     its output directory may overlap none of them."""
-    specs = []
-    for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
-        spec = getattr(cfg.data, name)
-        specs += spec if isinstance(spec, list) else [spec] if spec is not None else []
-    specs += [s for s in (cfg.eval.harmful_prompts, cfg.eval.harmless_prompts, cfg.eval.retain)
-              if s is not None]
+    specs = [s for name in ("forget", "pa", "pa_eval", "retain", "mismatch")
+             for s in as_list(getattr(cfg.data, name))]
+    specs += [s for name in ("harmful_prompts", "harmless_prompts", "retain")
+              for s in as_list(getattr(cfg.eval, name))]
     paths = [Path(s.path) for s in specs] + [Path(cfg.model.name_or_path)]
     if cfg.eval.judge is not None:
         paths.append(Path(cfg.eval.judge))
