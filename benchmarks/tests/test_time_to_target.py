@@ -208,3 +208,48 @@ def test_table_cells_keep_a_diverged_metric_readable() -> None:
     # GA's perplexity ratio reached 2.9e11 on SmolLM2: 2 decimals would print 12 digits
     assert fmt(294140059577.893) == "2.94e+11"
     assert fmt(1.4637) == "1.46" and fmt(None) == "–"
+
+
+@pytest.mark.slow
+def test_script_summarises_u2a_cli_and_trl_rows_alike(tmp_path: Path) -> None:
+    """The script runs the u2a CLI (`ga`) and both TRL methods as subprocesses; one summary
+    code reads all three; --reuse reads the same rows back."""
+    config = write_config(tmp_path, steps=2, max_new_tokens=24)
+    runs, results = tmp_path / "runs", tmp_path / "results" / "time_to_target.json"
+    # a budget no run reaches: it travels to every method as an override after the options
+    args = ["--config", str(config), "--methods", "ga,dpo,rlhf", "--runs-dir", str(runs),
+            "--out", str(results), "unlearn.time_budget_s=3600"]
+    assert time_to_target.main(args) == 0
+    rows = json.loads(results.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ga", "dpo", "rlhf"]
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    keys = [set(r) for r in rows]
+    assert keys[0] == keys[1] == keys[2]
+    for r in rows:
+        assert r["steps"] == 2 and [c["step"] for c in r["curve"]] == [0, 2]
+        assert r["returncode"] == 0 and r["wall_s"] > r["train_time_s"] + r["eval_time_s"]
+        assert r["after"]["eval/harmful_no_refusal"] is not None
+        assert r["after"]["pa/accuracy"] is not None
+    assert rows[0]["overrides"][:2] == ["selector.enabled=false", "unlearn.loss=ga"]
+    assert (runs / "ga" / "model").is_dir()  # a real u2a run directory
+    table = results.with_suffix(".md").read_text()
+    assert all(f"| {m} |" in table for m in ("ga", "dpo", "rlhf"))
+    assert time_to_target.main([*args, "--reuse"]) == 0
+    again = json.loads(results.read_text())["rows"]
+    drop = ("wall_s", "returncode", "reused")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.mark.slow
+def test_time_budget_stops_a_u2a_cli_run(tmp_path: Path) -> None:
+    """unlearn.time_budget_s stops a CLI run at the first step that reached it."""
+    config = write_config(tmp_path, steps=500)
+    row = time_to_target.run_one(str(config), "ga", time_to_target.METHODS["ga"],
+                                 tmp_path / "runs", ["unlearn.time_budget_s=1.0"])
+    assert "error" not in row, row.get("error")
+    assert row["stopped"] == "time_budget" and 0 < row["steps"] < 500
+    steps = [r for r in read_metrics(tmp_path / "runs" / "ga") if "loss" in r]
+    assert steps[-1]["step"] == row["steps"] and steps[-1]["time_s"] >= 1.0
+    assert all(r["time_s"] < 1.0 for r in steps[:-1])  # no step began after the budget
+    assert row["train_time_s"] == pytest.approx(steps[-1]["time_s"], abs=1e-3)  # logged to 4 dp
