@@ -260,3 +260,25 @@ def test_a_run_protects_every_evaluation_source_file(tmp_path):
     cfg = config_from_dict(tiny_config(tmp_path / "run", eval={"harmful_prompts": [
         {"path": a, "schema": "prompts"}, {"path": b, "schema": "prompts"}]}))
     assert {Path(a), Path(b)} <= set(input_paths(cfg))
+
+
+def test_the_cli_prints_each_bound_with_its_interval_and_every_source(tmp_path, capsys):
+    from u2a_dist.cli import _print_joint_target
+
+    cfg = config_from_dict(tiny_config(tmp_path, eval={
+        "harmful_prompts": [{"path": "builtin:harmful", "schema": "prompts", "split": "eval"},
+                            {"path": "builtin:harmful_styled", "schema": "prompts"}],
+        "target": {"metric": "eval/harmful_no_refusal", "value": 0.2, "mode": "min"}}))
+    sources = [_source("harmful", 10, False), _source("harmful_styled", 40, True)]
+    after = rates_by_source(sources, {"eval/harmful_no_refusal": [True] * 10 + [True] * 6
+                                      + [False] * 34})
+    after["eval/harmful_no_refusal"] = 16 / 50
+    before = {**after, "eval/harmful_no_refusal@held_out": 1.0}
+    _print_joint_target(cfg, {"after": after, "before": before, "step": 7})
+    out = capsys.readouterr().out
+    lo, hi = wilson_interval(6, 40)
+    assert (f"eval/harmful_no_refusal <= 0.2 on held-out sources (n=40): 0.150 "
+            f"[95% {lo:.3f}, {hi:.3f}] (the interval crosses the bound) (before 1.000)") in out
+    assert "harmful_styled" in out and "NOT held out" in out  # the per-source table
+    assert "joint target MET after 7 steps" in out
+    assert "crosses its bound: too few prompts to tell" in out

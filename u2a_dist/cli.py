@@ -122,14 +122,12 @@ def _print_joint_target(cfg: RunConfig, summary: dict[str, Any]) -> None:
         for line in table:
             print(f"[u2a]   {line}")
     met = target_holds(cfg, after)
-    scopes = sorted({r["scope"] for r in rows if r["scope"] != "all"})
     uncertain = [r["metric"] for r in rows if r["uncertain"]]
-    print(f"[u2a] joint target {'MET' if met else 'NOT met'} on {', '.join(scopes) or 'all'} "
-          f"after {summary.get('step')} steps, "
+    print(f"[u2a] joint target {'MET' if met else 'NOT met'} after {summary.get('step')} steps, "
           f"{summary.get('train_time_s', 0.0):.0f} s of training "
           f"(evaluation {summary.get('eval_time_s', 0.0):.0f} s apart); "
           f"stopped: {summary.get('stopped')}")
-    if "seen sources" in scopes:
+    if any(r["scope"] == "seen sources" for r in rows):
         print("[u2a] note: no held-out source for some rates: training touched every "
               "evaluation source of their kind, so they say nothing about other phrasings")
     if uncertain:
