@@ -387,13 +387,13 @@ def _validate_floors(ec: EvalConfig) -> None:
     if ec.target is not None:
         checks.append(("eval.target.metric", ec.target.metric, ec.target.value))
         checks += [(f"eval.target.require.{m}", m, b) for m, b in ec.target.require.items()]
+    names = [source_name(s) for k in ("harmful", "harmless")
+             for s in as_list(getattr(ec, f"{k}_prompts"))]
     for key, metric, bound in checks:
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) \
                 or not math.isfinite(bound):
             raise ConfigError(f"{key}: bound must be a number, got {bound!r}")
         metric, _, where = metric.partition("@")  # eval/<metric>@<source>: the metric's needs
-        names = [source_name(s) for k in ("harmful", "harmless")
-                 for s in as_list(getattr(ec, f"{k}_prompts"))]
         if where and where not in [*names, "held_out"]:
             raise ConfigError(f"{key}: {where!r} is not an evaluation source ({names})")
         need = _GENERATION_METRICS.get(metric)

@@ -305,7 +305,8 @@ class GenerationEval:
         max_len = cfg.data.max_length
         # Held out means held out: prompts the training data contains are not evaluated on
         # (``exclude``), and a source training touched is reported as not held out.
-        training_keys = training_prompt_keys(cfg, always=True)
+        # ``exclude``, when given, is already the training prompts' keys (read once)
+        training_keys = exclude or training_prompt_keys(cfg, always=True)
         self.sources = {kind: load_eval_sources(cfg, kind, training_keys, exclude or set())
                         for kind in PER_SOURCE}
         for kind, sources in self.sources.items():
