@@ -19,7 +19,6 @@ pays. RLHF so optimises the judge that scores the evaluation (on other prompts):
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -235,13 +234,14 @@ class TrlRun(NamedTuple):
 
 
 def run_trl(method: str, cfg: RunConfig) -> TrlRun:
-    """Train ``method`` (dpo | dpo_sft | rlhf) into the run directory ``cfg.out`` (replaced)
-    until the target, a floor, ``unlearn.steps`` or ``unlearn.time_budget_s``."""
+    """Train ``method`` (dpo | dpo_sft | rlhf) into the run directory ``cfg.out`` (a u2a run
+    directory there is replaced) until the target, a floor, ``unlearn.steps`` or
+    ``unlearn.time_budget_s``."""
     t_setup = time.perf_counter()
     judge = check_eval_inputs(cfg)  # every input read once; a missing judge names eval.judge
     out = Path(cfg.out)
-    shutil.rmtree(out, ignore_errors=True)
     run_dir = RunDir(out)
+    # as the CLI's --overwrite: a u2a run directory's own entries only, never a user's files
     run_dir.prepare(cfg, overwrite=True)
     inputs = RunInputs(cfg)
     model = load_model(cfg.model, inputs.resolved, seed=cfg.runtime.seed)
