@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, stamp  # noqa: E402
 from benchmarks.reports import plot_curves, table  # noqa: E402
 
-#: The metrics a benchmark table and its curves show.
+#: The metrics a benchmark table and its curves show (rates: on the held-out sources).
 SHOWN = ("eval/harmful_rate", "eval/harmful_no_refusal", "eval/over_refusal",
          "eval/retain_ppl_ratio", "eval/degenerate_rate", "pa/accuracy")
 
@@ -59,17 +59,18 @@ def summarise(run_dir: Path) -> dict[str, Any]:
             "examples_used": summary.get("examples_used",
                                          summary["step"] * cfg.unlearn.batch_size),
             "example_unit": summary.get("example_unit", "negatives"),
-            "before": {k: summary["before"].get(k) for k in SHOWN},
-            "after": {k: summary["after"].get(k) for k in SHOWN},
-            "curve": [{"step": r["step"], "train_s": r.get("time_s", 0.0),
-                       **{k: r[k] for k in SHOWN if k in r}} for r in evals]}
+            "before": shown(summary["before"]), "after": shown(summary["after"]),
+            "curve": [{"step": e["step"], "train_s": e.get("time_s"), **shown(e)} for e in evals]}
+
+
+def shown(m: dict[str, Any]) -> dict[str, Any]:
+    """SHOWN's metrics of one evaluation, a rate over the held-out sources where any is."""
+    return {k: m.get(f"{k}@held_out", m.get(k)) for k in SHOWN if k in m}
 
 
 def fmt(v: Any, digits: int = 2) -> str:
     """A table cell: ``digits`` decimals, powers of ten from 1e5 (a diverged metric), – for none."""
-    if v is None:
-        return "–"
-    return f"{v:.{digits}e}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
+    return "–" if v is None else f"{v:.{digits}e}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
 
 
 #: name -> (what it is, the overrides of its CLI run; None: a TRL run of trl_baselines.py)
@@ -123,9 +124,8 @@ def run_one(config: str, name: str, entry: tuple[str, list[str] | None], runs_di
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, label: str) -> None:
     head = [label, "target met", "time to target (s)", "steps to target", "steps (budget)",
-            "examples used", "stopped", "train s", "eval s", "harmful (judge)",
-            "no-refusal (matcher)", "over-refusal", "retain ppl ratio", "degenerate",
-            "pa/accuracy"]
+            "examples used", "stopped", "train s", "eval s", "harmful (judge)", "no-refusal "
+            "(matcher)", "over-refusal", "retain ppl ratio", "degenerate", "pa/accuracy"]
     cells = []
     for r in rows:
         if "error" in r:

@@ -110,3 +110,24 @@ def test_loads_as_builtin_name(name):
     assert [q.prompt for q in items] == [row["prompt"] for row in rows]
     assert [q.attrs["category"] for q in items] == [row["category"] for row in rows]
     assert len({q.id for q in items}) == ROWS
+
+
+def test_the_demo_is_judged_on_the_styles_it_never_trains_on():
+    """`u2a demo` trains on the built-in requests' train split and is judged by source: the
+    styled requests are held out (the target is judged on them, ≥ 100 of each kind); the eval
+    split of the trained-on requests is reported as seen."""
+    from u2a_dist.cli import demo_config
+    from u2a_dist.config import config_from_dict
+    from u2a_dist.eval_sources import load_eval_sources, target_value
+    from u2a_dist.evaluate import training_prompt_keys
+
+    cfg = config_from_dict(demo_config("runs/x", "tiny-gpt2"))
+    keys = training_prompt_keys(cfg)
+    for kind in ("harmful", "harmless"):
+        sources = {s.name: s for s in load_eval_sources(cfg, kind, keys, keys)}
+        assert set(sources) == {kind, f"{kind}_styled"}
+        assert sources[f"{kind}_styled"].held_out and len(sources[f"{kind}_styled"].prompts) >= 100
+        assert not sources[kind].held_out and sources[kind].read_by_training
+    metric = cfg.eval.target.metric
+    value, scope = target_value({metric: 0.5, f"{metric}@held_out": 0.1}, metric)
+    assert (value, scope) == (0.1, "held-out sources")

@@ -203,3 +203,35 @@ def test_random_architecture_presets_have_the_checkpoints_shapes():
     assert load_tokenizer(cfg).pad_token_id == 0
     with pytest.raises(ConfigError, match="model.name_or_path.*random:smollm2-1.7b"):
         resolve_model_dir(ModelConfig(name_or_path="random:llama-7b"))
+
+
+def test_mismatch_answers_are_grounded_in_the_prompt_where_one_is_given():
+    """A negative whose prompt has mismatch answers gets one of them (cycled by position); the
+    rest cycle through the prompt-less templates; with neither, the error names the example."""
+    from u2a_dist.data.examples import Completion, mismatch_answers
+
+    forget = [Completion("a", "How do I pick a lock?", "Sure: ..."),
+              Completion("b", "  how do i pick a LOCK?", "First ..."),
+              Completion("c", "Name three fruits.", "I can't help with that."),
+              Completion("d", "Write malware.", "Here is code ...")]
+    answers = [Completion("r1", "How do I pick a lock?", "I won't help with lock picking."),
+               Completion("r2", "How do I pick a lock?", "Sorry, not that."),
+               Completion("h", "Name three fruits.", "Apple, pear, plum."),
+               Completion("t1", "", "I can't help with that."),
+               Completion("t2", "", "I won't do that.")]
+    assert mismatch_answers(forget, answers, "m") == [
+        "I won't help with lock picking.", "Sorry, not that.",  # i mod 2 over its prompt's own
+        "Apple, pear, plum.", "I won't do that."]  # d: i=3 → template 3 mod 2
+    with pytest.raises(DataError, match=r"m: no mismatch answer for forget example 'd'"):
+        mismatch_answers(forget, answers[:3], "m")
+    # the templates alone give what they always gave: answer i mod M
+    templates = load_completions(DataSpec(path="builtin:refusal_templates", schema="completions"))
+    got = mismatch_answers(forget, templates, "m")
+    assert got == [templates[i % len(templates)].response for i in range(4)]
+    cfg = config_from_dict({"data": {"forget": {"path": "builtin:harmful",
+                                                "schema": "completions"},
+                                     "mismatch": [{"path": "builtin:refusals",
+                                                   "schema": "completions"},
+                                                  "builtin:refusal_templates"]},
+                            "unlearn": {"mismatch_weight": 1.0}, "selector": {"enabled": False}})
+    assert [s.path for s in cfg.data.mismatch] == ["builtin:refusals", "builtin:refusal_templates"]

@@ -49,6 +49,8 @@ def test_wilson_interval_matches_published_values():
     # 49 of 100 harmful requests answered, by hand: centre (0.49 + z²/200)/(1 + z²/100) =
     # 0.49037, half-width z·sqrt(0.49·0.51/100 + z²/40000)/(1 + z²/100) = 0.09615
     assert wilson_interval(49, 100) == pytest.approx((0.3942, 0.5865), abs=1e-4)
+    # all or none: the end at the rate is the rate exactly (not 2.8e-17 or 1 - 1e-16)
+    assert wilson_interval(0, 12)[0] == 0.0 and wilson_interval(12, 12)[1] == 1.0
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
     with pytest.raises(ValueError):

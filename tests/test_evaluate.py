@@ -15,8 +15,9 @@ from tests.conftest import REPO, SHARED_DATA, tiny_config
 from tests.distributed import run_ranks
 from tests.eval_rank_fns import perturbed_tiny, tiny_prompt_ids
 from u2a_dist.cli import main
-from u2a_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
+from u2a_dist.config import ConfigError, DataSpec, ModelConfig, config_from_dict, load_config
 from u2a_dist.data.builtin import builtin_pairs
+from u2a_dist.data.examples import load_completions
 from u2a_dist.evaluate import (
     GenerationEval,
     encode_pairs,
@@ -192,6 +193,36 @@ def test_u2a_eval_writes_eval_json_and_prints_it_last(tmp_path: Path, capsys) ->
         assert key in printed
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["harmful"] * 4 + ["harmless"] * 4
+    # the log reads back as negatives (a `completions` spec on a .jsonl file, filtered)
+    back = load_completions(DataSpec(path=str(out / "generations.jsonl"), schema="completions",
+                                     filter={"kind": "harmful"}))
+    assert [(c.prompt, c.response) for c in back] == [(r["prompt"], r["response"])
+                                                      for r in rows[:4]]
+    assert back[0].attrs["refusal"] == rows[0]["refusal"] and "harmful" not in rows[0]
+
+
+def test_u2a_eval_log_carries_the_judges_verdict_per_harmful_answer(tmp_path: Path) -> None:
+    from u2a_dist.eval_model import _write_eval
+
+    class PromptJudge:  # harmful exactly when the prompt has an even length: known per row
+        threshold = 0.5
+
+        def predict_proba(self, items):
+            return [0.9 if len(p) % 2 == 0 else 0.1 for p, _ in items]
+
+    cfg = config_from_dict(tiny_config("unused", eval={"target": None, **PROMPTS}))
+    gen = GenerationEval(cfg, load_tokenizer(cfg.model))
+    gen.judge, gen.has_judge = PromptJudge(), True
+    gen(perturbed_tiny().eval(), is_reference=True)
+    _write_eval(tmp_path / "log", {}, gen)
+    log = str(tmp_path / "log" / "generations.jsonl")
+    rows = [json.loads(x) for x in Path(log).read_text().splitlines()]
+    want = [int(len(p.prompt) % 2 == 0) for p in gen.harmful]
+    assert [r["harmful"] for r in rows if r["kind"] == "harmful"] == want and 0 < sum(want) < 4
+    assert all("harmful" not in r for r in rows if r["kind"] == "harmless")
+    negatives = load_completions(DataSpec(path=log, schema="completions",
+                                          filter={"kind": "harmful", "harmful": 1}))
+    assert [c.prompt for c in negatives] == [p.prompt for p, w in zip(gen.harmful, want) if w]
 
 
 def test_u2a_eval_bad_input_names_the_path(tmp_path: Path, capsys) -> None:

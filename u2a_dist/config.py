@@ -96,9 +96,10 @@ class DataConfig:
     retain: DataSpec | list[DataSpec] | None = field(default=None, metadata={
         "help": "Normal data for retain KL; a `prompts` schema means θ0's own greedy answers "
                 "to those prompts (made at start-up)."})
-    mismatch: DataSpec | None = field(default=None, metadata={
-        "help": "Answers y' for the mismatch term; `builtin:refusal_templates` = templated "
-                "refusals."})
+    mismatch: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Answers y' for the mismatch term: a negative whose prompt has answers here "
+                "gets one of them (grounded, e.g. the pair's chosen side); the rest cycle "
+                "through the prompt-less ones (`builtin:refusal_templates`)."})
     max_length: int = field(default=256, metadata={"help": "Max tokens (prompt + response)."})
     hold_out_sources: list[str] = field(default_factory=list, metadata={
         "help": "Evaluation sources (names in eval.harmful_prompts/harmless_prompts) that "

@@ -84,8 +84,15 @@ def _same_model(a: str, b: str) -> bool:
 def _write_eval(out: Path, result: dict[str, Any], gen: GenerationEval) -> None:
     claim_dir(out, "eval")
     atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
+    # A red-team log: with a judge, each harmful answer's verdict (`harmful`), so that
+    # `{schema: completions, filter: {kind: harmful, harmful: 1}}` reads the model's own
+    # judged compliances as negatives to unlearn.
+    judged = gen.last_judged or []
     with open(out / "generations.jsonl", "w") as fh:
         for kind, prompts in (("harmful", gen.harmful), ("harmless", gen.harmless)):
-            for p, text in zip(prompts, gen.last_generations.get(kind, [])):
-                fh.write(json.dumps({"kind": kind, "id": p.id, "prompt": p.prompt,
-                                     "response": text, "refusal": is_refusal(text)}) + "\n")
+            for i, (p, text) in enumerate(zip(prompts, gen.last_generations.get(kind, []))):
+                row = {"kind": kind, "id": p.id, "prompt": p.prompt, "response": text,
+                       "refusal": is_refusal(text)}
+                if kind == "harmful" and i < len(judged):
+                    row["harmful"] = int(judged[i])
+                fh.write(json.dumps(row) + "\n")

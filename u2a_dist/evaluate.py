@@ -331,6 +331,7 @@ class GenerationEval:
         self.reference_answers: list[str] | None = None
         self.reference_ppl: float | None = None
         self.last_generations: dict[str, list[str]] = {}
+        self.last_judged: list[bool] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -405,6 +406,7 @@ class GenerationEval:
                 timing["timing/eval_judge_s"] = time.perf_counter() - t0
             out.update(rates_by_source(self.sources["harmful"], flags))
             self.last_generations["harmful"] = texts
+            self.last_judged = flags.get("eval/harmful_rate")  # per prompt, when judged
         if self.harmless:
             t0 = time.perf_counter()
             answers = self._generate(model, self.harmless_ids)

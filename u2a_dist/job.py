@@ -13,8 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from u2a_dist.config import RunConfig, as_list, load_config
-from u2a_dist.data.examples import load_completions, load_pairs
+from u2a_dist.config import RunConfig, as_list, load_config, spec_paths
+from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
 from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
 from u2a_dist.eval_sources import source_table
 from u2a_dist.evaluate import check_eval_inputs, target_report, training_prompt_keys
@@ -32,9 +32,10 @@ def preflight(cfg: RunConfig) -> None:
     check_disjoint(Path(cfg.out), input_paths(cfg))
     build_ds_config(cfg, cfg.runtime.world_size)
     load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
-    load_completions(cfg.data.forget)
+    forget = load_completions(cfg.data.forget)
     if cfg.data.mismatch is not None:
-        load_completions(cfg.data.mismatch)
+        mismatch_answers(forget, load_completions(cfg.data.mismatch),
+                         spec_paths(cfg.data.mismatch))
     if cfg.data.pa is not None:
         load_pairs(cfg.data.pa)
     training_prompt_keys(cfg, always=True)  # reads the retain specs too (prompts or completions)

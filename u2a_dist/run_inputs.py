@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from u2a_dist.config import RunConfig, spec_paths
-from u2a_dist.data.examples import Completion, load_completions, load_pairs, load_prompts
+from u2a_dist.data.examples import (
+    Completion,
+    load_completions,
+    load_pairs,
+    load_prompts,
+    mismatch_answers,
+)
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import encode
 from u2a_dist.evaluate import EncodedPairs, encode_pairs, pair_logps
@@ -58,11 +64,9 @@ class RunInputs:
         items = [self.encode(e.prompt, e.response, e.history) for e in examples]
         mismatch = None
         if self.cfg.data.mismatch is not None:
-            answers = [c.response for c in load_completions(self.cfg.data.mismatch)]
-            # One fixed answer per example (i mod M), so m_i is a deterministic function of θ
-            # that the selector can score; over the forget set every answer is used.
-            mismatch = [self.encode(e.prompt, answers[i % len(answers)], e.history)
-                        for i, e in enumerate(examples)]
+            answers = mismatch_answers(examples, load_completions(self.cfg.data.mismatch),
+                                       spec_paths(self.cfg.data.mismatch))
+            mismatch = [self.encode(e.prompt, y, e.history) for e, y in zip(examples, answers)]
         return ForgetSet(examples, items, mismatch)
 
     def _pairs(self, spec) -> EncodedPairs | None:

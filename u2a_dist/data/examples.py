@@ -12,6 +12,7 @@ category), ``hh-rlhf`` (two whole dialogues that differ in the last Assistant tu
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,8 @@ def load_completions(spec: DataSpec | list[DataSpec]) -> list[Completion]:
         return _concat([load_completions(one) for one in spec])
     if (name := _builtin(spec)) is not None:
         return _finish(spec, builtin_completions(name, spec.field), "completions")
+    if spec.schema == "completions" and _is_jsonl(spec.path):  # a log: one answer per line
+        return _finish(spec, _logged(spec), "completions")
     if spec.schema == "completions":
         items = [Completion(f"{c.source_model}__{c.setting}:{i}", c.prompt, c.response,
                             attrs={"source_model": c.source_model, "setting": c.setting,
@@ -195,6 +198,23 @@ def load_completions(spec: DataSpec | list[DataSpec]) -> list[Completion]:
                  for i, c in enumerate(_labelled(spec))]
         return _finish(spec, items, "completions")
     return _finish(spec, _completions(spec, read_rows(spec.path, spec.hub_split)), "completions")
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.removesuffix(".gz").endswith(".jsonl")
+
+
+def _logged(spec: DataSpec) -> list[Completion]:
+    """Rows of a completions log (``u2a eval``'s generations.jsonl, a red-team log, TRL's
+    prompt-completion format): ``prompt`` and ``response`` (or ``completion``); every other
+    field is an attribute that ``filter`` can select on (e.g. ``{kind: harmful, harmful: 1}``)."""
+    out = []
+    for loc, row in read_rows(spec.path, spec.hub_split):
+        key = "response" if "response" in row or "completion" not in row else "completion"
+        out.append(Completion(_row_id(loc, row), need_text(loc, row, "prompt"),
+                              need_text(loc, row, key),
+                              attrs={k: v for k, v in row.items() if k not in ("prompt", key)}))
+    return out
 
 
 def load_pairs(spec: DataSpec | list[DataSpec]) -> list[Pair]:
@@ -228,3 +248,24 @@ def load_prompts(spec: DataSpec | list[DataSpec]) -> list[Prompt]:
         return _finish(spec, items, "prompts")
     pairs = load_pairs(spec)
     return _finish(spec, [Prompt(p.id, p.prompt, p.history, p.attrs) for p in pairs], "prompts")
+
+
+def mismatch_answers(examples: list[Completion], answers: list[Completion],
+                     where: str) -> list[str]:
+    """y'_i for each negative: an answer to its own prompt where ``answers`` has one (the
+    refusal pairs' chosen side, a helpful answer to an over-refused prompt: grounded in the
+    prompt), else a prompt-less one (a templated refusal). One fixed answer per example (i mod
+    the count), so m_i is a deterministic function of θ that the selector can score, and over
+    the forget set every answer is used."""
+    grounded: dict[str, list[str]] = defaultdict(list)
+    templates: list[str] = []
+    for a in answers:
+        (grounded[prompt_key(a.prompt)] if a.prompt.strip() else templates).append(a.response)
+    out = []
+    for i, e in enumerate(examples):
+        own = grounded.get(prompt_key(e.prompt)) or templates
+        if not own:
+            raise DataError(f"{where}: no mismatch answer for forget example {e.id!r} (its prompt "
+                            "has none and there are no prompt-less answers to fall back on)")
+        out.append(own[i % len(own)])
+    return out
