@@ -253,6 +253,28 @@ def test_the_sources_config_holds_out_harmbench_and_tdc(shared_data):  # noqa: A
     assert load_completions(cfg.data.forget) and load_pairs(cfg.data.pa)
 
 
+def test_the_redteam_lever_grounds_each_pairs_negative_in_its_own_refusal(shared_data):  # noqa: ARG001
+    from tests.conftest import REPO
+    from u2a_dist.config import load_config
+    from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
+
+    cfg = load_config(REPO / "configs" / "refusal_smollm2_redteam.yaml")
+    assert cfg.data.hold_out_sources == ["harmbench", "tdc2023"]
+    assert all({source_name(e) for e in spec.exclude} == {"harmbench", "tdc2023"}
+               for spec in cfg.data.forget)  # the red-team log too
+    forget = load_completions(cfg.data.forget[:2])  # the log itself is made by `u2a eval`
+    answers = mismatch_answers(forget, load_completions(cfg.data.mismatch), "m")
+    refusals: dict[str, set[str]] = {}  # every written refusal of a prompt, read directly
+    for prompt, text in [(p.prompt, p.chosen) for p in load_pairs(cfg.data.forget[0])] + \
+            [(c.prompt, c.response) for c in load_completions(cfg.data.mismatch[1])]:
+        refusals.setdefault(prompt, set()).add(text)
+    grounded = [(e, y) for e, y in zip(forget, answers) if e.prompt in refusals]
+    assert len(grounded) >= 0.98 * len(forget)  # 5 JailbreakBench prompts no model refused
+    assert all(y in refusals[e.prompt] for e, y in grounded)
+    templates = {c.response for c in load_completions(cfg.data.mismatch[2])}
+    assert all(y in templates for e, y in zip(forget, answers) if e.prompt not in refusals)
+
+
 def test_a_run_protects_every_evaluation_source_file(tmp_path):
     """Each listed source is an input the run's output may not overlap (job.input_paths)."""
     from u2a_dist.job import input_paths
