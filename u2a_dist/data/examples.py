@@ -255,8 +255,8 @@ def mismatch_answers(examples: list[Completion], answers: list[Completion],
     """y'_i for each negative: an answer to its own prompt where ``answers`` has one (the
     refusal pairs' chosen side, a helpful answer to an over-refused prompt: grounded in the
     prompt), else a prompt-less one (a templated refusal). One fixed answer per example (i mod
-    the count), so m_i is a deterministic function of θ that the selector can score, and over
-    the forget set every answer is used."""
+    the count of its candidates), so m_i is a deterministic function of θ that the selector can
+    score."""
     grounded: dict[str, list[str]] = defaultdict(list)
     templates: list[str] = []
     for a in answers:
