@@ -72,6 +72,21 @@ def test_malformed_jsonl_row_names_file_and_line(tmp_path):
         load_pairs(DataSpec(path=str(path), schema="pairs"))
 
 
+def test_json_lines_under_a_json_name_and_question_prompts_are_read(tmp_path):
+    """TOFU ships JSON Lines as ``*.json`` with a ``question`` field: both read as prompts (a
+    question-style retain set), and a broken line still names its line."""
+    path = tmp_path / "facts.json"
+    rows = [{"question": "What is the capital of France?", "answer": "Paris"},
+            {"question": "Who wrote Hamlet?", "answer": "Shakespeare"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = load_prompts(DataSpec(path=str(path), schema="prompts"))
+    assert [p.prompt for p in prompts] == [r["question"] for r in rows]
+    assert prompts[1].attrs == {"answer": "Shakespeare"}
+    path.write_text(json.dumps(rows[0]) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"facts\.json:2: malformed JSON"):
+        load_prompts(DataSpec(path=str(path), schema="prompts"))
+
+
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")

@@ -239,7 +239,8 @@ def load_prompts(spec: DataSpec | list[DataSpec]) -> list[Prompt]:
     if spec.schema == "prompts":
         items = []
         for loc, row in read_rows(spec.path, spec.hub_split):
-            key = "instruction" if "instruction" in row else "prompt"
+            # Alpaca/AdvBench spell it `instruction`, TRL `prompt`, QA sets (TOFU) `question`.
+            key = next((k for k in ("instruction", "prompt", "question") if k in row), "prompt")
             items.append(Prompt(_row_id(loc, row), need_text(loc, row, key),
                                 attrs={k: v for k, v in row.items() if k != key}))
         return _finish(spec, items, "prompts")
