@@ -275,6 +275,24 @@ def test_the_redteam_lever_grounds_each_pairs_negative_in_its_own_refusal(shared
     assert all(y in templates for e, y in zip(forget, answers) if e.prompt not in refusals)
 
 
+def test_the_varied_retain_lever_keeps_every_held_out_source_held_out(shared_data):  # noqa: ARG001
+    """The retain set of configs/refusal_smollm2_varied.yaml spans five styles (589 prompts) and
+    touches no evaluation source: HarmBench, TDC 2023 and TruthfulQA stay held out."""
+    from tests.conftest import REPO
+    from u2a_dist.config import load_config
+    from u2a_dist.data.examples import load_prompts
+    from u2a_dist.eval_sources import load_eval_sources
+
+    cfg = load_config(REPO / "configs" / "refusal_smollm2_varied.yaml")
+    retain = load_prompts(cfg.data.retain)
+    assert len(retain) == 192 + 117 + 100 + 60 + 120
+    cfg.data.forget = cfg.data.forget[:2]  # the red-team log is made by `u2a eval`
+    keys = training_prompt_keys(cfg, always=True)
+    status = {s.name: s.held_out for kind in ("harmful", "harmless")
+              for s in load_eval_sources(cfg, kind, keys, set())}
+    assert status["harmbench"] and status["tdc2023"] and status["truthfulqa"]
+
+
 def test_a_run_protects_every_evaluation_source_file(tmp_path):
     """Each listed source is an input the run's output may not overlap (job.input_paths)."""
     from u2a_dist.job import input_paths
