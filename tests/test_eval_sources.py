@@ -16,6 +16,7 @@ from u2a_dist.data.records import Prompt
 from u2a_dist.eval_sources import (
     EvalSource,
     interval_of,
+    load_eval_sources,
     rates_by_source,
     source_table,
     target_value,
@@ -237,17 +238,20 @@ def test_a_bound_on_one_source_is_judged_there_and_names_a_real_source(tmp_path)
             "metric": "eval/harmful_no_refusal@tdc", "value": 0.15, "mode": "min"}}))
 
 
+def _held_out_by_source(cfg) -> dict[str, bool]:
+    """Each evaluation source of ``cfg`` → whether its training data leaves it held out."""
+    keys = training_prompt_keys(cfg, always=True)
+    return {s.name: s.held_out for kind in ("harmful", "harmless")
+            for s in load_eval_sources(cfg, kind, keys, set())}
+
+
 def test_the_sources_config_holds_out_harmbench_and_tdc(shared_data):  # noqa: ARG001
     from tests.conftest import REPO
     from u2a_dist.config import load_config
     from u2a_dist.data.examples import load_completions, load_pairs
 
     cfg = load_config(REPO / "configs" / "refusal_smollm2_sources.yaml")
-    keys = training_prompt_keys(cfg, always=True)
-    from u2a_dist.eval_sources import load_eval_sources
-
-    status = {s.name: s.held_out for kind in ("harmful", "harmless")
-              for s in load_eval_sources(cfg, kind, keys, set())}
+    status = _held_out_by_source(cfg)
     assert status == {"harmbench": True, "tdc2023": True, "advbench": False, "alpaca": False,
                       "truthfulqa": True}
     assert load_completions(cfg.data.forget) and load_pairs(cfg.data.pa)
@@ -281,15 +285,12 @@ def test_the_varied_retain_lever_keeps_every_held_out_source_held_out(shared_dat
     from tests.conftest import REPO
     from u2a_dist.config import load_config
     from u2a_dist.data.examples import load_prompts
-    from u2a_dist.eval_sources import load_eval_sources
 
     cfg = load_config(REPO / "configs" / "refusal_smollm2_varied.yaml")
     retain = load_prompts(cfg.data.retain)
     assert len(retain) == 192 + 117 + 100 + 60 + 120
     cfg.data.forget = cfg.data.forget[:2]  # the red-team log is made by `u2a eval`
-    keys = training_prompt_keys(cfg, always=True)
-    status = {s.name: s.held_out for kind in ("harmful", "harmless")
-              for s in load_eval_sources(cfg, kind, keys, set())}
+    status = _held_out_by_source(cfg)
     assert status["harmbench"] and status["tdc2023"] and status["truthfulqa"]
 
 
