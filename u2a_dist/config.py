@@ -20,18 +20,18 @@ from u2a_dist.losses import LOSSES
 from u2a_dist.recipes import with_recipe
 from u2a_dist.typed import ConfigError, build_dataclass
 
-SCHEMAS = ("pairs", "hh-rlhf", "refusal-pairs", "completions", "prompts", "qa")
+SCHEMAS = ("pairs", "hh-rlhf", "refusal-pairs", "completions", "prompts", "qa", "trl")
 
 
 @dataclass
 class DataSpec:
     """Where one data set comes from and how to read it."""
 
-    path: str = field(metadata={"help": "jsonl/json/csv/parquet path (or .gz), a directory of "
-                                        "json files, `builtin:NAME`, or a hub dataset id."})
+    path: str = field(metadata={"help": "jsonl/json/csv/parquet (or .gz), a directory, "
+                                        "`builtin:NAME`, a hub id; in Python a datasets.Dataset."})
     schema: str = field(default="pairs", metadata={"help": f"One of {SCHEMAS}."})
     field: str | None = dataclasses.field(default=None, metadata={
-        "help": "Which side to use when a pair schema feeds a completion set: chosen|rejected."})
+        "help": "Which side a pair schema feeds a completion set: chosen|rejected (trl: by role)."})
     filter: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
         "help": "Keep rows whose attributes equal these values, e.g. {harmful: 1}."})
     split: str | None = dataclasses.field(default=None, metadata={
@@ -45,6 +45,8 @@ class DataSpec:
     exclude: list[DataSpec] = dataclasses.field(default_factory=list, metadata={
         "help": "Drop rows whose prompt occurs in these prompt specs (a source kept out of "
                 "training); data.hold_out_sources fills it."})
+    columns: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
+        "help": "The file's names of the schema's fields, e.g. {prompt: question}."})
     source: str | None = dataclasses.field(default=None, metadata={
         "help": "Name of the prompt source (e.g. advbench, alpaca) for evaluation by source "
                 "and held-out checks; default: builtin:NAME's NAME or the file name's stem."})
@@ -63,8 +65,8 @@ def as_list(spec: DataSpec | list[DataSpec] | None) -> list[DataSpec]:
 def source_name(spec: DataSpec) -> str:
     """``spec.source``, else ``builtin:NAME`` → NAME, else the file's name without its data
     and ``.gz`` suffixes (``harmful_harmbench_test.json`` → ``harmful_harmbench_test``)."""
-    if spec.source:
-        return spec.source
+    if spec.source or not isinstance(spec.path, str):  # an in-memory Dataset: no file name
+        return spec.source or "dataset"
     if spec.path.startswith("builtin:"):
         return spec.path[len("builtin:"):]
     name = Path(spec.path.rstrip("/")).name.removesuffix(".gz")
@@ -331,8 +333,16 @@ def _check_numbers(cfg: RunConfig) -> None:
     walk(cfg, "")
 
 
+#: The side of a `trl` preference set (paired, or unpaired by label) that a completion role
+#: reads when its spec names none: forget the dispreferred, keep or answer with the preferred.
+_TRL_SIDES = {"data.forget": "rejected", "data.retain": "chosen", "data.mismatch": "chosen",
+              "eval.retain": "chosen"}
+
+
 def _validate_spec(key: str, spec: DataSpec) -> None:
     _choice(f"{key}.schema", spec.schema, SCHEMAS)
+    if spec.schema == "trl" and spec.field is None:  # laid in, so config.yaml says it
+        spec.field = _TRL_SIDES.get(key.partition("[")[0])
     if spec.field is not None:
         _choice(f"{key}.field", spec.field, ("chosen", "rejected", "prompt", "response"))
     if spec.split is not None:
@@ -457,7 +467,7 @@ RENAMED = {("selector", "power_iters"): "lanczos_steps"}
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    raw = json.loads(json.dumps(raw))  # deep copy; the caller's dict is not touched
+    raw = json.loads(json.dumps(raw, default=_not_data))  # deep copy; the caller's is kept
     try:
         raw = with_recipe(raw)
     except KeyError as exc:
@@ -471,6 +481,11 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
                                   "give one of them")
             part[new] = part.pop(old)
     return build_dataclass(RunConfig, raw).validate()
+
+
+def _not_data(value: Any) -> None:
+    raise ConfigError(f"a config holds YAML data, not a {type(value).__name__}: ranks read "
+                      "files, so save a dataset (ds.to_parquet(F)) and give F as its path")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

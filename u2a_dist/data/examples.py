@@ -7,7 +7,10 @@
 Schemas (design.md §4): ``pairs`` (prompt/chosen/rejected), ``refusal-pairs`` (same, plus model and
 category), ``hh-rlhf`` (two whole dialogues that differ in the last Assistant turn),
 ``completions`` (labelled model completions, a file or a directory of them), ``prompts``
-(``instruction``), ``qa`` (``question``/``answer``, or TruthfulQA's CSV columns).
+(``instruction``), ``qa`` (``question``/``answer``, or TruthfulQA's CSV columns), and ``trl``
+(TRL's formats, recognised per row: ``trl_formats``). ``completions`` beyond the labelled files
+is TRL's prompt-completion with ``response`` for ``completion``. Every schema read from rows
+takes the spec's ``columns`` renames and an in-memory ``datasets.Dataset`` as its ``path``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from u2a_dist.data.completions import (
     load_labelled_completions,
     over_refusal_pairs,
 )
-from u2a_dist.data.readers import DataError, Row, read_rows
+from u2a_dist.data.readers import DataError, Row
 
 # The record types live in ``records``; other modules import them from here too.
 from u2a_dist.data.records import (
@@ -35,13 +38,22 @@ from u2a_dist.data.records import (
     prompt_hash,
     prompt_key,
 )
+from u2a_dist.data.trl_formats import (
+    describe,
+    spec_rows,
+    trl_completions,
+    trl_pairs,
+    trl_prompts,
+)
+from u2a_dist.data.trl_formats import row_id as _row_id
 
 
-def _row_id(loc: str, row: Row) -> str:
-    if row.get("id") is not None:
-        return str(row["id"])
-    file, _, where = loc.rpartition(":")
-    return f"{Path(file).name}:{where}"
+def _rows(spec: DataSpec) -> list[tuple[str, Row]]:
+    return spec_rows(spec.path, spec.hub_split, spec.columns)
+
+
+def _where(spec: DataSpec) -> str:
+    return describe(spec.path)
 
 
 # ---------------------------------------------------------------- hh-rlhf dialogue parsing
@@ -108,13 +120,13 @@ def _pairs(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Pair]:
             out.append(Pair(_row_id(loc, row), need_text(loc, row, "Question"),
                             need_text(loc, row, "Best Answer"), wrong))
         return out
-    raise DataError(f"{spec.path}: schema {spec.schema!r} does not give preference pairs")
+    raise DataError(f"{_where(spec)}: schema {spec.schema!r} does not give preference pairs")
 
 
 def _completions(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Completion]:
     if spec.schema in ("pairs", "refusal-pairs", "hh-rlhf"):
         if spec.field not in ("chosen", "rejected"):
-            raise DataError(f"{spec.path}: schema {spec.schema!r} used as completions needs "
+            raise DataError(f"{_where(spec)}: schema {spec.schema!r} used as completions needs "
                             "`field: chosen|rejected`")
         return [Completion(p.id, p.prompt, getattr(p, spec.field), p.history, p.attrs)
                 for p in _pairs(spec, rows)]
@@ -127,7 +139,7 @@ def _completions(spec: DataSpec, rows: list[tuple[str, Row]]) -> list[Completion
                 prompt, answer = need_text(loc, row, "Question"), need_text(loc, row, "Best Answer")
             out.append(Completion(_row_id(loc, row), prompt, answer))
         return out
-    raise DataError(f"{spec.path}: schema {spec.schema!r} does not give completions")
+    raise DataError(f"{_where(spec)}: schema {spec.schema!r} does not give completions")
 
 
 def _labelled(spec: DataSpec) -> list[LabelledCompletion]:
@@ -160,7 +172,7 @@ def _finish(spec: DataSpec, items: list, what: str) -> list:
     if spec.limit is not None:
         items = items[: spec.limit]
     if not items:
-        raise DataError(f"{spec.path}: no {what} left after reading "
+        raise DataError(f"{_where(spec)}: no {what} left after reading "
                         f"(schema={spec.schema}, filter={spec.filter}, split={spec.split}"
                         + (f", without {[source_name(e) for e in spec.exclude]}"
                            if spec.exclude else "") + ")")
@@ -180,7 +192,20 @@ def _concat(parts: list[list]) -> list:
 
 
 def _builtin(spec: DataSpec) -> str | None:
-    return spec.path[len("builtin:"):] if spec.path.startswith("builtin:") else None
+    path = spec.path
+    return path[len("builtin:"):] if isinstance(path, str) and path.startswith("builtin:") \
+        else None
+
+
+def _labelled_files(spec: DataSpec) -> bool:
+    """Whether a ``completions`` spec names labelled-completion files
+    (``MODEL__SETTING_evaluations.json``, or a directory holding them); anything else, a
+    ``.jsonl`` log, a parquet file, a hub id or a Dataset, is read as TRL rows."""
+    if spec.schema != "completions" or not isinstance(spec.path, str):
+        return False
+    p = Path(spec.path)
+    files = list(p.glob("*.json")) if p.is_dir() else [p] if p.suffix == ".json" else []
+    return any("__" in q.name for q in files)
 
 
 def load_completions(spec: DataSpec | list[DataSpec]) -> list[Completion]:
@@ -188,33 +213,18 @@ def load_completions(spec: DataSpec | list[DataSpec]) -> list[Completion]:
         return _concat([load_completions(one) for one in spec])
     if (name := _builtin(spec)) is not None:
         return _finish(spec, builtin_completions(name, spec.field), "completions")
-    if spec.schema == "completions" and _is_jsonl(spec.path):  # a log: one answer per line
-        return _finish(spec, _logged(spec), "completions")
-    if spec.schema == "completions":
+    if _labelled_files(spec):
         items = [Completion(f"{c.source_model}__{c.setting}:{i}", c.prompt, c.response,
                             attrs={"source_model": c.source_model, "setting": c.setting,
                                    "category": c.category, "harmful": c.harmful,
                                    "no_refusal": c.no_refusal})
                  for i, c in enumerate(_labelled(spec))]
         return _finish(spec, items, "completions")
-    return _finish(spec, _completions(spec, read_rows(spec.path, spec.hub_split)), "completions")
-
-
-def _is_jsonl(path: str) -> bool:
-    return path.removesuffix(".gz").endswith(".jsonl")
-
-
-def _logged(spec: DataSpec) -> list[Completion]:
-    """Rows of a completions log (``u2a eval``'s generations.jsonl, a red-team log, TRL's
-    prompt-completion format): ``prompt`` and ``response`` (or ``completion``); every other
-    field is an attribute that ``filter`` can select on (e.g. ``{kind: harmful, harmful: 1}``)."""
-    out = []
-    for loc, row in read_rows(spec.path, spec.hub_split):
-        key = "response" if "response" in row or "completion" not in row else "completion"
-        out.append(Completion(_row_id(loc, row), need_text(loc, row, "prompt"),
-                              need_text(loc, row, key),
-                              attrs={k: v for k, v in row.items() if k not in ("prompt", key)}))
-    return out
+    if spec.schema in ("trl", "completions"):  # a completions log (``u2a eval``'s
+        # generations.jsonl, a red-team log): every other field an attribute `filter` selects on
+        return _finish(spec, trl_completions(_rows(spec), spec.field, _where(spec), spec.schema),
+                       "completions")
+    return _finish(spec, _completions(spec, _rows(spec)), "completions")
 
 
 def load_pairs(spec: DataSpec | list[DataSpec]) -> list[Pair]:
@@ -222,13 +232,15 @@ def load_pairs(spec: DataSpec | list[DataSpec]) -> list[Pair]:
         return _concat([load_pairs(one) for one in spec])
     if (name := _builtin(spec)) is not None:
         return _finish(spec, builtin_pairs(name), "pairs")
-    if spec.schema == "completions":  # over-refusal pairs: helpful ≻ refusal on harmless prompts
+    if _labelled_files(spec):  # over-refusal pairs: helpful ≻ refusal on harmless prompts
         labelled = _labelled(spec)
         items = [Pair(f"over_refusal:{i}", prompt, helpful, refusal,
                       attrs={"kind": "over_refusal"})
                  for i, (prompt, helpful, refusal) in enumerate(over_refusal_pairs(labelled))]
         return _finish(spec, items, "pairs")
-    return _finish(spec, _pairs(spec, read_rows(spec.path, spec.hub_split)), "pairs")
+    if spec.schema in ("trl", "completions"):
+        return _finish(spec, trl_pairs(_rows(spec), _where(spec), spec.schema), "pairs")
+    return _finish(spec, _pairs(spec, _rows(spec)), "pairs")
 
 
 def load_prompts(spec: DataSpec | list[DataSpec]) -> list[Prompt]:
@@ -238,15 +250,17 @@ def load_prompts(spec: DataSpec | list[DataSpec]) -> list[Prompt]:
         return _finish(spec, builtin_prompts(name), "prompts")
     if spec.schema == "prompts":
         items = []
-        for loc, row in read_rows(spec.path, spec.hub_split):
+        for loc, row in _rows(spec):
             # Alpaca/AdvBench spell it `instruction`, TRL `prompt`, QA sets (TOFU) `question`.
             key = next((k for k in ("instruction", "prompt", "question") if k in row), "prompt")
             items.append(Prompt(_row_id(loc, row), need_text(loc, row, key),
                                 attrs={k: v for k, v in row.items() if k != key}))
         return _finish(spec, items, "prompts")
-    if spec.schema == "completions":
+    if _labelled_files(spec):
         items = [Prompt(f"{c.id}", c.prompt, attrs=c.attrs) for c in load_completions(spec)]
         return _finish(spec, items, "prompts")
+    if spec.schema in ("trl", "completions"):
+        return _finish(spec, trl_prompts(_rows(spec), spec.schema), "prompts")
     pairs = load_pairs(spec)
     return _finish(spec, [Prompt(p.id, p.prompt, p.history, p.attrs) for p in pairs], "prompts")
 
