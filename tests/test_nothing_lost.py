@@ -85,7 +85,8 @@ def copy_run(finished: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
 def test_select_on_a_finished_run_leaves_its_training_state_alone(finished, tmp_path):
     run, cfg = copy_run(finished, tmp_path)
     before = checksums(run)
-    assert {"model/model.safetensors", "metrics.jsonl", "report.md"} <= set(before)
+    assert {"model/model.safetensors", "model/README.md", "metrics.jsonl",
+            "report.md"} <= set(before)
     res = u2a("select", "--config", cfg, "selector.top_k=4", "selector.neumann_terms=3",
               "selector.power_iters=3", "selector.hessian_batch=8")
     assert res.returncode == 0, res.stderr[-3000:]

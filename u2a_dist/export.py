@@ -9,14 +9,17 @@ anything else, and it may not overlap the run it reads.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from u2a_dist.checkpoint import CheckpointError, CheckpointStore, safe_torch_load
-from u2a_dist.config import ConfigError, load_config
-from u2a_dist.fsio import check_disjoint, is_marked, mark
+from u2a_dist.config import ConfigError, RunConfig, load_config
+from u2a_dist.fsio import atomic_write, check_disjoint, is_marked, mark
+from u2a_dist.model_card import build_model_card
 
 
 def _locate(checkpoint: str | Path) -> tuple[Path, Path, str]:
@@ -44,9 +47,20 @@ def check_weights(state: dict[str, torch.Tensor], bound: float, where: str) -> N
                                   f"unlearn.max_param_abs={bound:g}; not exporting it")
 
 
-def write_model_dir(model: torch.nn.Module, tokenizer, out: Path) -> Path:
-    """``model/``-style directory (safetensors + config + tokenizer), replacing ``out`` only
-    when it is empty or an earlier u2a export; written under a temporary name first."""
+def write_model_card(model_dir: Path, cfg: RunConfig, summary: dict[str, Any],
+                     run_dir: str | Path) -> Path:
+    """``model_dir/README.md``, the Hub's model card (u2a_dist.model_card). A run writes it
+    after its summary exists, which is after the weights: the "after" metrics need them."""
+    path = Path(model_dir) / "README.md"
+    atomic_write(path, build_model_card(cfg, summary, run_dir=str(run_dir)))
+    return path
+
+
+def write_model_dir(model: torch.nn.Module, tokenizer, out: Path,
+                    card: str | None = None) -> Path:
+    """``model/``-style directory (safetensors + config + tokenizer, and ``card`` as its
+    README.md when given), replacing ``out`` only when it is empty or an earlier u2a export;
+    written under a temporary name first."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_marked(out))):
         raise ConfigError(f"{out} exists and is not a u2a export (no marker): not replacing it; "
@@ -55,6 +69,8 @@ def write_model_dir(model: torch.nn.Module, tokenizer, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if card is not None:
+        atomic_write(tmp / "README.md", card)
     mark(tmp, "export")
     if out.exists():
         old = out.with_name(f".{out.name}.u2a-old")
@@ -87,4 +103,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{ckpt_dir / tag}: checkpoint does not match the model "
                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected "
                          f"{sorted(unexpected)[:5]})")
-    return write_model_dir(model, load_tokenizer(cfg.model, resolved), Path(out))
+    # the card's before/after table comes from the run's summary; a run that has none (it
+    # stopped early) still gets a card, with an empty table
+    summary_path = run / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    card = build_model_card(cfg, summary, run_dir=str(run))
+    return write_model_dir(model, load_tokenizer(cfg.model, resolved), Path(out), card=card)

@@ -18,6 +18,7 @@ from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answer
 from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
 from u2a_dist.eval_sources import source_table
 from u2a_dist.evaluate import check_eval_inputs, target_report, training_prompt_keys
+from u2a_dist.export import write_model_card
 from u2a_dist.fsio import atomic_write, check_disjoint
 from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.rundir import RunDir
@@ -86,6 +87,8 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
         if rank == 0:
             run_dir.write_json("summary.json", summary)
             write_report(run_dir, cfg, summary)
+            if (run_dir.path / "model").is_dir():  # the exported model, when there is one
+                write_model_card(run_dir.path / "model", cfg, summary, run_dir.path)
         return summary
     except Exception as exc:
         if rank == 0:
