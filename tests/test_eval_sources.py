@@ -279,16 +279,19 @@ def test_the_redteam_lever_grounds_each_pairs_negative_in_its_own_refusal(shared
     assert all(y in templates for e, y in zip(forget, answers) if e.prompt not in refusals)
 
 
-def test_the_varied_retain_lever_keeps_every_held_out_source_held_out(shared_data):  # noqa: ARG001
-    """The retain set of configs/refusal_smollm2_varied.yaml spans five styles (589 prompts) and
-    touches no evaluation source: HarmBench, TDC 2023 and TruthfulQA stay held out."""
+@pytest.mark.parametrize("name,n_retain", [("varied", 192 + 117 + 100 + 60 + 120),
+                                           ("questions", 192 + 117 + 100 + 60)])
+def test_the_retain_levers_keep_every_held_out_source_held_out(shared_data, name,  # noqa: ARG001
+                                                               n_retain):
+    """The retain sets of configs/refusal_smollm2_{varied,questions}.yaml (levers E5, E7) span
+    several styles and touch no evaluation source: HarmBench, TDC 2023, TruthfulQA stay held out."""
     from tests.conftest import REPO
     from u2a_dist.config import load_config
     from u2a_dist.data.examples import load_prompts
 
-    cfg = load_config(REPO / "configs" / "refusal_smollm2_varied.yaml")
+    cfg = load_config(REPO / "configs" / f"refusal_smollm2_{name}.yaml")
     retain = load_prompts(cfg.data.retain)
-    assert len(retain) == 192 + 117 + 100 + 60 + 120
+    assert len(retain) == n_retain
     cfg.data.forget = cfg.data.forget[:2]  # the red-team log is made by `u2a eval`
     status = _held_out_by_source(cfg)
     assert status["harmbench"] and status["tdc2023"] and status["truthfulqa"]
