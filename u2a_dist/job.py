@@ -20,6 +20,7 @@ from u2a_dist.eval_sources import source_table
 from u2a_dist.evaluate import check_eval_inputs, target_report, training_prompt_keys
 from u2a_dist.export import write_model_card
 from u2a_dist.fsio import atomic_write, check_disjoint
+from u2a_dist.model_card import metric_table
 from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.rundir import RunDir
 from u2a_dist.trainer import Trainer
@@ -163,12 +164,7 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
              f"ZeRO stage {cfg.runtime.zero_stage}",
              f"- steps: {summary['step']} (stopped: {summary['stopped']}), training time "
              f"{summary['train_time_s']:.1f} s, evaluation time {summary['eval_time_s']:.1f} s",
-             "", "| metric | before | after |", "|---|---|---|"]
-    for key in sorted(set(summary["before"]) | set(summary["after"])):
-        if key.startswith("timing/"):
-            continue
-        b, a = summary["before"].get(key), summary["after"].get(key)
-        lines.append(f"| {key} | {_fmt(b)} | {_fmt(a)} |")
+             "", *metric_table(summary["before"], summary["after"])]
     lines += _target_lines(cfg, summary)
     lines += _sample_lines(summary.get("samples", {}))
     atomic_write(run_dir.path / "report.md", "\n".join(lines) + "\n")

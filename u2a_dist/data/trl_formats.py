@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,13 +185,16 @@ def _label(loc: str, value: Any) -> bool:
     raise DataError(f"{loc}: field 'label' must be true or false, got {value!r}")
 
 
+def _common_start(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """The length of the longest common start of two sequences (turns or characters)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _implicit(loc: str, chosen: Any, rejected: Any) -> tuple[Messages, str, str, str]:
     """The prompt both sides share (TRL's ``extract_prompt``): whole leading turns of two
     conversations, or the common start of two texts (less a space before the split)."""
     if _is_messages(chosen) and _is_messages(rejected):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
+        n = _common_start(chosen, rejected)
         if n == 0:
             raise DataError(f"{loc}: chosen and rejected share no leading turn (no implicit "
                             "prompt); give a `prompt` field")
@@ -199,9 +203,7 @@ def _implicit(loc: str, chosen: Any, rejected: Any) -> tuple[Messages, str, str,
             _answer(loc, "rejected", rejected[n:])
     a, b = need_text(loc, {"chosen": chosen}, "chosen"), need_text(loc, {"rejected": rejected},
                                                                    "rejected")
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
+    n = _common_start(a, b)
     if n and a[n - 1] == " ":
         n -= 1
     if n == 0:
