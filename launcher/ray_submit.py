@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run directory instead of resuming it")
+    parser.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default=None,
+                        help="the live view (default: plain lines in `ray job logs`)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     from u2a_dist.cli import main as cli_main
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     cli_args = ["run", "--config", args.config, "--launcher", "ray"]
     if args.overwrite:
         cli_args.append("--overwrite")
+    if args.progress:
+        cli_args += ["--progress", args.progress]
     return cli_main(cli_args + ["runtime.launcher=ray", *args.overrides])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+#: A driver's progress line with step/total and an ETA (u2a_dist.runtime.display), e.g.
+#: ``[u2a] 0:12 | train 2/4 steps (50%) | ETA 0:03 | loss -6.2``
+PROGRESS_LINE = re.compile(r"^\[u2a\] \d+:\d\d(:\d\d)? \| (.* › )?train \d+/\d+ steps "
+                           r"\(\d+%\)( › .*)? \| ETA \d+:\d\d", re.M)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,7 +26,7 @@ def train_report(cfg: dict, steps: int, save: bool = False, export: str | None =
     """Train `steps` steps and report losses, partition sizes and (optionally) export."""
     trainer = _trainer_in_run_dir(cfg, prepare)
     losses = []
-    trainer.train(steps=steps, progress=lambda m: losses.append(m["loss"]))
+    trainer.train(steps=steps, at_step=lambda m: losses.append(m["loss"]))
     if save:
         trainer.save_checkpoint()
     out: dict[str, Any] = {
@@ -166,7 +166,7 @@ def u2a_report(cfg: dict, prepare: bool = True) -> dict[str, Any]:
 
     trainer = _trainer_in_run_dir(cfg, prepare)
     losses: list[float] = []
-    result = run_u2a(trainer, progress=lambda m: losses.append(m["loss"]) if "loss" in m else None)
+    result = run_u2a(trainer, at_step=lambda m: losses.append(m["loss"]) if "loss" in m else None)
     return {"losses": losses, "result": result, "weights": trainer.weights,
             "support": trainer.sampler.support, "round": trainer.round,
             "resumed_from": trainer.resumed_from, "state": trainer.engine.full_state_dict()}
@@ -240,6 +240,6 @@ def half_precision_rounds(cfg: dict) -> dict[str, Any]:
 
     trainer.selector_engine = recording
     losses: list[float] = []
-    run_u2a(trainer, progress=lambda m: losses.append(m["loss"]) if "loss" in m else None)
+    run_u2a(trainer, at_step=lambda m: losses.append(m["loss"]) if "loss" in m else None)
     return {"loads": loads, "losses": losses, "weights": trainer.weights,
             "support": trainer.sampler.support, "round": trainer.round}

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
+from tests.conftest import PROGRESS_LINE, tiny_config
 from tests.ray_helpers import (
     LOOPBACK,
     WILDCARD,
@@ -52,6 +52,7 @@ def local_run(tmp_path_factory) -> Path:
     cfg = write_config(root / "cfg.yaml", job_config(root / "run"))
     res = run_u2a(["run", "--config", str(cfg), "--launcher", "local"], base_env(), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert PROGRESS_LINE.search(res.stdout), res.stdout[-3000:]  # the local driver's view
     assert len(losses(root / "run")) == STEPS
     return root / "run"
 
@@ -116,6 +117,7 @@ def test_ray_job_submit_on_loopback_cluster_matches_local(tmp_path, local_run):
         out = res.stdout + res.stderr
         assert res.returncode == 0, out[-5000:]
         assert "succeeded" in out and "[u2a] ray: 2 ranks on 1 node(s)" in out, out[-3000:]
+        assert PROGRESS_LINE.search(out), out[-3000:]  # the job driver's view, in its logs
         print(f"ray job submit: {elapsed:.1f} s")
         watch.sample()
     finally:
@@ -146,6 +148,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
     assert "(ray launcher)" in out and "[u2a] ray: 2 ranks on 1 node(s)" in out, out[-3000:]
+    assert PROGRESS_LINE.search(res.stdout), out[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 2
     assert [r["node_ip"] for r in summary["ray"]["ranks"]] == ["127.0.0.1", "127.0.0.1"]

@@ -24,8 +24,24 @@ def demo_config(out: str, model: str) -> dict[str, Any]:
     return builtin_recipe(out, model)
 
 
-def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
-            mode: str = "train") -> dict[str, Any]:
+def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False, mode: str = "train",
+            progress_mode: str | None = None) -> dict[str, Any]:
+    """Preflight, prepare the run directory and run the job, drawing its progress."""
+    from u2a_dist import progress
+    from u2a_dist.runtime.display import ProgressView
+
+    view = ProgressView(progress_mode)
+    progress.set_sink(view.event)  # the driver's own phases (preflight, starting ranks)
+    try:
+        return _launch_in(cfg, launcher, overwrite, mode, view)
+    finally:
+        progress.set_sink(None)
+        view.close()
+
+
+def _launch_in(cfg: RunConfig, launcher: str, overwrite: bool, mode: str,
+               view) -> dict[str, Any]:
+    from u2a_dist import progress
     from u2a_dist.job import load_summary, preflight
     from u2a_dist.rundir import RunDir
 
@@ -33,7 +49,8 @@ def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
         from u2a_dist.device import check_local_launch
 
         check_local_launch(cfg.runtime.device, cfg.runtime.world_size)
-    preflight(cfg)  # every error surfaces before the run directory is touched
+    with progress.phase("preflight", what="config, model and data"):
+        preflight(cfg)  # every error surfaces before the run directory is touched
     if mode == "select":
         run_dir = _select_dir(cfg)
         resuming = False
@@ -42,16 +59,15 @@ def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False,
         resuming = run_dir.prepare(cfg, overwrite=overwrite)
     run_dir.write_json("job.json", {"mode": mode})
     if resuming:
-        print(f"[u2a] {cfg.out} has a checkpoint ({run_dir.latest_checkpoint()}): resuming",
-              flush=True)
+        view.say(f"[u2a] {cfg.out} has a checkpoint ({run_dir.latest_checkpoint()}): resuming")
     if launcher == "local":
         from u2a_dist.runtime.local import launch_local
 
-        launch_local(run_dir, cfg.runtime.world_size)
+        launch_local(run_dir, cfg.runtime.world_size, view)
     elif launcher == "ray":
         from u2a_dist.runtime.ray import launch_ray
 
-        launch_ray(run_dir, cfg)
+        launch_ray(run_dir, cfg, view)
     else:
         raise ConfigError("runtime.launcher=deepspeed: start with "
                           "`deepspeed --hostfile H launcher/ds_launch.py --config FILE`")
@@ -86,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"refusal mismatch + retain KL, selector {'on' if cfg.selector.enabled else 'off'}), "
           f"at most {cfg.unlearn.steps} steps -> {cfg.out}", flush=True)
     t0 = time.time()
-    summary = _launch(cfg, cfg.runtime.launcher, overwrite=True)
+    summary = _launch(cfg, cfg.runtime.launcher, overwrite=True, progress_mode=args.progress)
     _print_before_after(summary)
     _print_joint_target(cfg, summary)
     print(f"[u2a] done in {time.time() - t0:.0f} s; run directory: {cfg.out}")
@@ -142,7 +158,7 @@ def _num(value: Any) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     launcher = args.launcher or cfg.runtime.launcher
-    summary = _launch(cfg, launcher, overwrite=args.overwrite)
+    summary = _launch(cfg, launcher, overwrite=args.overwrite, progress_mode=args.progress)
     _print_before_after(summary)
     _print_joint_target(cfg, summary)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("before",)}, default=str))
@@ -151,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides + ["selector.enabled=true"])
-    summary = _launch(cfg, args.launcher or cfg.runtime.launcher, overwrite=True, mode="select")
+    summary = _launch(cfg, args.launcher or cfg.runtime.launcher, overwrite=True, mode="select",
+                      progress_mode=args.progress)
     top = ", ".join(str(i) for i in summary["support"][:10])
     print(f"[u2a] scored {summary['n']} negatives -> {Path(cfg.out) / 'select'}/scores.jsonl; "
           "support "
@@ -201,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default=None, help="override the model (default: SmolLM2 if "
                    "installed, else tiny-gpt2)")
+    _progress_flag(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_demo)
 
@@ -209,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "ray", "deepspeed"], default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing u2a run "
                    "directory (only what u2a wrote in it; anything else is refused)")
+    _progress_flag(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_run)
 
@@ -216,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "<out>/select/scores.jsonl (a run's training state is left alone)")
     p.add_argument("--config", required=True)
     p.add_argument("--launcher", choices=["local", "ray"], default=None)
+    _progress_flag(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_select)
 
@@ -239,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-holdout", dest="holdout", action="store_false")
     p.set_defaults(func=cmd_judge_train)
     return parser
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default=None,
+                   help="the live view: bar (tqdm), plain lines (logs, CI), none; default "
+                   "$U2A_PROGRESS, else bar on a terminal and plain lines otherwise")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import yaml
 
-from u2a_dist.config_files import read_config_file
+from u2a_dist.config_files import apply_overrides, read_config_file
 from u2a_dist.losses import LOSSES
 from u2a_dist.recipes import with_recipe
 from u2a_dist.typed import ConfigError, build_dataclass
@@ -173,6 +173,22 @@ class SelectorConfig:
 
 #: runtime.device values (u2a_dist.device resolves them per rank)
 DEVICES = ("auto", "cpu", "cuda")
+#: Experiment trackers runtime.report_to can name (TRL's and the HF Trainer's spelling);
+#: "all" means every one of them, "none" none.
+REPORT_TO = ("tensorboard",)
+
+
+def report_backends(value: str | list[str]) -> list[str]:
+    """The trackers ``runtime.report_to`` turns on, in order; a ConfigError naming the key
+    for anything but "none", "all", a supported name, or a list of those."""
+    names = [value] if isinstance(value, str) else list(value)
+    allowed = ("none", "all", *REPORT_TO)
+    if any(n not in allowed for n in names) or ("none" in names and len(names) > 1):
+        raise ConfigError(f"runtime.report_to must be 'none', 'all' (every supported tracker), "
+                          f"a supported tracker or a list of those; supported: "
+                          f"{list(REPORT_TO)}, got {value!r}")
+    chosen = [b for n in names for b in (REPORT_TO if n == "all" else [n]) if b != "none"]
+    return list(dict.fromkeys(chosen))
 
 
 @dataclass
@@ -191,6 +207,9 @@ class RuntimeConfig:
     device: str = field(default="auto", metadata={
         "help": "auto | cpu | cuda: auto trains each rank on its GPU (LOCAL_RANK) when CUDA is "
                 "available, else on the CPU; cuda fails without one; cpu ignores GPUs."})
+    report_to: Union[str, list[str]] = field(default="none", metadata={
+        "help": "none | tensorboard | all, or a list: rank 0 also writes every numeric "
+                "field of metrics.jsonl as a scalar there (tensorboard: <out>/tensorboard/)."})
 
 
 @dataclass
@@ -255,6 +274,7 @@ class RunConfig:
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
         _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))
         _choice("runtime.device", self.runtime.device, DEVICES)
+        report_backends(self.runtime.report_to)
         _check_numbers(self)
         for key in ("selector.alpha", "selector.damping", "selector.fd_eps"):
             value = _get(self, key)
@@ -431,36 +451,7 @@ def _get(obj: Any, dotted: str) -> Any:
 
 
 # ---------------------------------------------------------------- building from dicts / YAML
-
-def _parse_value(text: str) -> Any:
-    """`key=value` values are YAML scalars (so `null`, `1e-5`, `[1,2]`, `{a: 1}` all work)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides to a raw config mapping (in place, returned)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        dotted, _, text = item.partition("=")
-        parts = dotted.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {} if node.get(part) is None else _as_dict(node[part], dotted)
-            node = node[part]
-        node[parts[-1]] = _parse_value(text)
-    return raw
-
-
-def _as_dict(value: Any, dotted: str) -> dict:
-    if isinstance(value, str):  # a DataSpec given as a bare path
-        return {"path": value}
-    raise ConfigError(f"override {dotted!r}: {value!r} is not a section")
-
+# (`key=value` overrides are parsed in config_files: raw-mapping work, like `base:`)
 
 #: Former key names still read: (section, old) -> new.
 RENAMED = {("selector", "power_iters"): "lanczos_steps"}

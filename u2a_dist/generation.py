@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from u2a_dist import progress
 from u2a_dist.data.examples import Prompt
 from u2a_dist.data.tokenize import IGNORE, collate_prompts, encode_prompt
 from u2a_dist.device import model_device, to_device
@@ -58,7 +59,7 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     synced = size > 1 and is_partitioned(model)
     device = model_device(model)
     try:
-        for start in range(0, len(mine), batch_size):
+        for start in progress.each("generate", range(0, len(mine), batch_size)):
             idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
             batch = to_device(collate_prompts([prompt_ids[i] for i in idx], pad_id), device)
             out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,

@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from u2a_dist import progress
 from u2a_dist.config import RunConfig, as_list, load_config, spec_paths
 from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
 from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
@@ -22,6 +24,7 @@ from u2a_dist.export import write_model_card
 from u2a_dist.fsio import atomic_write, check_disjoint
 from u2a_dist.model_card import metric_table
 from u2a_dist.models import load_tokenizer, resolve_model_dir
+from u2a_dist.plots import write_plots
 from u2a_dist.rundir import RunDir
 from u2a_dist.trainer import Trainer
 from u2a_dist.u2a_loop import run_u2a, select_round0
@@ -64,7 +67,7 @@ def job_mode(run_dir: RunDir) -> str:
     return json.loads(path.read_text()).get("mode", "train") if path.is_file() else "train"
 
 
-def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
+def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
     """Train (U2A when the selector is enabled, else uniform weights), checkpoint, export.
 
     In `select` mode (``u2a select``): round-0 scores of every negative, no training.
@@ -74,14 +77,18 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, progress=None) -> dict[str, Any]:
         trainer = Trainer(cfg, run_dir, rank, world_size)
         if job_mode(run_dir) == "select":
             return _select_only(trainer, run_dir)
-        before, samples_before = _before(trainer, run_dir)
+        with progress.phase("evaluation", what="before"):
+            before, samples_before = _before(trainer, run_dir)
         if trainer.resumed_from is not None and rank == 0:
             print(f"[u2a] resumed from step {trainer.resumed_from}", flush=True)
-        result = run_training(trainer, progress)
-        after = _snapshot(trainer)
+        result = run_training(trainer, at_step)
+        trainer.close_log()  # the trackers' files are complete: training logs no more
+        with progress.phase("evaluation", what="after"):
+            after = _snapshot(trainer)
         if cfg.runtime.checkpoint_every:
             trainer.save_checkpoint(final=True)  # under a new tag if this step has one
-        trainer.export(run_dir.path / "model")
+        with progress.phase("export"):
+            trainer.export(run_dir.path / "model")
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
                    "before": before, "after": after,
                    "samples": {"before": samples_before, "after": _samples(trainer)}}
@@ -117,7 +124,8 @@ def _before(trainer, run_dir: RunDir) -> tuple[dict[str, float], dict[str, Any]]
 def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
     if trainer.rank == 0:
         (run_dir.path / "scores.jsonl").unlink(missing_ok=True)
-    hg = select_round0(trainer)
+    with progress.phase("selection", what="round 0"):
+        hg = select_round0(trainer)
     summary = {"mode": "select", "world_size": trainer.world_size, "n": len(hg.index),
                "support": trainer.sampler.support, "stats": hg.stats, "step": 0,
                "stopped": "select", "train_time_s": 0.0, "eval_time_s": 0.0,
@@ -151,11 +159,12 @@ def _samples(trainer) -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def run_training(trainer, progress=None) -> dict[str, Any]:
-    """The training loop for this run's config: the U2A loop or plain weighted unlearning."""
+def run_training(trainer, at_step=None) -> dict[str, Any]:
+    """The training loop for this run's config: the U2A loop or plain weighted unlearning.
+    ``at_step(record)`` is called with every logged record (the fault tests' hook)."""
     if trainer.cfg.selector.enabled:
-        return run_u2a(trainer, progress)
-    return trainer.train(progress=progress)
+        return run_u2a(trainer, at_step)
+    return trainer.train(at_step=at_step)
 
 
 def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> None:
@@ -166,8 +175,26 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
              f"{summary['train_time_s']:.1f} s, evaluation time {summary['eval_time_s']:.1f} s",
              "", *metric_table(summary["before"], summary["after"])]
     lines += _target_lines(cfg, summary)
+    lines += _plot_lines(run_dir)
     lines += _sample_lines(summary.get("samples", {}))
     atomic_write(run_dir.path / "report.md", "\n".join(lines) + "\n")
+
+
+def _plot_lines(run_dir: RunDir) -> list[str]:
+    """The metrics figures (``plots/``, :func:`u2a_dist.plots.write_plots`), linked. A figure
+    that fails costs the figures only: the report, the summary and the model stay."""
+    head = ["", "## Metrics over training", ""]
+    try:
+        plots = write_plots(run_dir.read_metrics(), run_dir.path / "plots")
+    except Exception as exc:  # noqa: BLE001 (any plotting error: matplotlib, fonts, disk)
+        log.warning("plots of %s failed: %s", run_dir.path, exc, exc_info=True)
+        return [*head, f"(the plots could not be drawn: {type(exc).__name__}: {exc})"]
+    if not plots:
+        return []
+    lines = list(head)
+    for plot in plots:
+        lines += [f"![{plot.title}, against {plot.axis}](plots/{plot.file})", ""]
+    return lines[:-1]
 
 
 def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
@@ -215,26 +242,24 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-# What rank 0 prints per logged record (the full record is in metrics.jsonl).
-PROGRESS_KEYS = ("step", "round", "loss", "forget/nll", "pa/accuracy", "eval/harmful_rate",
-                 "eval/over_refusal", "selector/support", "selector/ihvp_residual",
-                 "timing/select_s", "time_s")
+def run_rank_from_dir(run_dir: str, sink: Callable[[progress.Event], None] | None = None
+                      ) -> int:
+    """Entry point of one rank process: RANK/WORLD_SIZE/MASTER_* come from the environment.
 
-
-def run_rank_from_dir(run_dir: str) -> int:
-    """Entry point of one rank process: RANK/WORLD_SIZE/MASTER_* come from the environment."""
+    Rank 0's progress events go to ``sink`` (the `deepspeed` launcher's rank 0 draws them
+    itself), else to stdout as ``[u2a:progress] {json}`` lines that the local launcher reads.
+    """
     logging.basicConfig(level=os.environ.get("U2A_LOG_LEVEL", "WARNING"))
     rd = RunDir(run_dir)
     cfg = load_config(rd.path / "config.yaml")
-
-    def progress(m: dict[str, Any]) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
-                     if k in PROGRESS_KEYS}
-            print(f"[u2a] {json.dumps(shown)}", flush=True)
-
-    run_rank(cfg, rd, progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        progress.set_sink(sink or _print_event)
+    run_rank(cfg, rd)
     return 0
+
+
+def _print_event(event: progress.Event) -> None:
+    print(progress.LINE_PREFIX + json.dumps(event), flush=True)
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:

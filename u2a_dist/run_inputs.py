@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from u2a_dist import progress
 from u2a_dist.config import RunConfig, spec_paths
 from u2a_dist.data.examples import (
     Completion,
@@ -92,8 +93,10 @@ class RunInputs:
             t0 = time.perf_counter()
             prompt_ids = encode_prompts(self.tokenizer, load_prompts(one),
                                         self.cfg.data.max_length)
-            answers = generate(reference, self.tokenizer, prompt_ids,
-                               self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
+            with progress.phase("retain answers", what=f"{len(prompt_ids)} prompts of "
+                                f"{one.path}"):
+                answers = generate(reference, self.tokenizer, prompt_ids,
+                                   self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
             seconds += time.perf_counter() - t0
             items += answer_items(prompt_ids, answers)
         return items, seconds
@@ -102,6 +105,10 @@ class RunInputs:
                         forget: bool) -> dict[str, torch.Tensor]:
         """Scalar log-probs at θ0 (``model``, before any checkpoint is loaded), computed once:
         the forget set's when the loss needs them, the held-out pairs', J's pairs'."""
+        with progress.phase("reference log-probs"):
+            return self._reference_logps(model, forget)
+
+    def _reference_logps(self, model: torch.nn.Module, forget: bool) -> dict[str, torch.Tensor]:
         cache: dict[str, torch.Tensor] = {}
         bs = self.cfg.eval.batch_size
         was_training = model.training

@@ -1,8 +1,9 @@
 """The run directory (docs/design.md §4): created only after validation, written atomically.
 
 Layout: ``config.yaml``, ``metrics.jsonl``, ``scores.jsonl``, ``checkpoints/<tag>/`` with a
-``checkpoints/latest`` pointer, ``model/``, ``report.md``, ``error.json`` when a run fails,
-``select/`` for ``u2a select``. Files that must never be half-written (config, pointers,
+``checkpoints/latest`` pointer, ``model/``, ``report.md`` with its ``plots/``,
+``tensorboard/`` (``runtime.report_to``), ``error.json`` when a run fails, ``select/`` for
+``u2a select``. Files that must never be half-written (config, pointers,
 summaries) go through ``atomic_write``; jsonl logs are appended a whole line at a time and
 flushed.
 
@@ -25,6 +26,7 @@ from u2a_dist.fsio import atomic_write, claim_dir, clear_u2a_entries, is_marked,
 RESUMABLE_KEYS = {"unlearn.steps": "+", "unlearn.time_budget_s": "+", "selector.rounds": "+",
                   "runtime.max_failures": "", "runtime.timeout_s": "", "runtime.launcher": "",
                   "runtime.ray_address": "", "runtime.checkpoint_every": "",
+                  "runtime.report_to": "",  # what is watched, not what is computed
                   "out": ""}  # a run directory may be moved or copied
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from u2a_dist import progress
 from u2a_dist.config import SelectorConfig
 from u2a_dist.linalg import (
     ShardedVector,
@@ -85,6 +86,16 @@ def solve_ihvp(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector,
     if cfg.ihvp == "identity":
         return identity_ihvp(b, cfg.identity_gamma), {"selector/ihvp_terms": 0}
     lam = problem.analytic_curvature()
+    auto = cfg.damping == "auto" or cfg.alpha == "auto"
+    # at most this many HVPs: the Lanczos spectrum estimate, then the Neumann terms
+    with progress.phase("inverse HVP", (cfg.lanczos_steps if auto else 0) + cfg.neumann_terms,
+                        unit="HVP") as ph:
+        return _neumann(problem, cfg, b, seed, lam, auto, ph)
+
+
+def _neumann(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed: int,
+             lam: float, auto: bool, ph: progress.Phase
+             ) -> tuple[ShardedVector, dict[str, float]]:
     cache: dict[str, Any] = {}
 
     def grad_fn() -> list[torch.Tensor]:
@@ -92,11 +103,12 @@ def solve_ihvp(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector,
 
     def matvec(x: ShardedVector) -> ShardedVector:
         cache["hvps"] = cache.get("hvps", 0) + 1
+        ph.advance()
         return finite_difference_hvp(problem.parts(), grad_fn, x, eps=cfg.fd_eps,
                                      extra_diag=lam)
 
     stats: dict[str, float] = {}
-    if cfg.damping == "auto" or cfg.alpha == "auto":
+    if auto:
         lam_min, lam_max = extreme_eigenvalues(matvec, b, iters=cfg.lanczos_steps, seed=seed)
         stats.update({"selector/lambda_min": lam_min, "selector/lambda_max": lam_max})
         delta, alpha = resolve_damping_and_alpha(lam_min, lam_max, cfg.damping, cfg.alpha)
@@ -164,15 +176,17 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
                    seed: int = 0) -> Hypergradient:
     """Scores s_i = −∂J/∂w_i for the examples idx at the current θ and weights."""
     t0 = time.perf_counter()
-    grad_j, j_value = problem.outer_grad()
+    with progress.phase("∇J"):
+        grad_j, j_value = problem.outer_grad()
     v, stats = solve_ihvp(problem, cfg, grad_j, seed=seed)
     stats["selector/J"] = j_value
     stats["selector/grad_J_norm"] = grad_j.norm()
     t1 = time.perf_counter()
-    if cfg.score == "directional":
-        scores, ell = directional_scores(problem, v, idx, cfg.fd_eps)
-    else:
-        scores, ell = per_example_scores(problem, v, idx)
+    with progress.phase("scores", what=f"{len(idx)} negatives"):
+        if cfg.score == "directional":
+            scores, ell = directional_scores(problem, v, idx, cfg.fd_eps)
+        else:
+            scores, ell = per_example_scores(problem, v, idx)
     bad = ~torch.isfinite(scores)
     if bad.any():
         names = [problem.ids[idx[k]] for k in bad.nonzero().flatten().tolist()]

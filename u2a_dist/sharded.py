@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from u2a_dist import progress
 from u2a_dist.data.tokenize import collate
 from u2a_dist.device import comm_device, model_device, to_device
 from u2a_dist.losses import sequence_logps
@@ -79,7 +80,7 @@ def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
     mine = shares[rank]
     filler = next((i for i in mine if i >= 0), 0)
     values = torch.zeros(len(mine), 2, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
+    for start in progress.each("log-probs", range(0, len(mine), batch_size)):
         idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
         batch = to_device(collate([items[i] for i in idx], pad_id), device)
         logp, ntok = sequence_logps(model, batch)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from u2a_dist import progress
 from u2a_dist.checkpoint import (
     CheckpointStore,
     crash_point,
@@ -50,6 +51,7 @@ from u2a_dist.run_inputs import ForgetSet, RunInputs
 from u2a_dist.rundir import RunDir
 from u2a_dist.sampling import BatchSampler, seed_everything
 from u2a_dist.sharded import all_reduce_sum, barrier, dataset_logps, world
+from u2a_dist.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,27 @@ class Trainer:
         self.run_dir = run_dir
         self.rank, self.world_size = world() if rank is None else (rank, world_size or 1)
         seed_everything(cfg.runtime.seed)
+        with progress.phase("setup", 3, unit="stage", what="data and tokenizer") as ph:
+            self._build(cfg, ph)
+        # θ0's own answers to the retain prompts and θ0's log-probs: phases of their own
+        self.retain, self.setup_time = self.inputs.load_retain(self.reference)
+        # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
+        # log-probs from the copy, the selector test's directional scores stopped matching the
+        # per-example ones (tests/test_selector.py); the cause is not yet understood.
+        self.ref_cache = self.inputs.reference_logps(self.engine.module,
+                                                     forget=self.objective.loss.needs_reference)
+        with progress.phase("setup", what="evaluation sets"):
+            self._finish(cfg, run_dir)
+
+    def _build(self, cfg: RunConfig, ph: progress.Phase) -> None:
+        """Data, model, DeepSpeed engine, θ0 and the reference model."""
         self.inputs = RunInputs(cfg)
         resolved = self._resolved = self.inputs.resolved
         self.tokenizer, self.pad_id = self.inputs.tokenizer, self.inputs.pad_id
         self.forget, self.pa, self.pa_eval = self.inputs.forget, self.inputs.pa, self.inputs.pa_eval
         self.objective = InnerObjective(cfg.unlearn, has_mismatch=self.forget.mismatch is not None)
 
+        ph.advance(what="model and DeepSpeed engine")
         model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
         self.engine = Engine(cfg, model, self.world_size)
         self.device = self.engine.device  # batches go here; data and caches stay on the CPU
@@ -79,16 +96,14 @@ class Trainer:
         # A whole, unpartitioned θ0 for the retain KL's reference logits: each rank runs it on
         # its own share with no collective (a second ZeRO-3 engine would all-gather per layer).
         self.reference: torch.nn.Module | None = None
+        ph.advance(what="reference model")
         if cfg.data.retain is not None:
             self.reference = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
             self.reference.eval().requires_grad_(False).to(self.device)
-        self.retain, self.setup_time = self.inputs.load_retain(self.reference)
-        # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
-        # log-probs from the copy, the selector test's directional scores stopped matching the
-        # per-example ones (tests/test_selector.py); the cause is not yet understood.
-        self.ref_cache = self.inputs.reference_logps(self.engine.module,
-                                                     forget=self.objective.loss.needs_reference)
+        ph.advance()
 
+    def _finish(self, cfg: RunConfig, run_dir: RunDir | None) -> None:
+        """Samplers, step counters, the evaluation, and the checkpoint to resume from."""
         n = len(self.forget)
         self.weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
         self.sampler = BatchSampler(list(range(n)), cfg.unlearn.batch_size, cfg.runtime.seed)
@@ -305,8 +320,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The evaluation at this step (:meth:`RunEvaluation.evaluate`)."""
-        return self.evaluation.evaluate(self.eval_model, self.step,
-                                        at_theta0=self.step == 0 and self.resumed_from is None)
+        with progress.phase("evaluation", what=f"step {self.step}"):
+            return self.evaluation.evaluate(self.eval_model, self.step,
+                                            at_theta0=self.step == 0 and self.resumed_from is None)
 
     def target_met(self, metrics: dict[str, float]) -> bool:
         """The eval.target metric reached its value (max: ≥, min: ≤) and every
@@ -331,9 +347,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    #: runtime.report_to's trackers, built at the first record: after a resume has set
+    #: ``resumed_from``, which says what their files keep.
+    _tracker: Tracker | None = None
+
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl and mirror it to ``runtime.report_to`` (rank 0)."""
         if self.rank == 0 and self.run_dir is not None:
             self.run_dir.append("metrics.jsonl", record)
+            if self._tracker is None:
+                self._tracker = Tracker(self.cfg.runtime.report_to, self.run_dir.path,
+                                        self.resumed_from)
+            self._tracker.log(record)
+
+    def close_log(self) -> None:
+        """Close the trackers' files (the end of the run); a later record reopens them."""
+        if self._tracker is not None:
+            self._tracker.close()
 
     def over_time_budget(self) -> bool:
         """Whether unlearn.time_budget_s is spent. Collective: rank 0's clock decides, so that
@@ -343,8 +373,13 @@ class Trainer:
             return False
         return all_reduce_sum(self.train_time if self.rank == 0 else 0.0) >= budget
 
-    def train(self, steps: int | None = None, progress=None) -> dict[str, Any]:
-        """Run until `steps` more steps (default: to unlearn.steps), the target or a floor."""
+    def train(self, steps: int | None = None, at_step=None) -> dict[str, Any]:
+        """Run until `steps` more steps (default: to unlearn.steps), the target or a floor;
+        ``at_step(record)`` sees every step's record (the fault tests' hook)."""
+        with progress.phase("train", self.cfg.unlearn.steps, done=self.step, unit="step") as ph:
+            return self._train(steps, ph, at_step)
+
+    def _train(self, steps: int | None, ph: progress.Phase, at_step) -> dict[str, Any]:
         cfg = self.cfg
         end = cfg.unlearn.steps if steps is None else min(cfg.unlearn.steps, self.step + steps)
         self.evaluation.load_best(self.step)
@@ -369,8 +404,9 @@ class Trainer:
                     stop = "target"
                 self.track_best(metrics)
             self.log(metrics)
-            if progress is not None:
-                progress(metrics)
+            ph.advance(to=self.step, metrics=progress.step_metrics(metrics))
+            if at_step is not None:
+                at_step(metrics)
             if cfg.runtime.checkpoint_every and self.step % cfg.runtime.checkpoint_every == 0:
                 self.save_checkpoint()
             if stop:
@@ -397,6 +433,10 @@ class Trainer:
         """A crash-safe checkpoint of this step (u2a_dist.checkpoint); returns its tag (rank 0;
         the temporary tag on the other ranks). ``final``: the end-of-run save."""
         assert self.run_dir is not None
+        with progress.phase("checkpoint", what=f"step {self.step}"):
+            return self._save_checkpoint(final)
+
+    def _save_checkpoint(self, final: bool) -> str:
         store = CheckpointStore(self.run_dir.checkpoints)
         tmp = store.begin(self.step) if self.rank == 0 else f"tmp-step{self.step}"
         barrier()

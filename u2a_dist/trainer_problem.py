@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from u2a_dist import progress
 from u2a_dist.data.tokenize import collate, shard
 from u2a_dist.device import to_device
 from u2a_dist.linalg import ShardedVector
@@ -101,8 +102,9 @@ class TrainerProblem:
 
         # Pairs per pass: unlearn.batch_size (2 sequences each), about a training step's
         # activations; eval.batch_size (16 in the recipe) held ~4 GB of them per rank on SmolLM2.
+        chunks = self._padded(n, self.cfg.unlearn.batch_size)
         grads = self._accumulated_grad(closure_for(c) for c in
-                                       self._padded(n, self.cfg.unlearn.batch_size))
+                                       progress.each("pairs", chunks))
         j_value = all_reduce_sum(total[0]) / n
         vec = self._as_vector(grads)
         return vec, j_value

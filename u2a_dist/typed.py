@@ -67,7 +67,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
-    if get_origin(inner) in (Union, types.UnionType):  # float | str ("auto")
+    if get_origin(inner) in (Union, types.UnionType):  # float | str ("auto"), str | list[str]
+        arm = next((a for a in get_args(inner) if get_origin(a) is list), None)
+        if arm is not None:  # one name or a list of them, each kept as given
+            return _coerce(key, arm if isinstance(value, list) else str, value)
         try:
             number = float(value)
         except (TypeError, ValueError):

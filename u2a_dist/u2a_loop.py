@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from u2a_dist import progress
 from u2a_dist.fsio import atomic_write
 from u2a_dist.selector import (
     Hypergradient,
@@ -64,7 +65,7 @@ def reweight(trainer) -> Hypergradient:
     return hg
 
 
-def run_u2a(trainer, progress=None) -> dict[str, Any]:
+def run_u2a(trainer, at_step=None) -> dict[str, Any]:
     """Round 0 selection, then T steps / rescore / reweight, until target, budget or floor.
 
     Resumable: the round, support and weights live in the trainer's checkpoints, so a restarted
@@ -77,7 +78,8 @@ def run_u2a(trainer, progress=None) -> dict[str, Any]:
 
     def timed(fn) -> Hypergradient:
         t0 = time.perf_counter()
-        hg = fn(trainer)
+        with progress.phase("selection", what=f"round {trainer.round}"):
+            hg = fn(trainer)
         dt = time.perf_counter() - t0
         trainer.train_time += dt  # selection is part of the method's training cost
         record = {"step": trainer.step, "time_s": round(trainer.train_time, 4),
@@ -87,8 +89,8 @@ def run_u2a(trainer, progress=None) -> dict[str, Any]:
                   "selector/weight_entropy": _entropy(trainer.weights)}
         trainer.log(record)
         stats_log.append(record)
-        if progress is not None:
-            progress(record)
+        if at_step is not None:
+            at_step(record)
         return hg
 
     if trainer.resumed_from is not None:
@@ -111,7 +113,7 @@ def run_u2a(trainer, progress=None) -> dict[str, Any]:
             timed(reweight)
             trainer.round += 1
         boundary = (trainer.step // spr + 1) * spr if spr else cfg.unlearn.steps
-        result = trainer.train(steps=boundary - trainer.step, progress=progress)
+        result = trainer.train(steps=boundary - trainer.step, at_step=at_step)
         if result["stopped"] != "budget":
             break
     if not result:

@@ -1,7 +1,8 @@
 """Local launcher: W real rank processes on this machine, rendezvous on 127.0.0.1 (gloo on CPU).
 
-Rank 0's output streams to the console; every rank's full output goes to
-``<run>/logs/rank<r>.log``. If one rank fails the others are stopped, so nothing hangs.
+Every rank's full output goes to ``<run>/logs/rank<r>.log``; the launcher follows rank 0's,
+draws its progress events (``u2a_dist.progress``) on the console and echoes its ``[u2a]``
+messages. If one rank fails the others are stopped, so nothing hangs.
 
 Nothing listens beyond loopback: ``init_process_group`` would make rank 0 host the rendezvous
 store on every interface (``::``), so the launcher hosts it instead, on a socket it bound to
@@ -23,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from u2a_dist import progress
 from u2a_dist.rundir import RunDir
+from u2a_dist.runtime.display import ProgressView
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,8 +90,18 @@ class RankFailure(RuntimeError):
     pass
 
 
-def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
-    """Run ``python -m u2a_dist.runtime.worker`` W times and wait; raise if any rank fails."""
+def launch_local(run_dir: RunDir, world_size: int, view: ProgressView | None = None) -> None:
+    """Run ``python -m u2a_dist.runtime.worker`` W times and wait; raise if any rank fails.
+    Progress is drawn by ``view`` (made here, and closed, when not given)."""
+    display = view or ProgressView()
+    try:
+        _launch(run_dir, world_size, display)
+    finally:
+        if view is None:
+            display.close()
+
+
+def _launch(run_dir: RunDir, world_size: int, view: ProgressView) -> None:
     logs = run_dir.path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stale = run_dir.path / "error.json"
@@ -104,12 +117,13 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
         cmd = [sys.executable, "-m", "u2a_dist.runtime.worker", "--run-dir", str(run_dir.path)]
         procs.append(subprocess.Popen(cmd, env=rank_env(rank, world_size, port),
                                       stdout=log_file, stderr=subprocess.STDOUT))
-    shown = 0
+    view.event({"kind": "start", "path": ["starting ranks"], "done": 0, "total": None,
+                "unit": "", "what": f"{world_size} processes"})
+    follow = _Follower(logs / "rank0.log", view)
     failed: int | None = None
     try:
         while True:
-            if not quiet:
-                shown = _echo_progress(logs / "rank0.log", shown)
+            follow()
             codes = [p.poll() for p in procs]
             if any(c not in (None, 0) for c in codes):
                 # a rank killed by a signal is the cause; the others' errors follow from it
@@ -131,8 +145,7 @@ def launch_local(run_dir: RunDir, world_size: int, quiet: bool = False) -> None:
         for f in files:
             f.close()
         store.close()
-    if not quiet:
-        _echo_progress(logs / "rank0.log", shown)
+    follow()
     if failed is not None:
         code = procs[failed].returncode
         how = _exit_text(code)
@@ -160,14 +173,29 @@ def _exit_text(code: int) -> str:
     return f"failed (exit {code})"
 
 
-def _echo_progress(path: Path, shown: int) -> int:
-    if not path.is_file():
-        return shown
-    lines = path.read_text(errors="replace").splitlines()
-    for line in lines[shown:]:
-        if line.startswith("[u2a]"):
-            print(line, flush=True)
-    return len(lines)
+class _Follower:
+    """Reads what rank 0 has added to its log: progress events to the view, ``[u2a]``
+    messages echoed. Whole lines only (a line being written is read next time)."""
+
+    def __init__(self, path: Path, view: ProgressView) -> None:
+        self.path, self.view, self.offset = path, view, 0
+
+    def __call__(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            if line.startswith(progress.LINE_PREFIX):
+                try:
+                    self.view.event(json.loads(line[len(progress.LINE_PREFIX):]))
+                except (ValueError, KeyError):  # a torn or foreign line: not worth a crash
+                    continue
+            elif line.startswith("[u2a]"):
+                self.view.say(line)
 
 
 def _tail(path: Path, n: int = 25) -> str:

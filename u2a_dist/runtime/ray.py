@@ -47,6 +47,7 @@ import ray  # noqa: E402
 from u2a_dist.checkpoint import tag_step  # noqa: E402
 from u2a_dist.config import RunConfig  # noqa: E402
 from u2a_dist.rundir import RunDir  # noqa: E402
+from u2a_dist.runtime.display import ProgressView  # noqa: E402
 from u2a_dist.runtime.ray_actor import RankActor  # noqa: E402
 from u2a_dist.runtime.ray_faults import (  # noqa: E402
     FAULT_ENV,
@@ -55,7 +56,7 @@ from u2a_dist.runtime.ray_faults import (  # noqa: E402
     parse_fault,
 )
 from u2a_dist.runtime.ray_group import _connect, _start_group, _teardown, _watch  # noqa: E402
-from u2a_dist.runtime.ray_watch import Watchdog, _Display  # noqa: E402
+from u2a_dist.runtime.ray_watch import Watchdog  # noqa: E402
 
 
 def _checkpoint_step(run_dir: RunDir) -> int | None:
@@ -81,15 +82,16 @@ def _prepare_restart(run_dir: RunDir, attempt: int) -> tuple[int | None, int, in
     return ckpt, logged, max(0, logged - (ckpt or 0))
 
 
-def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
+def launch_ray(run_dir: RunDir, cfg: RunConfig, view: ProgressView | None = None) -> None:
     """Run the job on Ray (embedded, the job's cluster, or runtime.ray_address) to completion.
 
     Restarts the whole group from the last checkpoint when an actor dies, at most
-    runtime.max_failures times; raises RayJobFailure otherwise.
+    runtime.max_failures times; raises RayJobFailure otherwise. Rank 0's progress events are
+    drawn by ``view`` (made here, and closed, when not given).
     """
     fault = parse_fault(os.environ.get(FAULT_ENV))
     started, embedded = _connect(cfg)
-    display = _Display(cfg.unlearn.steps, quiet)
+    display = view or ProgressView()
     failures: list[dict[str, Any]] = []
     infos: list[dict[str, Any]] = []
     try:
@@ -98,6 +100,8 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
             attempt += 1
             group = None
             try:
+                display.event({"kind": "start", "path": ["starting ranks"], "done": 0,
+                               "total": None, "unit": "", "what": f"attempt {attempt}"})
                 group = _start_group(cfg, run_dir, attempt, display, embedded)
                 infos = group.infos
                 summary = _watch(group, cfg, run_dir, display, fault if attempt == 1 else None)
@@ -149,7 +153,8 @@ def launch_ray(run_dir: RunDir, cfg: RunConfig, quiet: bool = False) -> None:
         summary["steps_redone"] = redone
         run_dir.write_json("summary.json", summary)
     finally:
-        display.close()
+        if view is None:
+            display.close()
         if started:
             ray.shutdown()
 

@@ -35,9 +35,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # n
 
 from u2a_dist.config import RunConfig  # noqa: E402
 from u2a_dist.rundir import RunDir  # noqa: E402
+from u2a_dist.runtime.display import ProgressView  # noqa: E402
 from u2a_dist.runtime.ray_actor import RankActor  # noqa: E402
 from u2a_dist.runtime.ray_faults import RayJobFailure, _GroupLost  # noqa: E402
-from u2a_dist.runtime.ray_watch import WATCHDOG_FACTOR, Watchdog, _Display  # noqa: E402
+from u2a_dist.runtime.ray_watch import WATCHDOG_FACTOR, Watchdog  # noqa: E402
 
 POLL_S = 0.5  # driver poll period (metrics, liveness)
 SETTLE_S = 10.0  # after a rank raises: how long to wait for the rest of the group to report
@@ -91,7 +92,7 @@ def _actor_env(embedded: bool) -> dict[str, str]:
     return env
 
 
-def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: _Display,
+def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: ProgressView,
                  embedded: bool) -> _Group:
     """Reserve W bundles, start one actor per rank and wire up the rendezvous."""
     world = cfg.runtime.world_size
@@ -222,7 +223,7 @@ def _is_timeout(exc: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
+def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: ProgressView,
            fault: tuple[int, int, str] | None = None) -> dict[str, Any]:
     """Run the job on the group; return rank 0's summary or raise _GroupLost / RayJobFailure."""
     path = str(run_dir.path.resolve())
@@ -278,7 +279,7 @@ def _watch(group: _Group, cfg: RunConfig, run_dir: RunDir, display: _Display,
     return results[0]
 
 
-def _poll(group: _Group, dog: Watchdog, display: _Display) -> None:
+def _poll(group: _Group, dog: Watchdog, display: ProgressView) -> None:
     cpu: dict[int, float] = {}
     faults: dict[int, int] = {}
     refs = [a.poll.remote() for a in group.actors]
@@ -294,7 +295,7 @@ def _poll(group: _Group, dog: Watchdog, display: _Display) -> None:
         cpu[rank], faults[rank] = state["cpu_s"], state["faults"]
         for event in state["events"]:
             dog.event()
-            if event["event"] == "metrics":
-                display.metrics(event["metrics"])
+            if event["event"] == "progress":
+                display.event(event["progress"])
     dog.cpu(cpu, faults=faults)
 

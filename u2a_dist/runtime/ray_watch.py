@@ -1,13 +1,11 @@
-"""The driver's view of a running group: the hang watchdog and the progress display.
+"""The driver's hang watchdog over a running group (the progress display is ``display``).
 
 Imports no ray.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 BUSY_WINDOW_S = 10.0  # the watchdog's CPU-use window
 # A rank using this share of a core over a window is working, not hung. Low on purpose: on an
@@ -15,7 +13,6 @@ BUSY_WINDOW_S = 10.0  # the watchdog's CPU-use window
 BUSY_FRACTION = 0.05
 BUSY_FAULTS = 50  # ... or taking this many major page faults in a window (stalled on memory)
 WATCHDOG_FACTOR = 2  # the watchdog's silence limit, in runtime.timeout_s
-SHOWN = ("step", "loss", "forget/nll", "pa/accuracy", "time_s")
 
 
 # --------------------------------------------------------------------------- driver side
@@ -60,33 +57,3 @@ class Watchdog:
 
     def expired(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) - self.last > self.timeout_s
-
-
-class _Display:
-    """tqdm on a terminal; the local launcher's `[u2a] {...}` lines in logs (e.g. ray job logs)."""
-
-    def __init__(self, total: int, quiet: bool) -> None:
-        from tqdm import tqdm
-
-        self.quiet = quiet
-        self.bar = tqdm(total=total, desc="u2a", unit="step", dynamic_ncols=True,
-                        disable=True if quiet else None)
-
-    def metrics(self, m: dict[str, Any]) -> None:
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
-                 if k in SHOWN}
-        if not self.bar.disable:
-            self.bar.n = int(m.get("step", self.bar.n))
-            self.bar.set_postfix({k: v for k, v in shown.items() if k not in ("step", "time_s")})
-        elif not self.quiet:
-            print(f"[u2a] {json.dumps(shown)}", flush=True)
-
-    def say(self, text: str) -> None:
-        if self.bar.disable:
-            print(text, flush=True)
-        else:
-            self.bar.write(text)
-
-    def close(self) -> None:
-        self.bar.close()
-

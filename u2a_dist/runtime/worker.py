@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,5 +33,18 @@ def exit_rank(code: int) -> None:
     os._exit(code)
 
 
+def _main_exit_code() -> int:
+    """main()'s status; a failure's traceback printed as Python would, status 1. A rank that
+    let the exception end the interpreter would abort in those destructors (SIGABRT), and the
+    launcher would then take the abort, not the error, for the cause."""
+    try:
+        return main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
 if __name__ == "__main__":
-    exit_rank(main())
+    exit_rank(_main_exit_code())
