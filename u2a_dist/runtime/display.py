@@ -115,7 +115,9 @@ class ProgressView:
                                e.get("what"), now, e.get("done", 0))
                 self._phases[path] = state
                 self._current = path
-                if len(path) == 1:
+                if len(path) == 1:  # a new top-level phase: a line that stays, in every mode
+                    if self.mode == "bar":
+                        self._write(self.line(now))
                     self._show(now, force=True)
                     return
             state.done, state.total = e.get("done", state.done), e.get("total", state.total)
@@ -219,8 +221,6 @@ class ProgressView:
             self._bar_path = path
             if state is None:
                 return
-            if len(path) == 1:
-                self._write(self.line(now))
             self._bar = tqdm(total=state.total, initial=state.done, file=self.stream,
                              desc=" › ".join(path), unit=state.unit or "it", leave=False,
                              dynamic_ncols=True)
