@@ -28,6 +28,7 @@ from u2a_dist.rundir import RunDir
 from u2a_dist.tracking import TENSORBOARD_DIR, Tracker, scalars
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY_RANK_PEAK_GB = 1.0  # a tiny-gpt2 rank's peak RSS bound (measured: 0.51 GB)
 
 
 def u2a(*args: str) -> subprocess.CompletedProcess:
@@ -97,6 +98,14 @@ def test_a_run_mirrors_every_logged_number_to_tensorboard_and_plots_its_report(t
         assert_png(run / link)
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(
         Path(link).name for link in links)  # every figure linked, no stray file
+
+    # Each rank's peak resident memory, reported (issue 23): the tiny model's ranks peak at
+    # about 0.5 GB (torch, DeepSpeed and transformers themselves); 1.0 GB is the stated bound.
+    import json
+
+    memory = json.loads((run / "summary.json").read_text())["memory"]["peak_rss_gb"]
+    assert len(memory) == 2 and all(0.1 < gb <= TINY_RANK_PEAK_GB for gb in memory), memory
+    assert "peak resident memory per rank" in report and "peak resident memory" in res.stdout
 
 
 def test_a_bad_report_to_on_the_command_line_exits_2_naming_the_key(tmp_path):

@@ -116,6 +116,9 @@ def _print_before_after(summary: dict[str, Any]) -> None:
                 "eval/retain_ppl", "eval/retain_ppl_ratio"):
         if key in before:
             print(f"[u2a] {key}: before {before[key]:.3f} -> after {after[key]:.3f}")
+    rss = summary.get("memory", {}).get("peak_rss_gb")
+    if rss:
+        print(f"[u2a] peak resident memory per rank: {', '.join(f'{gb:.2f}' for gb in rss)} GB")
 
 
 def _print_joint_target(cfg: RunConfig, summary: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from u2a_dist.model_card import metric_table
 from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.plots import write_plots
 from u2a_dist.rundir import RunDir
+from u2a_dist.sharded import peak_memory_gb
 from u2a_dist.trainer import Trainer
 from u2a_dist.u2a_loop import run_u2a, select_round0
 
@@ -90,7 +91,7 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
         with progress.phase("export"):
             trainer.export(run_dir.path / "model")
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
-                   "before": before, "after": after,
+                   "memory": peak_memory_gb(), "before": before, "after": after,
                    "samples": {"before": samples_before, "after": _samples(trainer)}}
         if rank == 0:
             run_dir.write_json("summary.json", summary)
@@ -129,6 +130,7 @@ def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
     summary = {"mode": "select", "world_size": trainer.world_size, "n": len(hg.index),
                "support": trainer.sampler.support, "stats": hg.stats, "step": 0,
                "stopped": "select", "train_time_s": 0.0, "eval_time_s": 0.0,
+               "memory": peak_memory_gb(),
                "before": {}, "after": {}}
     if trainer.rank == 0:
         run_dir.write_json("summary.json", summary)
@@ -173,6 +175,7 @@ def write_report(run_dir: RunDir, cfg: RunConfig, summary: dict[str, Any]) -> No
              f"ZeRO stage {cfg.runtime.zero_stage}",
              f"- steps: {summary['step']} (stopped: {summary['stopped']}), training time "
              f"{summary['train_time_s']:.1f} s, evaluation time {summary['eval_time_s']:.1f} s",
+             *_memory_lines(summary.get("memory", {})),
              "", *metric_table(summary["before"], summary["after"])]
     lines += _target_lines(cfg, summary)
     lines += _plot_lines(run_dir)
@@ -195,6 +198,17 @@ def _plot_lines(run_dir: RunDir) -> list[str]:
     for plot in plots:
         lines += [f"![{plot.title}, against {plot.axis}](plots/{plot.file})", ""]
     return lines[:-1]
+
+
+def _memory_lines(memory: dict[str, list[float]]) -> list[str]:
+    if not memory:
+        return []
+    line = "- peak resident memory per rank: " + ", ".join(
+        f"{gb:.2f}" for gb in memory["peak_rss_gb"]) + " GB"
+    if "peak_cuda_gb" in memory:
+        line += "; peak CUDA allocation: " + ", ".join(
+            f"{gb:.2f}" for gb in memory["peak_cuda_gb"]) + " GB"
+    return [line]
 
 
 def _target_lines(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:

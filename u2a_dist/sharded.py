@@ -64,6 +64,20 @@ def all_gather_rows(local: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(home) for t in out]
 
 
+def peak_memory_gb() -> dict[str, list[float]]:
+    """Every rank's peak resident memory so far (``ru_maxrss``) and, on a GPU, its peak CUDA
+    allocation, in GB (10⁹ bytes), in rank order. A collective."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+    cuda = float(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0.0
+    rows = all_gather_rows(torch.tensor([rss, cuda], dtype=torch.float64))
+    out = {"peak_rss_gb": [round(float(r[0]) / 1e9, 3) for r in rows]}
+    if any(float(r[1]) > 0 for r in rows):
+        out["peak_cuda_gb"] = [round(float(r[1]) / 1e9, 3) for r in rows]
+    return out
+
+
 @torch.no_grad()
 def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
