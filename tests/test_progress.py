@@ -128,6 +128,8 @@ def test_nested_phases_show_their_path_and_the_innermost_eta():
     # a new top-level phase replaces whatever was open
     v.event(ev("start", ["export"]))
     assert v.line() == "[u2a] 0:25 | export"
+    v.event(ev("end", ["export"]))
+    assert v.line() == "[u2a] 0:25 | export done"  # what a heartbeat says between phases
 
 
 def test_a_silent_phase_still_gets_a_line_every_heartbeat():

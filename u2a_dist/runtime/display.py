@@ -86,6 +86,7 @@ class ProgressView:
         self.t0 = clock()
         self._phases: dict[tuple[str, ...], _State] = {}
         self._current: tuple[str, ...] = ()
+        self._after: str | None = None  # the last top-level phase that ended
         self._printed = self.t0
         self._lock = threading.RLock()
         self._bar: Any = None
@@ -135,10 +136,12 @@ class ProgressView:
             return
         if self._current[:len(path)] == path:
             self._current = path[:-1] if path[:-1] in self._phases else ()
-        if len(path) == 1 and self.mode != "none" and now - state.started >= 1.0:
-            self._write(f"[u2a] {clock_text(now - self.t0)} | {path[0]} done in "
-                        f"{clock_text(now - state.started)}")
-        elif self.mode == "bar":
+        if len(path) == 1:
+            self._after = path[0]
+            if self.mode != "none" and now - state.started >= 1.0:
+                self._write(f"[u2a] {clock_text(now - self.t0)} | {path[0]} done in "
+                            f"{clock_text(now - state.started)}")
+        if self.mode == "bar":
             self._show(now, force=True)
 
     def say(self, text: str) -> None:
@@ -182,7 +185,8 @@ class ProgressView:
         path = self._current
         parts = [self._phases[path[:i + 1]].label(name) for i, name in enumerate(path)
                  if path[:i + 1] in self._phases]
-        text = f"[u2a] {clock_text(now - self.t0)} | " + (" › ".join(parts) or "starting")
+        idle = f"{self._after} done" if self._after else "starting"
+        text = f"[u2a] {clock_text(now - self.t0)} | " + (" › ".join(parts) or idle)
         for i in range(len(path), 0, -1):  # the innermost phase that can tell
             state = self._phases.get(path[:i])
             eta = state.eta(now) if state is not None else None
