@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,20 @@ def demo_config(out: str, model: str) -> dict[str, Any]:
 def _launch(cfg: RunConfig, launcher: str, overwrite: bool = False, mode: str = "train",
             progress_mode: str | None = None) -> dict[str, Any]:
     """Preflight, prepare the run directory and run the job, drawing its progress."""
+    with _viewed(progress_mode) as view:  # the driver's own phases (preflight, starting ranks)
+        return _launch_in(cfg, launcher, overwrite, mode, view)
+
+
+@contextlib.contextmanager
+def _viewed(progress_mode: str | None) -> Iterator[Any]:
+    """A live view that this process's progress events go to, while the block runs."""
     from u2a_dist import progress
     from u2a_dist.runtime.display import ProgressView
 
     view = ProgressView(progress_mode)
-    progress.set_sink(view.event)  # the driver's own phases (preflight, starting ranks)
+    progress.set_sink(view.event)
     try:
-        return _launch_in(cfg, launcher, overwrite, mode, view)
+        yield view
     finally:
         progress.set_sink(None)
         view.close()
@@ -188,7 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.out
     check_claimable(Path(out))  # it writes eval.json there: a new, empty or u2a directory only
-    result = evaluate_model(cfg, args.model, out)
+    with _viewed(args.progress):  # one process: it draws its own progress
+        result = evaluate_model(cfg, args.model, out)
     print(f"[u2a] eval of {args.model} against {cfg.model.name_or_path} -> {out}/eval.json",
           flush=True)
     for line in source_table(result):  # rate [95% interval], n, held out or not
@@ -247,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or preset name to evaluate")
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None, help="output directory (default: the config's out)")
+    _progress_flag(p)
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=cmd_eval)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from u2a_dist import progress
 from u2a_dist.config import RunConfig
 from u2a_dist.data.examples import load_pairs
 from u2a_dist.evaluate import (
@@ -33,10 +34,36 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
     generation and log-prob passes are sharded). Writes ``eval.json`` and ``generations.jsonl``
     to ``out_dir`` (default ``cfg.out``) on rank 0; returns the eval.json object.
     """
+    t_start = time.perf_counter()
+    with progress.phase("setup", what="judge, models and tokenizer"):
+        judge, result, model, reference, tokenizer, same = _load(cfg, model_path)
+    result["timing/load_s"] = time.perf_counter() - t_start
+    if cfg.data.pa_eval is not None:
+        with progress.phase("evaluation", what="held-out pairs"):
+            result.update(_pa(cfg, model, reference, tokenizer, same))
+    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg))
+    if gen.enabled:
+        t0 = time.perf_counter()
+        with progress.phase("evaluation", what="prompts"):
+            if not same:
+                result["timing/eval_reference_s"] = gen.prepare(reference)
+            result.update(gen(model, is_reference=same))
+        result["eval/n_harmful"] = len(gen.harmful)
+        result["eval/n_harmless"] = len(gen.harmless)
+        result["eval/n_excluded"] = gen.excluded
+        result["timing/generation_eval_s"] = time.perf_counter() - t0
+    result["timing/eval_s"] = time.perf_counter() - t_start
+    if world()[0] == 0:
+        _write_eval(Path(out_dir if out_dir is not None else cfg.out), result, gen)
+    return result
+
+
+def _load(cfg: RunConfig, model_path: str) -> tuple[Any, dict[str, Any], Any, Any, Any, bool]:
+    """The judge, the result's header, the model, the reference, the tokenizer, and whether
+    model and reference are the same."""
     from u2a_dist.device import comm_device, resolve_device
     from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
 
-    t_start = time.perf_counter()
     judge = check_eval_inputs(cfg)
     model_cfg = dataclasses.replace(cfg.model, name_or_path=str(model_path))
     model_dir, ref_dir = resolve_model_dir(model_cfg), resolve_model_dir(cfg.model)
@@ -48,31 +75,21 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
     reference = model if same else \
         load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval().to(device)
     result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
-                              "reference_is_model": same, "device": str(device),
-                              "timing/load_s": time.perf_counter() - t_start}
+                              "reference_is_model": same, "device": str(device)}
+    return judge, result, model, reference, tokenizer, same
+
+
+def _pa(cfg: RunConfig, model, reference, tokenizer, same: bool) -> dict[str, Any]:
+    """The held-out pairs' metrics of ``model`` against ``reference``."""
+    t0 = time.perf_counter()
     bs, pad = cfg.eval.batch_size, tokenizer.pad_token_id
-    if cfg.data.pa_eval is not None:
-        t0 = time.perf_counter()
-        pairs = encode_pairs(tokenizer, load_pairs(cfg.data.pa_eval), cfg.data.max_length)
-        chosen, rejected = pair_logps(model, pairs, pad, bs)
-        ref = (chosen, rejected) if same else pair_logps(reference, pairs, pad, bs)
-        result.update(pa_metrics(chosen, rejected, *ref, cfg.selector.dpo_beta))
-        result["pa/n_pairs"] = len(pairs)
-        result["timing/pa_s"] = time.perf_counter() - t0
-    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg))
-    if gen.enabled:
-        t0 = time.perf_counter()
-        if not same:
-            result["timing/eval_reference_s"] = gen.prepare(reference)
-        result.update(gen(model, is_reference=same))
-        result["eval/n_harmful"] = len(gen.harmful)
-        result["eval/n_harmless"] = len(gen.harmless)
-        result["eval/n_excluded"] = gen.excluded
-        result["timing/generation_eval_s"] = time.perf_counter() - t0
-    result["timing/eval_s"] = time.perf_counter() - t_start
-    if world()[0] == 0:
-        _write_eval(Path(out_dir if out_dir is not None else cfg.out), result, gen)
-    return result
+    pairs = encode_pairs(tokenizer, load_pairs(cfg.data.pa_eval), cfg.data.max_length)
+    chosen, rejected = pair_logps(model, pairs, pad, bs)
+    ref = (chosen, rejected) if same else pair_logps(reference, pairs, pad, bs)
+    out = pa_metrics(chosen, rejected, *ref, cfg.selector.dpo_beta)
+    out["pa/n_pairs"] = len(pairs)
+    out["timing/pa_s"] = time.perf_counter() - t0
+    return out
 
 
 def _same_model(a: str, b: str) -> bool:
