@@ -170,9 +170,13 @@ def harm_help_reward(judge=None) -> Callable[..., list[float]]:
 
 
 def _trainer_args(cfg: RunConfig, out: Path, batch_size: int) -> dict[str, Any]:
-    """TrainingArguments of every method: the unlearn section's optimiser, fp32 on the CPU like
-    the u2a runs (TRL's configs default to bf16 and gradient checkpointing)."""
+    """TrainingArguments of every method: the unlearn section's optimiser, fp32 like the u2a
+    runs (TRL's configs default to bf16 and gradient checkpointing), on the device a u2a run
+    with the same ``runtime.device`` would use (auto: a GPU when there is one)."""
+    import torch
+
     u = cfg.unlearn
+    cpu = cfg.runtime.device == "cpu" or not torch.cuda.is_available()
     return dict(
         output_dir=str(out), max_steps=u.steps, per_device_train_batch_size=batch_size,
         learning_rate=u.lr, optim="adamw_torch" if u.optimizer == "adamw" else "sgd",
@@ -180,7 +184,7 @@ def _trainer_args(cfg: RunConfig, out: Path, batch_size: int) -> dict[str, Any]:
         warmup_steps=u.warmup_steps, weight_decay=u.weight_decay, max_grad_norm=u.grad_clip,
         seed=cfg.runtime.seed, data_seed=cfg.runtime.seed, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, bf16=False, gradient_checkpointing=False,
-        use_cpu=True)
+        use_cpu=cpu)
 
 
 def _hooked(cls: type, hook: str, body: Callable) -> type:

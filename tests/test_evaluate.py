@@ -131,6 +131,27 @@ def test_generation_is_batched_bounded_and_batch_invariant() -> None:
     assert any(len(t) == 10 for t in batched.tokens)
 
 
+def test_ids_past_the_tokenizer_decode_as_nothing_and_stay_in_the_answer_ids() -> None:
+    """A head wider than the tokenizer (a random:smollm2 preset's 49152 rows over the 384-id byte
+    tokenizer; a real model's padded embedding rows) generates ids with no text: the answer's
+    ids keep them and its text is empty (decoding them raised ValueError)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = load_tokenizer(ModelConfig())
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab + 64, n_positions=128, n_embd=32,
+                                       n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1,
+                                       pad_token_id=0)).eval()
+    with torch.no_grad():  # greedy picks id vocab + 7, which the tokenizer does not have
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[vocab + 7].fill_(1.0)
+        model.transformer.ln_f.bias.fill_(1.0)
+    out = generate(model, tokenizer, tiny_prompt_ids(3), batch_size=2, max_new_tokens=4)
+    assert out.tokens == [[vocab + 7] * 4] * 3
+    assert out.texts == ["", "", ""]
+
+
 def test_two_ranks_generate_their_shares_and_match_one_process(tmp_path: Path) -> None:
     n, bs, new = 7, 2, 10
     tokenizer = load_tokenizer(ModelConfig())

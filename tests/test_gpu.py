@@ -103,11 +103,14 @@ def test_trainer_on_cuda_matches_the_trainer_on_the_cpu(tmp_path, stage):
     tol = 0.02 * max(abs(s["score"]) for s in cpu_s)
     for g, c in zip(gpu_s, cpu_s):
         assert g["score"] == pytest.approx(c["score"], abs=tol)
-    # the same support and weights, unless the k-th and (k+1)-th scores tie within rounding
+    # the same support and weights, unless the k-th and (k+1)-th scores tie within rounding.
+    # The weights follow the scores smoothly: round 1 selects after two steps whose reductions
+    # ran in another order, and on an H200 (2026-12-04) its weights differed by up to 2.6e-6
+    # (2.1e-5 relative) from the CPU's, so abs=1e-6 failed; rel=1e-4 keeps 5x that margin.
     first = sorted((s["score"] for s in cpu_s if s["round"] == 0), reverse=True)
     if first[7] - first[8] > 2 * tol:
         assert [g["weight"] for g in gpu_s] == pytest.approx([c["weight"] for c in cpu_s],
-                                                             abs=1e-6)
+                                                             rel=1e-4, abs=1e-6)
 
 
 def test_bf16_selector_on_cuda_matches_the_cpu(tmp_path):

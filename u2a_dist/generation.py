@@ -58,6 +58,9 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
     tokens: list[list[int]] = []
     synced = size > 1 and is_partitioned(model)
     device = model_device(model)
+    # ids past the tokenizer's vocabulary have no text (a random preset's 49152-row head over
+    # the byte tokenizer; a real model's padded embedding rows): decoded as nothing
+    vocab = len(tokenizer)
     try:
         for start in progress.each("generate", range(0, len(mine), batch_size)):
             idx = [i if i >= 0 else filler for i in mine[start:start + batch_size]]
@@ -67,7 +70,9 @@ def generate_share(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size
                                  use_cache=True, synced_gpus=synced,
                                  temperature=None, top_p=None, top_k=None)
             new = out[:, batch["input_ids"].shape[1]:]
-            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts.extend(tokenizer.batch_decode([[t for t in row if t < vocab]
+                                                 for row in new.tolist()],
+                                                skip_special_tokens=True))
             tokens.extend(_until_eos(row.tolist(), tokenizer.eos_token_id) for row in new.cpu())
     finally:
         model.train(was_training)
