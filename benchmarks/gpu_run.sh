@@ -7,8 +7,9 @@
 #    tiny model, offload last; 3. all of them merged into OUT_DIR/scaling_gpu.json, to merge with
 #    the CPU results: python benchmarks/scaling.py --merge CPU.json,OUT_DIR/scaling_gpu.json
 # CONFIGS="model:stage ..." picks the configurations; DEVICES=cpu runs them on the CPU (to check
-# this script without a GPU: DEVICES=cpu CONFIGS=tiny:3). On one H200 (2026-11-28) 135M stages
-# 0/2/3 took 24/28/78 s each, 1.7B stage 3 143 s, tiny 19-30 s; offload did not finish in 20 s.
+# this script without a GPU: DEVICES=cpu CONFIGS=tiny:3). On one H200 (2026-12-04, the product's
+# Trainer) the gpu tests took 197 s, 135M stages 0/3 19/140 s, and 1.7B stage 3 did not finish in
+# 170 s (the copy of 2026-11-28: 143 s); a 15-minute lease holds the tests and about three configs.
 set -u
 out=${1:?usage: gpu_run.sh OUT_DIR [SHARED_DATA]}
 shared=${2:-$(dirname "$0")/../../shared/data}

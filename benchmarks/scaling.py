@@ -308,9 +308,10 @@ def merge_records(records: list[dict[str, Any]], paths: list[str]) -> dict[str, 
             if not c.get("skipped"):
                 key = (c["model"], str(c["stage"]), c["world"], c["device"])
                 by_key[key] = {**c, "source": base + c.get("source", 0)}
+    migrations = [m for rec in records for m in rec.get("migrations", [])]  # kept, not redone
     return {"benchmark": "scaling", **stamp(), "sources": sources,
             "wall_seconds": round(sum(s.get("wall_seconds") or 0 for s in sources), 1),
-            "configs": list(by_key.values())}
+            "configs": list(by_key.values()), **({"migrations": migrations} if migrations else {})}
 
 
 def _names(text: str) -> list[str]:

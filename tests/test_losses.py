@@ -34,6 +34,27 @@ def test_token_logps_masks_prompt_and_padding():
     torch.testing.assert_close(logp, torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_token_logps_gradient_and_hessian_vector_product_match_the_softmax_formulas():
+    """The fused cross-entropy's first and second derivatives (the selector's exact HVP takes
+    the second through autograd): for a response position with label y and p = softmax(z),
+    ∂ log p_y / ∂z = e_y − p and its Hessian times v is −(p ⊙ v − p (pᵀv)); prompt and padding
+    positions contribute nothing."""
+    torch.manual_seed(2)
+    logits = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[IGNORE, 5, IGNORE, 2]])
+    v = torch.randn(1, 4, 6, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(token_logps(logits, labels)[0].sum(), logits, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * v).sum(), logits)
+    for t in range(4):
+        y = int(labels[0, t + 1]) if t < 3 else IGNORE
+        if y == IGNORE:
+            assert grad[0, t].abs().max() == 0 and hvp[0, t].abs().max() == 0
+            continue
+        p = torch.tensor(_softmax(logits[0, t].tolist()), dtype=torch.float64)
+        torch.testing.assert_close(grad[0, t].detach(), torch.eye(6, dtype=torch.float64)[y] - p)
+        torch.testing.assert_close(hvp[0, t], -(p * v[0, t] - p * (p @ v[0, t])))
+
+
 def test_ga_and_nll():
     logp, ntok = torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])
     assert nll(logp, ntok).tolist() == [2.0, 0.5]

@@ -20,9 +20,14 @@ from tests.conftest import REPO
 from u2a_dist.recipes import builtin_recipe
 
 PINS = Path(__file__).parent / "pins" / "tiny_recipe.json"
-#: Recorded on this project's CPU machine kind (fp32, gloo); the same code gives the same bits
-#: here, the tolerance only absorbs a different BLAS summation order elsewhere.
-RTOL, ATOL = 1e-5, 1e-7
+#: Recorded on this project's CPU machine kind (fp32, gloo). On the AMD EPYC machine of
+#: 2026-12-04 the same code (98b1cb6) gave metrics up to 1.1e-5 relative and round-0
+#: finite-difference scores up to 2.8e-5 (2.4e-4 of the largest score) from the pins: another
+#: BLAS summation order, amplified by 4 training steps and by the finite differences' 1/2ε.
+#: So metrics are compared at rtol 1e-4 and scores at 1e-3 of the largest pinned score; a change
+#: of behaviour moves them by far more.
+RTOL, ATOL = 1e-4, 1e-7
+SCORE_SHARE = 1e-3
 
 
 def _config(out: Path) -> dict:
@@ -56,24 +61,30 @@ def measure(root: Path) -> dict:
     return {"metrics": metrics, "scores": scores}
 
 
-def _close(a, b, where: str) -> None:
+def _close(a, b, where: str, atol: float = ATOL) -> None:
     if isinstance(a, dict):
         assert set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
         for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
+            _close(a[k], b[k], f"{where}.{k}", atol)
     elif isinstance(a, list):
         assert len(a) == len(b), f"{where}: {len(a)} items, pinned {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{where}[{i}]")
+            _close(x, y, f"{where}[{i}]", atol)
     elif isinstance(a, float) and isinstance(b, (int, float)):
-        assert abs(a - b) <= ATOL + RTOL * abs(b), f"{where}: {a!r}, pinned {b!r}"
+        assert abs(a - b) <= atol + RTOL * abs(b), f"{where}: {a!r}, pinned {b!r}"
     else:
         assert a == b, f"{where}: {a!r}, pinned {b!r}"
 
 
 @pytest.mark.slow
 def test_recipe_metrics_and_round0_scores_are_the_pinned_ones(tmp_path):
-    _close(measure(tmp_path), json.loads(PINS.read_text()), "tiny_recipe")
+    got, pinned = measure(tmp_path), json.loads(PINS.read_text())
+    _close(got["metrics"], pinned["metrics"], "tiny_recipe.metrics")
+    scale = max(abs(s["score"]) for s in pinned["scores"])
+    for i, (g, p) in enumerate(zip(got["scores"], pinned["scores"], strict=True)):
+        _close({k: v for k, v in g.items() if k != "score"},
+               {k: v for k, v in p.items() if k != "score"}, f"tiny_recipe.scores[{i}]")
+        _close(g["score"], p["score"], f"tiny_recipe.scores[{i}].score", SCORE_SHARE * scale)
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
