@@ -64,4 +64,9 @@ def _run(args: argparse.Namespace, view) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # as u2a's own ranks end: a plain interpreter exit can abort in c10d/gloo's destructors
+    # ("terminate called without an active exception", SIGABRT: CI saw rank 1 exit with -6 after
+    # a finished run), which DeepSpeed's launcher reports as a failed run
+    from u2a_dist.runtime.worker import exit_rank, main_exit_code
+
+    exit_rank(main_exit_code(main))

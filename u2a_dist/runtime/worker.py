@@ -33,12 +33,13 @@ def exit_rank(code: int) -> None:
     os._exit(code)
 
 
-def _main_exit_code() -> int:
-    """main()'s status; a failure's traceback printed as Python would, status 1. A rank that
-    let the exception end the interpreter would abort in those destructors (SIGABRT), and the
-    launcher would then take the abort, not the error, for the cause."""
+def main_exit_code(entry=None) -> int:
+    """``entry()``'s status (this module's main by default); a failure's traceback printed as
+    Python would, status 1. A rank that let the exception end the interpreter would abort in
+    those destructors (SIGABRT), and the launcher would then take the abort, not the error, for
+    the cause. Every rank entry point ends with ``exit_rank(main_exit_code(its_main))``."""
     try:
-        return main()
+        return (entry or main)()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -47,4 +48,4 @@ def _main_exit_code() -> int:
 
 
 if __name__ == "__main__":
-    exit_rank(_main_exit_code())
+    exit_rank(main_exit_code())
