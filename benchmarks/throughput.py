@@ -287,11 +287,11 @@ def merge(spec: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
         out["peak_cuda_gb"] = [round(max(m.get("cuda_peak_bytes", 0) for m in
                                          r["memory"].values()) / 1e9, 3) for r in ranks]
     if "ceiling" in r0:  # the plain model's own rates: what the ceiling's passes sustain
-        calls = {n: r0["phases"][n] for n in r0["phases"]}
-        grad_tok = sum(p["tokens_grad"] for p in calls.values())
-        nograd_tok = sum(p["tokens_nograd"] for p in calls.values())
-        grad_s = sum(r0["ceiling"][n]["grad_s"] for n in calls)
-        nograd_s = sum(r0["ceiling"][n]["nograd_s"] for n in calls)
+        phases = r0["phases"]
+        grad_tok = sum(p["tokens_grad"] for p in phases.values())
+        nograd_tok = sum(p["tokens_nograd"] for p in phases.values())
+        grad_s = sum(r0["ceiling"][n]["grad_s"] for n in phases)
+        nograd_s = sum(r0["ceiling"][n]["nograd_s"] for n in phases)
         out["ceiling"] = {"fwd_bwd_tokens_per_s": grad_tok / grad_s if grad_s else None,
                           "fwd_tokens_per_s": nograd_tok / nograd_s if nograd_s else None}
     return out
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + (f", {p['vs_ceiling']:.2f} of the ceiling" if "vs_ceiling" in p else ""),
                   flush=True)
     record = {"benchmark": "throughput", **stamp(), "threads_per_process": threads,
-              "settings": {k: v for k, v in base.items()},
+              "settings": dict(base),
               "wall_seconds": round(time.perf_counter() - t0, 1), "runs": runs}
     (out / "throughput.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     (out / "throughput.md").write_text(markdown(record))
