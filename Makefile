@@ -42,7 +42,7 @@ demo: install
 
 test: install apt
 	$(BIN)/lint-imports --config .importlinter
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 lint: install
 	$(BIN)/ruff check .

@@ -243,3 +243,18 @@ def half_precision_rounds(cfg: dict) -> dict[str, Any]:
     run_u2a(trainer, at_step=lambda m: losses.append(m["loss"]) if "loss" in m else None)
     return {"loads": loads, "losses": losses, "weights": trainer.weights,
             "support": trainer.sampler.support, "round": trainer.round}
+
+
+def retain_contrast(cfg: dict, idx: list[int]) -> dict[str, Any]:
+    """One training step, then the retain terms' global values on retain examples ``idx``
+    (this rank's share), with the items and both states an independent check needs."""
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    step = trainer.train_step()
+    local = idx[trainer.rank::trainer.world_size]
+    with torch.no_grad():
+        *_, values, finite = trainer.per_example_inner(trainer.engine.module, [], local)
+    return {"values": values, "finite": finite, "step": step,
+            "state": trainer.engine.full_state_dict(),
+            "retain": [trainer.retain[i] for i in idx],
+            "refusals": [trainer.retain_terms.refusals[i] for i in idx]}

@@ -129,6 +129,10 @@ class UnlearnConfig:
                 "(0 turns gradient ascent off and keeps the mismatch term)."})
     mismatch_weight: float = field(default=0.0, metadata={"help": "c_m"})
     retain_kl_weight: float = field(default=0.0, metadata={"help": "c_r"})
+    retain_refusal_weight: float = field(default=0.0, metadata={
+        "help": "c_o: over-refusal contrast on retain prompts, θ0's answer over a refusal "
+                "(data.mismatch's prompt-less answers); u2a_dist/retain_terms.py."})
+    retain_refusal_beta: float = field(default=2.0, metadata={"help": "β_o of that contrast"})
     npo_beta: float = 0.1
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd"})
     weight_decay: float = 0.0
@@ -291,8 +295,11 @@ class RunConfig:
             raise ConfigError("data.forget is required: the negatives to unlearn")
         if self.unlearn.mismatch_weight > 0 and self.data.mismatch is None:
             raise ConfigError("unlearn.mismatch_weight > 0 needs data.mismatch")
-        if self.unlearn.retain_kl_weight > 0 and self.data.retain is None:
-            raise ConfigError("unlearn.retain_kl_weight > 0 needs data.retain")
+        for key in ("retain_kl_weight", "retain_refusal_weight"):
+            if getattr(self.unlearn, key) > 0 and self.data.retain is None:
+                raise ConfigError(f"unlearn.{key} > 0 needs data.retain")
+        if self.unlearn.retain_refusal_weight > 0 and self.data.mismatch is None:
+            raise ConfigError("unlearn.retain_refusal_weight > 0 needs data.mismatch (refusals)")
         if self.selector.enabled and self.data.pa is None:
             raise ConfigError("selector.enabled needs data.pa (the preference pairs of J)")
         if self.eval.target is not None:

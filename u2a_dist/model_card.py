@@ -56,7 +56,10 @@ def _method_lines(cfg: RunConfig) -> list[str]:
     lines = [f"- Inner objective: loss `{loss}`" + (f" with {args}" if args else ""),
              f"  - weights: forget c_f = {u.forget_weight:g}, mismatch c_m = "
              f"{u.mismatch_weight:g}, retain KL c_r = {u.retain_kl_weight:g}, proximal "
-             f"λ = {u.prox_lambda:g}",
+             f"λ = {u.prox_lambda:g}" + (f", over-refusal contrast c_o = "
+                                         f"{u.retain_refusal_weight:g} (β_o = "
+                                         f"{u.retain_refusal_beta:g})"
+                                         if u.retain_refusal_weight > 0 else ""),
              f"  - optimiser {u.optimizer}, lr {u.lr:g}, up to {u.steps} steps, "
              f"global forget batch {u.batch_size}"]
     if cfg.selector.enabled:

@@ -23,6 +23,7 @@ from u2a_dist.data.tokenize import encode
 from u2a_dist.evaluate import EncodedPairs, encode_pairs, pair_logps
 from u2a_dist.generation import answer_items, encode_prompts, generate
 from u2a_dist.models import load_tokenizer, resolve_model_dir
+from u2a_dist.retain_terms import refusal_items
 from u2a_dist.sampling import outer_pairs_used
 from u2a_dist.sharded import dataset_logps
 
@@ -64,11 +65,25 @@ class RunInputs:
             raise DataError(f"{spec_paths(self.cfg.data.forget)}: the forget set is empty")
         items = [self.encode(e.prompt, e.response, e.history) for e in examples]
         mismatch = None
+        self.refusals: list[list[int]] = []  # the prompt-less mismatch answers, tokenised
         if self.cfg.data.mismatch is not None:
-            answers = mismatch_answers(examples, load_completions(self.cfg.data.mismatch),
-                                       spec_paths(self.cfg.data.mismatch))
+            candidates = load_completions(self.cfg.data.mismatch)
+            answers = mismatch_answers(examples, candidates, spec_paths(self.cfg.data.mismatch))
             mismatch = [self.encode(e.prompt, y, e.history) for e, y in zip(examples, answers)]
+            eos = [self.tokenizer.eos_token_id]
+            self.refusals = [self.tokenizer(c.response, add_special_tokens=False)["input_ids"]
+                             + eos for c in candidates if not c.prompt.strip()]
         return ForgetSet(examples, items, mismatch)
+
+    def retain_refusals(self, retain: list[Item]) -> list[Item] | None:
+        """(x_j, a refusal) per retain item for the over-refusal contrast, when it is on."""
+        if self.cfg.unlearn.retain_refusal_weight <= 0 or not retain:
+            return None
+        if not self.refusals:
+            raise DataError(f"{spec_paths(self.cfg.data.mismatch)}: unlearn."
+                            "retain_refusal_weight > 0 needs prompt-less refusals here (e.g. "
+                            "builtin:refusal_templates)")
+        return refusal_items(retain, self.refusals, self.cfg.data.max_length)
 
     def _pairs(self, spec) -> EncodedPairs | None:
         if spec is None:

@@ -42,10 +42,10 @@ from u2a_dist.losses import (
     NonFiniteLossError,
     prox_grads,
     prox_sq_norm,
-    token_kl_sum,
     token_logps,
 )
 from u2a_dist.models import load_model
+from u2a_dist.retain_terms import RetainTerms
 from u2a_dist.run_eval import RunEvaluation
 from u2a_dist.run_inputs import ForgetSet, RunInputs
 from u2a_dist.rundir import RunDir
@@ -69,6 +69,8 @@ class Trainer:
             self._build(cfg, ph)
         # θ0's own answers to the retain prompts and θ0's log-probs: phases of their own
         self.retain, self.setup_time = self.inputs.load_retain(self.reference)
+        self.retain_terms = RetainTerms(cfg.unlearn, self.reference, self.retain,
+                                        self.inputs.retain_refusals(self.retain), self.world_size)
         # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
         # log-probs from the copy, the selector test's directional scores stopped matching the
         # per-example ones (tests/test_selector.py); the cause is not yet understood.
@@ -127,9 +129,10 @@ class Trainer:
     # ------------------------------------------------------------------ the inner loss
 
     def per_example_inner(self, model, idx: list[int], retain_idx: list[int] | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """(c_f ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph, and the
-        retain KL's token sum and global token count for retain examples ``retain_idx``.
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, bool]:
+        """(c_f ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph, and for
+        retain examples ``retain_idx`` the retain terms' (rank loss, global values, finite)
+        (:class:`u2a_dist.retain_terms.RetainTerms`; collective when ``retain_idx``).
 
         The forget, mismatch and retain sequences go through one forward pass, so ZeRO-3
         all-gathers every layer once per step instead of three times. On 2 CPU ranks with
@@ -141,7 +144,7 @@ class Trainer:
         if mismatch:
             groups.append([self.forget.mismatch[i] for i in idx])
         if retain_idx:
-            groups.append([self.retain[i] for i in retain_idx])
+            groups.append(self.retain_terms.items(retain_idx))
         batch = to_device(collate([x for g in groups for x in g], self.pad_id), self.device)
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits
@@ -154,29 +157,18 @@ class Trainer:
         if mismatch:
             m_logp, m_ntok = token_logps(logits[n:2 * n], labels[n:2 * n])
         total, loss = self.objective(logp, ntok, ref, m_logp, m_ntok)
-        kl_sum, count = torch.zeros((), device=self.device), 0.0
-        if retain_idx:
-            r0 = n * len(groups[:-1])
-            kl_sum, count = self._retain_kl(logits[r0:], batch, r0)
-        return total, loss, kl_sum, count
+        if not retain_idx:
+            return total, loss, torch.zeros((), device=self.device), {}, True
+        r0 = n * len(groups[:-1])
+        return (total, loss, *self.retain_terms.loss(logits, batch, r0, len(retain_idx)))
 
-    def retain_kl_term(self, local_idx: list[int], engine: Engine | None = None
-                       ) -> tuple[torch.Tensor, float]:
-        """The retain KL of retain examples ``local_idx`` alone (its own forward pass, on
-        ``engine``: the run's by default)."""
-        batch = to_device(collate([self.retain[i] for i in local_idx], self.pad_id), self.device)
+    def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
+        """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on
+        ``engine``: the run's by default), as this rank's loss to backward. Collective."""
+        batch = to_device(collate(self.retain_terms.items(local_idx), self.pad_id), self.device)
         logits = (engine or self.engine).forward(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self._retain_kl(logits, batch, 0)
-
-    def _retain_kl(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
-                   offset: int) -> tuple[torch.Tensor, float]:
-        """KL(p_θ0 ‖ p_θ) summed over the retain rows (from ``offset``) of a collated batch."""
-        ids, mask = batch["input_ids"][offset:], batch["attention_mask"][offset:]
-        with torch.no_grad():
-            ref_logits = self.reference(input_ids=ids, attention_mask=mask).logits
-        kl_sum, count = token_kl_sum(logits, ref_logits, batch["labels"][offset:])
-        return kl_sum, all_reduce_sum(count)
+        return self.retain_terms.loss(logits, batch, 0, len(local_idx))[0]
 
     def selector_engine(self) -> Engine:
         """The engine the selector's passes run on, holding the current θ (collective).
@@ -216,18 +208,13 @@ class Trainer:
         support_size = len(self.sampler.support)
         scale = support_size / cfg.unlearn.batch_size
         w = self.weights[local_idx].float().to(self.device)
-        use_kl = cfg.unlearn.retain_kl_weight > 0 and self.retain_sampler is not None
+        use_retain = self.retain_terms.active and self.retain_sampler is not None
         r_local = shard(self.retain_sampler.next_batch(), self.rank, self.world_size) \
-            if use_kl else None
-        total, ell, kl_sum, count = self.per_example_inner(self.engine.ds, local_idx, r_local)
-        bad = (~torch.isfinite(total.detach())).any()
-        loss_local = self.world_size * scale * (w * total).sum()
-        kl_value = 0.0
-        if use_kl:
-            loss_local = loss_local + cfg.unlearn.retain_kl_weight * self.world_size * \
-                kl_sum / max(count, 1.0)
-            kl_value = all_reduce_sum(kl_sum.detach()) / max(count, 1.0)
-            bad = bad | ~torch.isfinite(kl_sum.detach())
+            if use_retain else None
+        total, ell, retain_loss, retain_values, retain_ok = self.per_example_inner(
+            self.engine.ds, local_idx, r_local)
+        bad = bool((~torch.isfinite(total.detach())).any()) or not retain_ok
+        loss_local = self.world_size * scale * (w * total).sum() + retain_loss
         if all_reduce_sum(float(bad)) > 0:
             ids = [self.forget.ids[i] for i, ok in
                    zip(local_idx, torch.isfinite(total.detach()).tolist()) if not ok]
@@ -253,8 +240,7 @@ class Trainer:
                    "timing/step_s": dt, "round": self.round}
         if cfg.unlearn.loss == "ga":
             metrics["forget/nll"] = forget_nll
-        if cfg.unlearn.retain_kl_weight > 0:
-            metrics["loss/retain_kl"] = kl_value
+        metrics.update(retain_values)
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(f"step {self.step}: non-finite loss after the update")
         return metrics

@@ -142,20 +142,20 @@ class TrainerProblem:
             return closure
 
         closures = [closure_for(c) for c in chunks]
-        if self.cfg.unlearn.retain_kl_weight > 0 and t.retain:
+        if t.retain_terms.active:
             closures.append(self._retain_closure())
         return self._accumulated_grad(closures)
 
     def _retain_closure(self):
-        """Retain-KL term on a fixed retain batch, an equal share per rank."""
+        """The retain terms (KL, over-refusal contrast) on a fixed retain batch, an equal share
+        per rank."""
         t = self.trainer
         n = min(len(t.retain), self.hessian_batch)
         n -= n % t.world_size
         local = shard(list(range(max(n, t.world_size))), t.rank, t.world_size)
 
         def closure() -> torch.Tensor:
-            kl_sum, count = t.retain_kl_term(local, self.engine)
-            return self.cfg.unlearn.retain_kl_weight * t.world_size * kl_sum / max(count, 1.0)
+            return t.retain_term(local, self.engine)
         return closure
 
     def analytic_curvature(self) -> float:

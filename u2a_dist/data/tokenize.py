@@ -36,6 +36,11 @@ def encode(tokenizer, prompt: str, response: str, history: Messages | None = Non
     """
     p = tokenizer(format_prompt(tokenizer, prompt, history), add_special_tokens=False)["input_ids"]
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return with_response(p, r, max_length)
+
+
+def with_response(p: list[int], r: list[int], max_length: int) -> dict[str, list[int]]:
+    """Prompt ids ``p`` and response ids ``r`` as one item, truncated as :func:`encode` says."""
     if len(p) + len(r) > max_length:
         r = r[: max(max_length // 2, max_length - len(p))]
         p = p[len(p) - (max_length - len(r)):] if max_length > len(r) else []

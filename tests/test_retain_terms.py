@@ -1,0 +1,76 @@
+"""The over-refusal contrast on retain prompts (u2a_dist/retain_terms.py), recomputed by hand
+token by token, on two real ranks after a real training step (θ ≠ θ0)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.conftest import tiny_config
+from tests.distributed import run_ranks
+from tests.test_inner_objective import _mean_nll_by_hand
+from u2a_dist.config import ConfigError, config_from_dict
+from u2a_dist.data.tokenize import IGNORE, with_response
+from u2a_dist.models import build_tiny_model
+from u2a_dist.retain_terms import refusal_items
+
+
+def _retain_cfg(tmp_path, **unlearn) -> dict:
+    return tiny_config(
+        tmp_path / "run",
+        unlearn={"retain_kl_weight": 1.0, "retain_refusal_weight": 0.5,
+                 "retain_refusal_beta": 3.0, "lr": 5e-3, **unlearn},
+        data={"forget": {"path": "builtin:harmful", "schema": "completions", "split": "train"},
+              "mismatch": {"path": "builtin:refusal_templates", "schema": "completions"},
+              "retain": {"path": "builtin:harmless", "schema": "prompts", "split": "train",
+                         "limit": 8},
+              "max_length": 512},  # no truncation: the hand computation sees whole items
+        eval={"every": 0, "target": None, "batch_size": 8, "max_new_tokens": 6})
+
+
+def test_contrast_on_two_ranks_matches_a_hand_computation(tmp_path) -> None:
+    beta, idx = 3.0, [0, 1, 2, 5]
+    outs = run_ranks(2, "tests.rank_fns:retain_contrast",
+                     {"cfg": _retain_cfg(tmp_path), "idx": idx})
+    out = outs[0]
+    assert outs[1]["values"] == out["values"] and out["finite"]
+    theta, theta0 = build_tiny_model(0), build_tiny_model(0)
+    theta.load_state_dict(out["state"])
+    theta.eval(), theta0.eval()
+    by_hand = []
+    for y, r in zip(out["retain"], out["refusals"]):
+        n_prompt = y["labels"].count(IGNORE)
+        # the refusal row: the retain prompt itself, then a different (refusal) response
+        assert r["input_ids"][:n_prompt] == y["input_ids"][:n_prompt]
+        assert r["input_ids"][n_prompt:] != y["input_ids"][n_prompt:]
+        d_y = _mean_nll_by_hand(theta0, y) - _mean_nll_by_hand(theta, y)
+        d_r = _mean_nll_by_hand(theta0, r) - _mean_nll_by_hand(theta, r)
+        by_hand.append((2 / beta) * math.log1p(math.exp(beta * (d_r - d_y))))
+    expected = sum(by_hand) / len(by_hand)
+    assert abs(expected - (2 / beta) * math.log(2)) > 1e-4  # θ moved: not the θ0 constant
+    assert out["values"]["loss/retain_refusal"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert "loss/retain_refusal" in out["step"] and "loss/retain_kl" in out["step"]
+
+
+def test_refusal_rows_keep_the_prompt_and_truncate_like_encode() -> None:
+    retain = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, IGNORE, IGNORE, 8, 9]},
+              {"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}]
+    rows = refusal_items(retain, [[40, 41], [50, 51, 52, 53]], max_length=6)
+    assert rows[0] == {"input_ids": [5, 6, 7, 40, 41], "labels": [IGNORE] * 3 + [40, 41]}
+    # the second refusal: 1 + 4 tokens fit in 6; each row takes refusals[j mod 2]
+    assert rows[1] == with_response([1], [50, 51, 52, 53], 6)
+    # too long: the response keeps half the budget, the prompt is cut from the left
+    assert with_response([1, 2, 3, 4], [9] * 6, 6) == {
+        "input_ids": [2, 3, 4, 9, 9, 9], "labels": [IGNORE] * 3 + [9] * 3}
+
+
+def test_the_contrast_needs_retain_prompts_and_refusals(tmp_path) -> None:
+    cfg = _retain_cfg(tmp_path)
+    del cfg["data"]["mismatch"]
+    with pytest.raises(ConfigError, match="retain_refusal_weight > 0 needs data.mismatch"):
+        config_from_dict(cfg)
+    cfg = _retain_cfg(tmp_path, retain_kl_weight=0.0)
+    del cfg["data"]["retain"]
+    with pytest.raises(ConfigError, match="retain_refusal_weight > 0 needs data.retain"):
+        config_from_dict(cfg)

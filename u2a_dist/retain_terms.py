@@ -1,0 +1,100 @@
+"""The retain side of the inner objective (docs/design.md §2), on a batch of harmless prompts x
+with θ0's own answers y:
+
+    c_r · KL(p_θ0 ‖ p_θ) per response token of y
+    + c_o · mean_x (2/β_o)·softplus(β_o·(Δ̄(r|x) − Δ̄(y|x))),   Δ̄ = (logp_θ − logp_θ0)/|·|
+
+where r is a refusal (the prompt-less mismatch answers, cycled by retain index). The second,
+the over-refusal contrast, is the mismatch term's counterpart: the mismatch term raises the
+refusals on harmful prompts, this one lowers the same refusals on harmless prompts relative to
+the answer θ0 gave, so what the model learns is "refuse *these*" rather than "refuse". Per-token
+means put it on the mismatch term's scale (its gradient at θ0 is ∇(logp_r/|r| − logp_y/|y|));
+β_o bounds it: it stops pushing once the answer leads the refusal by a few 1/β_o nats per token,
+where an unbounded push (over-refusals as negatives, lever E1) erased refusal altogether.
+
+The training step and the selector's Hessian closures both call :meth:`RetainTerms.loss`, so
+the selector differentiates what the step minimises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from u2a_dist.data.tokenize import with_response
+from u2a_dist.losses import IGNORE, token_kl_sum, token_logps
+from u2a_dist.sharded import all_reduce_sum
+
+Item = dict[str, list[int]]
+
+
+def refusal_items(retain: list[Item], refusals: list[list[int]], max_length: int) -> list[Item]:
+    """(x_j, r_{j mod n}) for each retain item j: its prompt tokens with a refusal's tokens."""
+    out = []
+    for j, item in enumerate(retain):
+        n_prompt = next((k for k, v in enumerate(item["labels"]) if v != IGNORE),
+                        len(item["labels"]))
+        out.append(with_response(item["input_ids"][:n_prompt], refusals[j % len(refusals)],
+                                 max_length))
+    return out
+
+
+def contrast_loss(logp_y: torch.Tensor, n_y: torch.Tensor, ref_y: torch.Tensor,
+                  logp_r: torch.Tensor, n_r: torch.Tensor, ref_r: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """Per prompt (2/β)·softplus(β·(Δ̄_r − Δ̄_y)); (2/β)·log 2 at θ = θ0."""
+    d_y = (logp_y - ref_y) / n_y.clamp(min=1)
+    d_r = (logp_r - ref_r) / n_r.clamp(min=1)
+    return (2.0 / beta) * F.softplus(beta * (d_r - d_y))
+
+
+class RetainTerms:
+    """c_r·KL + c_o·contrast on retain rows of a collated batch, scaled for DeepSpeed's
+    gradient average over ranks (×W, divided by global counts)."""
+
+    def __init__(self, cfg, reference: torch.nn.Module | None, retain: list[Item],
+                 refusals: list[Item] | None, world_size: int) -> None:
+        self.kl_weight = cfg.retain_kl_weight
+        self.contrast_weight = cfg.retain_refusal_weight if refusals else 0.0
+        self.beta = cfg.retain_refusal_beta
+        self.reference, self.retain, self.refusals = reference, retain, refusals
+        self.world_size = world_size
+
+    @property
+    def active(self) -> bool:
+        return bool(self.retain) and (self.kl_weight > 0 or self.contrast_weight > 0)
+
+    def items(self, idx: list[int]) -> list[Item]:
+        """The rows these terms need for retain examples ``idx``: answers, then refusals."""
+        rows = [self.retain[i] for i in idx]
+        if self.contrast_weight > 0:
+            rows += [self.refusals[i] for i in idx]
+        return rows
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], offset: int,
+             n: int) -> tuple[torch.Tensor, dict[str, float], bool]:
+        """(this rank's loss to backward, the global values by name, all finite) for the ``n``
+        retain examples whose rows (``items``) start at row ``offset``. Collective."""
+        ids, mask = batch["input_ids"][offset:], batch["attention_mask"][offset:]
+        labels, logits = batch["labels"][offset:], logits[offset:]
+        with torch.no_grad():
+            ref_logits = self.reference(input_ids=ids, attention_mask=mask).logits
+        total = logits.new_zeros((), dtype=torch.float32)
+        values: dict[str, float] = {}
+        finite = True
+        if self.kl_weight > 0:
+            kl_sum, count = token_kl_sum(logits[:n], ref_logits[:n], labels[:n])
+            count = max(all_reduce_sum(count), 1.0)
+            total = total + self.kl_weight * self.world_size * kl_sum / count
+            values["loss/retain_kl"] = all_reduce_sum(kl_sum.detach()) / count
+            finite = finite and bool(torch.isfinite(kl_sum.detach()))
+        if self.contrast_weight > 0:
+            logp, ntok = token_logps(logits, labels)
+            ref, _ = token_logps(ref_logits.float(), labels)
+            per = contrast_loss(logp[:n], ntok[:n], ref[:n], logp[n:], ntok[n:], ref[n:],
+                                self.beta)
+            count = max(all_reduce_sum(float(n)), 1.0)
+            total = total + self.contrast_weight * self.world_size * per.sum() / count
+            values["loss/retain_refusal"] = all_reduce_sum(per.detach().sum()) / count
+            finite = finite and bool(torch.isfinite(per.detach()).all())
+        return total, values, finite
