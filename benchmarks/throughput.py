@@ -69,14 +69,16 @@ def run_config(spec: dict[str, Any], out_dir: str, steps: int = 10**6):
 
 
 class Forwards:
-    """Every forward pass of the hooked models while ``recording``: (input_ids, attention_mask,
-    carried a graph), for the token counts and the ceiling's replay. Kept where they are: a copy
-    to the host would synchronise a GPU inside the timed phase."""
+    """Every forward pass of the hooked models while ``recording``: (input_ids, real-token
+    mask, carried a graph, position_ids), for the token counts and the ceiling's replay. A
+    packed batch (position ids, no attention mask) gets its mask from ``packed_real_tokens``.
+    Kept where they are: a copy to the host would synchronise a GPU inside the timed phase."""
 
-    def __init__(self, models: list[Any]) -> None:
+    def __init__(self, models: list[Any], pad_id: int) -> None:
         import torch
 
-        self.calls: list[tuple[Any, Any, bool]] = []
+        self.pad_id = pad_id
+        self.calls: list[tuple[Any, Any, bool, Any]] = []
         self.on = False
         for m in models:
             if m is not None:
@@ -86,9 +88,13 @@ class Forwards:
     def _hook(self, _module: Any, args: tuple, kwargs: dict) -> None:
         if self.on:
             ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
+            mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+            if mask is None and pos is not None:
+                from u2a_dist.data.tokenize import packed_real_tokens
+                mask = packed_real_tokens(ids, pos, self.pad_id)
             self.calls.append((ids.detach().clone(),
-                               None if mask is None else mask.detach().clone(), self._grad()))
+                               None if mask is None else mask.detach().clone(), self._grad(),
+                               None if pos is None else pos.detach().clone()))
 
     @contextlib.contextmanager
     def recording(self):
@@ -103,15 +109,16 @@ def _real(ids: Any, mask: Any) -> int:
     return int(mask.sum()) if mask is not None else ids.numel()
 
 
-def summarise(times: list[float], calls: list[tuple[Any, Any, bool]], reps: int) -> dict[str, Any]:
+def summarise(times: list[float], calls: list[tuple[Any, Any, bool, Any]],
+              reps: int) -> dict[str, Any]:
     """A phase's record: times, and per step or pass its real tokens (the attention masks'),
     with and without a graph, and the padded tokens the model computed."""
-    grad = sum(_real(ids, m) for ids, m, g in calls if g) / reps
-    nograd = sum(_real(ids, m) for ids, m, g in calls if not g) / reps
+    grad = sum(_real(ids, m) for ids, m, g, _ in calls if g) / reps
+    nograd = sum(_real(ids, m) for ids, m, g, _ in calls if not g) / reps
     mean = sum(times) / len(times)
     return {"median_s": statistics.median(times), "mean_s": mean, "times_s": times,
             "forwards": len(calls) / reps, "tokens_grad": grad, "tokens_nograd": nograd,
-            "padded_tokens": sum(ids.numel() for ids, _, _ in calls) / reps,
+            "padded_tokens": sum(ids.numel() for ids, *_ in calls) / reps,
             "tokens_per_s": (grad + nograd) / mean}
 
 
@@ -130,7 +137,7 @@ def u2a_rank(spec: dict[str, Any], out_path: str) -> None:
     cfg = run_config(spec, str(Path(out_path).parent / "run"))
     trainer = Trainer(cfg, None)
     problem = TrainerProblem(trainer, cfg.selector.hessian_batch)
-    fwd = Forwards([trainer.engine.module, trainer.reference])
+    fwd = Forwards([trainer.engine.module, trainer.reference], trainer.pad_id)
     v = ShardedVector.random_like(problem.zeros(), 7)
     v.scale_(1.0 / v.norm())
     lam, idx = problem.analytic_curvature(), list(range(min(spec["score_n"], len(trainer.forget))))
@@ -185,17 +192,20 @@ def ceiling(cfg: Any, replays: dict[str, tuple[list, int]], phases: Phases,
     model = load_model(dataclasses.replace(cfg.model, attn_implementation="sdpa"),
                        resolve_model_dir(cfg.model)).to(device)
 
-    def one(ids: Any, mask: Any, grad: bool) -> float:
+    def one(ids: Any, mask: Any, grad: bool, pos: Any) -> float:
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
+        # a packed batch as the product ran it: its position ids, no attention mask
+        inputs = {"input_ids": ids, "attention_mask": mask} if pos is None else \
+            {"input_ids": ids, "position_ids": pos.to(device), "use_cache": False}
         if phases.gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if grad:
             labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            model(**inputs, labels=labels).loss.backward()
         else:
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
+                model(**inputs)
         if phases.gpu:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -227,7 +237,7 @@ def trl_rank(spec: dict[str, Any], out_path: str) -> None:
     cfg = run_config(spec, str(Path(out_path).parent / "trl"), steps=spec["steps"] + 1)
     inputs = RunInputs(cfg)
     model = load_model(cfg.model, inputs.resolved, seed=cfg.runtime.seed)
-    fwd = Forwards([model])
+    fwd = Forwards([model], inputs.pad_id)
     times: list[float] = []
 
     class StepClock(TrainerCallback):

@@ -34,16 +34,47 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     # or the backward; the vocabulary-sized tensors were most of a SmolLM2 step's memory.
     # The same arithmetic as log_softmax + gather (bit for bit on contiguous tensors; on the
     # pinned tiny run the metrics moved by < 1e-7 relative), summed in the same [B, T-1] layout.
+    logp, target = _per_token_logps(logits, labels)
+    return logp.sum(-1), (target != IGNORE).sum(-1)
+
+
+def _per_token_logps(logits: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels[:, t+1] | ...) at each position t < T-1 (0 where masked), and the targets."""
     target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
     logp = -F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
                             reduction="none").view_as(target)
-    return logp[:, :-1].contiguous().sum(-1), (target != IGNORE).sum(-1)
+    return logp[:, :-1].contiguous(), target[:, :-1]
+
+
+def item_logps(logits: torch.Tensor, labels: torch.Tensor, segment: torch.Tensor,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logps` per item of a packed batch (``data.tokenize.pack``): the sums over
+    the tokens whose ``segment`` is the item's index, for items 0..n-1 (items ≥ n are left out).
+    Each item's first label is masked there, so no position predicts across items."""
+    logp, target = _per_token_logps(logits, labels)
+    seg = segment[:, 1:]
+    keep = (target != IGNORE) & (seg >= 0) & (seg < n)
+    sums = logp.new_zeros(n).index_add(0, seg[keep], logp[keep])
+    counts = torch.zeros(n, dtype=torch.long, device=seg.device).index_add(
+        0, seg[keep], torch.ones_like(seg[keep]))
+    return sums, counts
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp(y|x) summed over response tokens, response length) for each example."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return token_logps(out.logits, batch["labels"])
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on a batch of ``data.tokenize.rows_batch``: a packed one through its
+    restarting position ids (no attention mask, no cache: transformers looks for packed rows
+    only then), a padded one through its attention mask."""
+    if "position_ids" in batch:
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def nll(logp: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from u2a_dist.data.tokenize import with_response
-from u2a_dist.losses import IGNORE, token_kl_sum, token_logps
+from u2a_dist.losses import IGNORE, forward_logits, item_logps, token_kl_sum
 from u2a_dist.sharded import all_reduce_sum
 
 Item = dict[str, list[int]]
@@ -71,26 +71,27 @@ class RetainTerms:
             rows += [self.refusals[i] for i in idx]
         return rows
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], offset: int,
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
              n: int) -> tuple[torch.Tensor, dict[str, float], bool]:
-        """(this rank's loss to backward, the global values by name, all finite) for the ``n``
-        retain examples whose rows (``items``) start at row ``offset``. Collective."""
-        ids, mask = batch["input_ids"][offset:], batch["attention_mask"][offset:]
-        labels, logits = batch["labels"][offset:], logits[offset:]
+        """(this rank's loss to backward, the global values by name, all finite) for ``n``
+        retain examples: ``batch`` (``data.tokenize.rows_batch`` of ``items``) holds their rows
+        only, ``logits`` θ's on it. Collective."""
+        labels, segment = batch["labels"], batch["segment"]
         with torch.no_grad():
-            ref_logits = self.reference(input_ids=ids, attention_mask=mask).logits
+            ref_logits = forward_logits(self.reference, batch)
         total = logits.new_zeros((), dtype=torch.float32)
         values: dict[str, float] = {}
         finite = True
-        if self.kl_weight > 0:
-            kl_sum, count = token_kl_sum(logits[:n], ref_logits[:n], labels[:n])
+        if self.kl_weight > 0:  # over θ0's answers only (items 0..n-1), not the refusals
+            answers = labels.masked_fill((segment < 0) | (segment >= n), IGNORE)
+            kl_sum, count = token_kl_sum(logits, ref_logits, answers)
             count = max(all_reduce_sum(count), 1.0)
             total = total + self.kl_weight * self.world_size * kl_sum / count
             values["loss/retain_kl"] = all_reduce_sum(kl_sum.detach()) / count
             finite = finite and bool(torch.isfinite(kl_sum.detach()))
         if self.contrast_weight > 0:
-            logp, ntok = token_logps(logits, labels)
-            ref, _ = token_logps(ref_logits.float(), labels)
+            logp, ntok = item_logps(logits, labels, segment, 2 * n)
+            ref, _ = item_logps(ref_logits, labels, segment, 2 * n)
             per = contrast_loss(logp[:n], ntok[:n], ref[:n], logp[n:], ntok[n:], ref[n:],
                                 self.beta)
             count = max(all_reduce_sum(float(n)), 1.0)

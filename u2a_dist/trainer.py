@@ -32,7 +32,7 @@ from u2a_dist.checkpoint import (
     save_trainer_state,
 )
 from u2a_dist.config import RunConfig
-from u2a_dist.data.tokenize import collate, shard
+from u2a_dist.data.tokenize import concat_rows, packing_ok, rows_batch, shard
 from u2a_dist.device import to_device
 from u2a_dist.engine import Engine
 from u2a_dist.evaluate import GenerationEval, broken_floors, target_holds
@@ -40,6 +40,8 @@ from u2a_dist.export import write_model_dir
 from u2a_dist.losses import (
     InnerObjective,
     NonFiniteLossError,
+    forward_logits,
+    item_logps,
     prox_grads,
     prox_sq_norm,
     token_logps,
@@ -91,6 +93,11 @@ class Trainer:
         model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
         self.engine = Engine(cfg, model, self.world_size)
         self.device = self.engine.device  # batches go here; data and caches stay on the CPU
+        self.packed = packing_ok(self.engine.module, self.forget.items, self.pad_id,
+                                 self.device)
+        if not self.packed:
+            log.warning("%s does not read packed rows as separate sequences: padded batches",
+                        cfg.model.name_or_path)
         # θ0 = the starting model = the frozen reference (docs/design.md §2); fp32 local partitions.
         self.theta0 = [t.detach().float().clone() for t in self.engine.local_parts()]
         self._eval_copy: torch.nn.Module | None = None
@@ -135,40 +142,39 @@ class Trainer:
         (:class:`u2a_dist.retain_terms.RetainTerms`; collective when ``retain_idx``).
 
         The forget, mismatch and retain sequences go through one forward pass, so ZeRO-3
-        all-gathers every layer once per step instead of three times. On 2 CPU ranks with
-        SmolLM2 this did not shorten a step (about 19 s): the matmuls dominate there (py-spy),
-        but the gathers grow with the world size and the network.
+        all-gathers every layer once per step instead of three times, packed (no padding
+        between sequences; the retain rows apart, for the reference model's forward) when the
+        model honours restarting position ids (``packing_ok``). Padding was 26% of a SmolLM2
+        recipe step's tokens (benchmarks/throughput.py).
         """
-        groups = [[self.forget.items[i] for i in idx]]
-        mismatch = self.objective.uses_mismatch
-        if mismatch:
-            groups.append([self.forget.mismatch[i] for i in idx])
-        if retain_idx:
-            groups.append(self.retain_terms.items(retain_idx))
-        batch = to_device(collate([x for g in groups for x in g], self.pad_id), self.device)
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
         n = len(idx)
-        logp, ntok = token_logps(logits[:n], labels[:n])
+        main = [self.forget.items[i] for i in idx]
+        if self.objective.uses_mismatch:
+            main += [self.forget.mismatch[i] for i in idx]
+        rows = self.retain_terms.items(retain_idx) if retain_idx else []
+        width = max(len(x["input_ids"]) for x in main + rows)
+        parts = [rows_batch(g, self.pad_id, self.packed, width) for g in (main, rows) if g]
+        batch = to_device(parts[0] if len(parts) == 1 else concat_rows(*parts), self.device)
+        logits = forward_logits(model, batch)
+        k = len(parts[0]["input_ids"]) if main else 0  # the main part's rows
+        logp, ntok = item_logps(logits[:k], batch["labels"][:k], batch["segment"][:k],
+                                len(main))
         ref = self.ref_cache["forget"][idx].float().to(self.device) \
             if "forget" in self.ref_cache else None
-        m_logp = m_ntok = None
-        if mismatch:
-            m_logp, m_ntok = token_logps(logits[n:2 * n], labels[n:2 * n])
-        total, loss = self.objective(logp, ntok, ref, m_logp, m_ntok)
+        m_logp, m_ntok = (logp[n:], ntok[n:]) if self.objective.uses_mismatch else (None, None)
+        total, loss = self.objective(logp[:n], ntok[:n], ref, m_logp, m_ntok)
         if not retain_idx:
             return total, loss, torch.zeros((), device=self.device), {}, True
-        r0 = n * len(groups[:-1])
-        return (total, loss, *self.retain_terms.loss(logits, batch, r0, len(retain_idx)))
+        tail = {key: v[k:] for key, v in batch.items()}
+        return (total, loss, *self.retain_terms.loss(logits[k:], tail, len(retain_idx)))
 
     def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
         """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on
         ``engine``: the run's by default), as this rank's loss to backward. Collective."""
-        batch = to_device(collate(self.retain_terms.items(local_idx), self.pad_id), self.device)
-        logits = (engine or self.engine).forward(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self.retain_terms.loss(logits, batch, 0, len(local_idx))[0]
+        batch = to_device(rows_batch(self.retain_terms.items(local_idx), self.pad_id,
+                                     self.packed), self.device)
+        logits = forward_logits((engine or self.engine).ds, batch)
+        return self.retain_terms.loss(logits, batch, len(local_idx))[0]
 
     def selector_engine(self) -> Engine:
         """The engine the selector's passes run on, holding the current θ (collective).

@@ -12,7 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from u2a_dist.data.records import Messages
-from u2a_dist.losses import IGNORE  # re-exported: data and generation label with it
+from u2a_dist.losses import (
+    IGNORE,  # re-exported: data and generation label with it
+    forward_logits,
+    item_logps,
+)
 
 
 def format_prompt(tokenizer, prompt: str, history: Messages | None = None) -> str:
@@ -53,9 +57,10 @@ def encode_prompt(tokenizer, prompt: str, history: Messages | None = None,
     return ids["input_ids"][-max_length:]
 
 
-def collate(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: Sequence[dict[str, list[int]]], pad_id: int,
+            width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids, attention_mask, labels."""
-    width = max(len(x["input_ids"]) for x in items)
+    width = width or max(len(x["input_ids"]) for x in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -65,6 +70,93 @@ def collate(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, tor
         labels[i, :n] = torch.tensor(x["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(items: Sequence[dict[str, list[int]]], pad_id: int,
+         width: int | None = None) -> dict[str, torch.Tensor]:
+    """Items packed into rows of ``width`` tokens (default: the longest item), first-fit by
+    decreasing length, for a forward pass without padding between them: ``position_ids``
+    restart at 0 for each item, which transformers' causal mask reads as separate sequences
+    when no ``attention_mask`` is given (``masking_utils.find_packed_sequence_indices``);
+    ``segment`` is each token's item index (-1 on the padding that ends a row). Each item's
+    first label is masked, so no position is scored on predicting the next item. A row ends
+    with padding whose positions restart at 0: a sequence of its own, seen by no item."""
+    lengths = [len(x["input_ids"]) for x in items]
+    width = width or max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(items)), key=lambda i: -lengths[i]):
+        j = next((r for r, left in enumerate(room) if left >= lengths[i]), len(rows))
+        if j == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[j].append(i)
+        room[j] -= lengths[i]
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    for r, members in enumerate(rows):
+        t = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, t:t + n] = torch.tensor(items[i]["input_ids"])
+            labels[r, t + 1:t + n] = torch.tensor(items[i]["labels"][1:])
+            segment[r, t:t + n] = i
+            positions[r, t:t + n] = torch.arange(n)
+            t += n
+        positions[r, t:] = torch.arange(width - t)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels, "segment": segment}
+
+
+def packed_real_tokens(input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       pad_id: int) -> torch.Tensor:
+    """Which tokens of a :func:`pack` batch are items' (not the padding that ends a row), from
+    what the model sees: a row's padding is its last run from position 0 on, all ``pad_id``,
+    after some item. Device ops only (no host synchronisation)."""
+    index = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = torch.where(position_ids == 0, index, -1).max(dim=1).values.unsqueeze(1)
+    tail = index >= last
+    pad_tail = ((input_ids == pad_id) | ~tail).all(dim=1, keepdim=True) & (last > 0)
+    return ~(tail & pad_tail)
+
+
+def rows_batch(items: Sequence[dict[str, list[int]]], pad_id: int, packed: bool,
+               width: int | None = None) -> dict[str, torch.Tensor]:
+    """Items as :func:`pack` lays them out, or one per row (:func:`collate`) with the same
+    ``segment`` key (the row index on real tokens, -1 on padding)."""
+    if packed:
+        return pack(items, pad_id, width)
+    batch = collate(items, pad_id, width)
+    rows = torch.arange(len(items)).unsqueeze(1)
+    batch["segment"] = torch.where(batch["attention_mask"] > 0, rows, -1)
+    return batch
+
+
+def concat_rows(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two batches of the same width, one above the other (segments stay per part)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def packing_ok(model, items: Sequence[dict[str, list[int]]], pad_id: int,
+               device: torch.device | None = None) -> bool:
+    """Whether ``model`` reads packed rows as separate sequences: two items' log-probs packed
+    into one row equal their padded ones (a model that ignores position ids, or attends across
+    them, fails). Collective under ZeRO-3: every rank runs the same two forward passes."""
+    two = list(items[:2])
+    if len(two) < 2:
+        return False
+    was_training = model.training
+    model.eval()
+    got = []
+    for b in (pack(two, pad_id, sum(len(x["input_ids"]) for x in two)),
+              rows_batch(two, pad_id, packed=False)):
+        b = {k: v.to(device) for k, v in b.items()} if device is not None else b
+        with torch.no_grad():
+            got.append(item_logps(forward_logits(model, b), b["labels"], b["segment"], 2)[0])
+    model.train(was_training)
+    return bool(torch.allclose(got[0], got[1], rtol=1e-4, atol=1e-3))
 
 
 def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
