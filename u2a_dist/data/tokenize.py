@@ -141,22 +141,31 @@ def concat_rows(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 
 def packing_ok(model, items: Sequence[dict[str, list[int]]], pad_id: int,
                device: torch.device | None = None) -> bool:
-    """Whether ``model`` reads packed rows as separate sequences: two items' log-probs packed
-    into one row equal their padded ones (a model that ignores position ids, or attends across
-    them, fails). Collective under ZeRO-3: every rank runs the same two forward passes."""
-    two = list(items[:2])
-    if len(two) < 2:
+    """Whether ``model`` reads packed rows as separate sequences. Two items a (the longer) and
+    b: b's log-prob after a must equal b's after a reversed (nothing leaks across items: exact
+    in any dtype, the shapes being the same) and b's padded one (positions restart; to 1e-4 in
+    fp32, 1e-2 in 16 bits). Collective under ZeRO-3: every rank runs the same forward passes."""
+    if len(items) < 2:
         return False
+    a, b = sorted(items[:2], key=lambda x: -len(x["input_ids"]))
+    flipped = {"input_ids": a["input_ids"][::-1], "labels": a["labels"]}
+    width = len(a["input_ids"]) + len(b["input_ids"])
+    batches = [concat_rows(pack([a, b], pad_id, width), pack([flipped, b], pad_id, width)),
+               rows_batch([a, b], pad_id, packed=False)]
     was_training = model.training
     model.eval()
     got = []
-    for b in (pack(two, pad_id, sum(len(x["input_ids"]) for x in two)),
-              rows_batch(two, pad_id, packed=False)):
-        b = {k: v.to(device) for k, v in b.items()} if device is not None else b
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
         with torch.no_grad():
-            got.append(item_logps(forward_logits(model, b), b["labels"], b["segment"], 2)[0])
+            logits = forward_logits(model, batch)
+        got += [item_logps(logits[r:r + 1], batch["labels"][r:r + 1],
+                           batch["segment"][r:r + 1], 2)[0][1] for r in range(2)]
     model.train(was_training)
-    return bool(torch.allclose(got[0], got[1], rtol=1e-4, atol=1e-3))
+    after_a, after_flipped, padded = got[0], got[1], got[3]
+    rtol = 1e-4 if logits.dtype == torch.float32 else 1e-2
+    return bool(torch.isclose(after_a, after_flipped, rtol=1e-5, atol=1e-4)
+                and torch.isclose(after_a, padded, rtol=rtol, atol=1e-3))
 
 
 def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
