@@ -150,19 +150,20 @@ def packing_ok(model, items: Sequence[dict[str, list[int]]], pad_id: int,
     a, b = sorted(items[:2], key=lambda x: -len(x["input_ids"]))
     flipped = {"input_ids": a["input_ids"][::-1], "labels": a["labels"]}
     width = len(a["input_ids"]) + len(b["input_ids"])
-    batches = [concat_rows(pack([a, b], pad_id, width), pack([flipped, b], pad_id, width)),
-               rows_batch([a, b], pad_id, packed=False)]
+    # b's log-prob is item 1 of each packed row, and of the padded batch's second row
+    batches = [(concat_rows(pack([a, b], pad_id, width), pack([flipped, b], pad_id, width)),
+                (0, 1)), (rows_batch([a, b], pad_id, packed=False), (1,))]
     was_training = model.training
     model.eval()
     got = []
-    for batch in batches:
+    for batch, rows in batches:
         batch = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
         with torch.no_grad():
             logits = forward_logits(model, batch)
         got += [item_logps(logits[r:r + 1], batch["labels"][r:r + 1],
-                           batch["segment"][r:r + 1], 2)[0][1] for r in range(2)]
+                           batch["segment"][r:r + 1], 2)[0][1] for r in rows]
     model.train(was_training)
-    after_a, after_flipped, padded = got[0], got[1], got[3]
+    after_a, after_flipped, padded = got
     rtol = 1e-4 if logits.dtype == torch.float32 else 1e-2
     return bool(torch.isclose(after_a, after_flipped, rtol=1e-5, atol=1e-4)
                 and torch.isclose(after_a, padded, rtol=rtol, atol=1e-3))
