@@ -40,9 +40,11 @@ apt:
 demo: install
 	$(BIN)/u2a demo
 
+# Two pytest workers, one test file at a time each: a file's module fixtures (a finished run)
+# are made once, and the Ray tests (all in tests/test_ray.py) never run two clusters at once.
 test: install apt
 	$(BIN)/lint-imports --config .importlinter
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

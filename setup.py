@@ -36,7 +36,8 @@ setup(
         # declared dependencies (llama-cpp, sentence-transformers) are not needed here.
         "models": ["gguf>=0.10"],
         "bench": ["trl>=1.0", "datasets>=3.0", "pandas>=2.0", "pyarrow>=15"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "import-linter>=2.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6",
+                "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["u2a=u2a_dist.cli:main"]},
 )

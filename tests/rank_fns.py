@@ -250,6 +250,7 @@ def retain_contrast(cfg: dict, idx: list[int]) -> dict[str, Any]:
     (this rank's share), with the items and both states an independent check needs."""
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
+    drawn = trainer.retain_sampler.state_dict()
     step = trainer.train_step()
     local = idx[trainer.rank::trainer.world_size]
     with torch.no_grad():
@@ -257,4 +258,5 @@ def retain_contrast(cfg: dict, idx: list[int]) -> dict[str, Any]:
     return {"values": values, "finite": finite, "step": step,
             "state": trainer.engine.full_state_dict(),
             "retain": [trainer.retain[i] for i in idx],
-            "refusals": [trainer.retain_terms.refusals[i] for i in idx]}
+            "refusals": [trainer.retain_terms.refusals[i] for i in idx],
+            "retain_drawn": (drawn, trainer.retain_sampler.state_dict())}

@@ -31,10 +31,13 @@ def _retain_cfg(tmp_path, **unlearn) -> dict:
 
 def test_contrast_on_two_ranks_matches_a_hand_computation(tmp_path) -> None:
     beta, idx = 3.0, [0, 1, 2, 5]
+    # a retain batch (6) larger than the forget batch (4): the step draws 6 retain prompts
     outs = run_ranks(2, "tests.rank_fns:retain_contrast",
-                     {"cfg": _retain_cfg(tmp_path), "idx": idx})
+                     {"cfg": _retain_cfg(tmp_path, retain_batch_size=6), "idx": idx})
     out = outs[0]
     assert outs[1]["values"] == out["values"] and out["finite"]
+    before, after = out["retain_drawn"]
+    assert (before["epoch"], before["cursor"], after["epoch"], after["cursor"]) == (0, 0, 0, 6)
     theta, theta0 = build_tiny_model(0), build_tiny_model(0)
     theta.load_state_dict(out["state"])
     theta.eval(), theta0.eval()
@@ -74,3 +77,10 @@ def test_the_contrast_needs_retain_prompts_and_refusals(tmp_path) -> None:
     del cfg["data"]["retain"]
     with pytest.raises(ConfigError, match="retain_refusal_weight > 0 needs data.retain"):
         config_from_dict(cfg)
+
+
+def test_the_retain_batch_is_split_evenly_over_the_ranks(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unlearn.retain_batch_size=3 must be divisible by "
+                                          "runtime.world_size=2"):
+        config_from_dict(_retain_cfg(tmp_path, retain_batch_size=3))
+    assert config_from_dict(_retain_cfg(tmp_path)).unlearn.retain_batch_size == 0  # = forget's

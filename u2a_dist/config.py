@@ -123,6 +123,8 @@ class UnlearnConfig:
                 "included); 0 = none. Checked before each step and round on rank 0's clock, so "
                 "every rank stops at the same step (stopped: time_budget)."})
     batch_size: int = field(default=8, metadata={"help": "Global forget batch (all ranks)."})
+    retain_batch_size: int = field(default=0, metadata={
+        "help": "Global retain batch of the retain terms per step; 0 = batch_size."})
     prox_lambda: float = field(default=0.1, metadata={"help": "λ of (λ/2)‖θ−θ0‖²."})
     forget_weight: float = field(default=1.0, metadata={
         "help": "c_f, the weight of the unlearning loss ℓ_i in ∂L_in/∂w_i = c_f ℓ_i + c_m m_i "
@@ -287,10 +289,12 @@ class RunConfig:
             if not isinstance(value, str) and (value < 0 or (key != "selector.damping"
                                                              and value == 0)):
                 raise ConfigError(f"{key} must be positive, got {value!r}")
-        if self.unlearn.batch_size % self.runtime.world_size:
-            raise ConfigError(
-                f"unlearn.batch_size={self.unlearn.batch_size} must be divisible by "
-                f"runtime.world_size={self.runtime.world_size} (each rank takes an equal share)")
+        for key in ("batch_size", "retain_batch_size"):
+            if getattr(self.unlearn, key) % self.runtime.world_size:
+                raise ConfigError(
+                    f"unlearn.{key}={getattr(self.unlearn, key)} must be divisible by "
+                    f"runtime.world_size={self.runtime.world_size} (each rank takes an equal "
+                    "share)")
         if self.data.forget is None:
             raise ConfigError("data.forget is required: the negatives to unlearn")
         if self.unlearn.mismatch_weight > 0 and self.data.mismatch is None:
@@ -304,18 +308,12 @@ class RunConfig:
             raise ConfigError("selector.enabled needs data.pa (the preference pairs of J)")
         if self.eval.target is not None:
             _choice("eval.target.mode", self.eval.target.mode, ("max", "min"))
-        for name in ("forget", "pa", "pa_eval", "retain", "mismatch"):
-            specs = getattr(self.data, name)
+        for key in ("data.forget", "data.pa", "data.pa_eval", "data.retain", "data.mismatch",
+                    "eval.harmful_prompts", "eval.harmless_prompts", "eval.retain"):
+            specs = _get(self, key)
             for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
                 if spec is not None:
-                    _validate_spec(f"data.{name}" + (f"[{i}]" if isinstance(specs, list)
-                                                     else ""), spec)
-        for name in ("harmful_prompts", "harmless_prompts", "retain"):
-            specs = getattr(self.eval, name)
-            for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
-                if spec is not None:
-                    _validate_spec(f"eval.{name}" + (f"[{i}]" if isinstance(specs, list)
-                                                     else ""), spec)
+                    _validate_spec(key + (f"[{i}]" if isinstance(specs, list) else ""), spec)
         _validate_sources(self.eval)
         _hold_out_sources(self)
         _validate_floors(self.eval)

@@ -116,8 +116,9 @@ class Trainer:
         n = len(self.forget)
         self.weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
         self.sampler = BatchSampler(list(range(n)), cfg.unlearn.batch_size, cfg.runtime.seed)
-        self.retain_sampler = (BatchSampler(list(range(len(self.retain))),
-                                            cfg.unlearn.batch_size, cfg.runtime.seed + 1)
+        retain_batch = cfg.unlearn.retain_batch_size or cfg.unlearn.batch_size
+        self.retain_sampler = (BatchSampler(list(range(len(self.retain))), retain_batch,
+                                            cfg.runtime.seed + 1)
                                if self.retain else None)
         self.step = 0
         self.train_time = 0.0
