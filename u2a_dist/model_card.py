@@ -61,7 +61,8 @@ def _method_lines(cfg: RunConfig) -> list[str]:
                                          f"{u.retain_refusal_beta:g})"
                                          if u.retain_refusal_weight > 0 else ""),
              f"  - optimiser {u.optimizer}, lr {u.lr:g}, up to {u.steps} steps, "
-             f"global forget batch {u.batch_size}"]
+             f"global forget batch {u.batch_size}"
+             + (f", retain batch {u.retain_batch_size}" if u.retain_batch_size else "")]
     if cfg.selector.enabled:
         s = cfg.selector
         lines.append(f"- Selector: **on** (U2A: {s.rounds} rounds of {s.steps_per_round} steps, "
