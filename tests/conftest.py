@@ -20,9 +20,17 @@ PROGRESS_LINE = re.compile(r"^\[u2a\] \d+:\d\d(:\d\d)? \| (.* › )?train \d+/\d
                            r"\(\d+%\)( › .*)? \| ETA \d+:\d\d", re.M)
 
 
+#: The longest test files (minutes each in CI), collected first: `make test` hands whole files to
+#: two workers as they free up, so starting with the longest keeps one from finishing alone.
+LONGEST_FIRST = ("test_ray.py", "test_u2a_loop.py", "test_nothing_lost.py", "test_selector.py",
+                 "test_linalg.py", "test_engine.py", "test_judges.py", "test_time_to_target.py")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
