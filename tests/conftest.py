@@ -26,6 +26,17 @@ LONGEST_FIRST = ("test_ray.py", "test_u2a_loop.py", "test_nothing_lost.py", "tes
                  "test_linalg.py", "test_engine.py", "test_judges.py", "test_time_to_target.py")
 
 
+def pytest_configure(config):
+    # `make test` runs two workers on a 2-core machine: a worker's own computation (a judge
+    # trained in-process, the exact linear algebra) keeps to its share of the cores, so it does
+    # not starve the other worker's ranks, whose every collective waits on both being scheduled.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

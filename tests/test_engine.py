@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -38,9 +39,17 @@ def test_two_ranks_partition_and_match_one_rank(tmp_path):
         torch.testing.assert_close(two[0]["state"][key], value, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_continues_the_same_trajectory(tmp_path):
-    full = run_ranks(2, "tests.rank_fns:train_report",
-                     {"cfg": tiny_config(tmp_path / "full"), "steps": 6})
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """6 uninterrupted steps on 2 ranks, exported: the reference of two tests."""
+    root = tmp_path_factory.mktemp("full")
+    out = run_ranks(2, "tests.rank_fns:train_report",
+                    {"cfg": tiny_config(root / "run"), "steps": 6, "export": str(root / "model")})
+    return out, root / "model"
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, full):
+    full, _ = full
     cfg = tiny_config(tmp_path / "split")
     first = run_ranks(2, "tests.rank_fns:train_report", {"cfg": cfg, "steps": 3, "save": True})
     assert first[0]["resumed_from"] is None
@@ -54,10 +63,8 @@ def test_resume_continues_the_same_trajectory(tmp_path):
         torch.testing.assert_close(second[0]["state"][key], value, rtol=1e-6, atol=1e-6)
 
 
-def test_export_loads_with_from_pretrained_and_matches(tmp_path):
-    out = tmp_path / "model"
-    res = run_ranks(2, "tests.rank_fns:train_report",
-                    {"cfg": tiny_config(tmp_path / "run"), "steps": 2, "export": str(out)})
+def test_export_loads_with_from_pretrained_and_matches(full):
+    res, out = full
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[5, 17, 99, 120, 33, 2, 250]])

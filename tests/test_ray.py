@@ -192,18 +192,19 @@ def test_hung_collective_times_out_with_a_clear_error(tmp_path):
                        job_config(tmp_path / "run", checkpoint_every=0, timeout_s=20))
     res = run_u2a(["run", "--config", str(cfg), "--launcher", "ray"],
                   base_env(U2A_RAY_FAULT="1:2:hang"), timeout=600)
-    # From rank 0's last log line (step 2, just before the hang) to the end of the job: the
-    # timeout, the settle time after a rank's error, teardown; not a hang.
-    after_hang = time.time() - (tmp_path / "run" / "metrics.jsonl").stat().st_mtime
+    ended = time.time()
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("u2a: error:")]
     assert len(errors) == 1, res.stderr[-3000:]
     assert "runtime.timeout_s" in errors[0] and ("hung" in errors[0]), errors[0]
+    steps = [s for s, _ in losses(tmp_path / "run")]
+    assert steps == [1, 2], (steps, errors[0])  # rank 0 could not finish step 3 without rank 1
+    # From rank 0's last log line (step 2, just before the hang) to the end of the job: the
+    # timeout, the settle time after a rank's error, teardown; not a hang.
+    after_hang = ended - (tmp_path / "run" / "metrics.jsonl").stat().st_mtime
     print(f"job ended {after_hang:.0f} s after the last step: {errors[0]}")
     assert "Traceback" not in res.stderr
     assert 20 <= after_hang < 20 + 120, after_hang
-    steps = [s for s, _ in losses(tmp_path / "run")]
-    assert steps == [1, 2], steps  # rank 0 could not finish step 3 without rank 1
 
 
 @pytest.mark.slow

@@ -44,6 +44,13 @@ def init_distributed(timeout_s: int = 600, device: str = "auto") -> tuple[int, i
 
     if not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
+        if backend == "gloo":
+            # DeepSpeed JIT-compiles a shared-memory all-reduce at init on CPU hosts (a minute of
+            # C++ on a fresh machine, needing a compiler) that only tensor-parallel inference
+            # calls; ZeRO-3 on gloo never does. Its op table is meant to be edited this way.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
