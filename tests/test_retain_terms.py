@@ -71,7 +71,7 @@ def test_refusal_rows_keep_the_prompt_and_truncate_like_encode() -> None:
 def test_the_contrast_needs_retain_prompts_and_refusals(tmp_path) -> None:
     cfg = _retain_cfg(tmp_path)
     del cfg["data"]["mismatch"]
-    with pytest.raises(ConfigError, match="retain_refusal_weight > 0 needs data.mismatch"):
+    with pytest.raises(ConfigError, match="> 0 needs data.refusals or data.mismatch"):
         config_from_dict(cfg)
     cfg = _retain_cfg(tmp_path, retain_kl_weight=0.0)
     del cfg["data"]["retain"]
@@ -84,3 +84,25 @@ def test_the_retain_batch_is_split_evenly_over_the_ranks(tmp_path) -> None:
                                           "runtime.world_size=2"):
         config_from_dict(_retain_cfg(tmp_path, retain_batch_size=3))
     assert config_from_dict(_retain_cfg(tmp_path)).unlearn.retain_batch_size == 0  # = forget's
+
+
+def test_data_refusals_replace_the_prompt_less_mismatch_answers(tmp_path) -> None:
+    """data.refusals: the contrast's refusals are those responses (their prompts ignored), e.g.
+    the model's own refusals from a red-team log, in place of the mismatch templates."""
+    from u2a_dist.data.examples import load_completions
+    from u2a_dist.run_inputs import RunInputs
+
+    cfg = _retain_cfg(tmp_path)
+    del cfg["data"]["mismatch"]  # the contrast needs refusals from one or the other
+    own = {"path": "builtin:refusals", "schema": "completions", "limit": 3}
+    cfg["data"]["refusals"] = own
+    config = config_from_dict(cfg)
+    inputs = RunInputs(config)
+    responses = [c.response for c in load_completions(config.data.refusals)]
+    assert len(responses) == 3 and all(c.prompt for c in load_completions(config.data.refusals))
+    eos = inputs.tokenizer.eos_token_id
+    assert [inputs.tokenizer.decode(r[:-1]) for r in inputs.refusals] == responses
+    assert all(r[-1] == eos for r in inputs.refusals)
+    items = [{"input_ids": [5, 6, 7], "labels": [IGNORE, IGNORE, 7]}] * 4
+    rows = inputs.retain_refusals(items)
+    assert [row["input_ids"][2:] for row in rows] == [inputs.refusals[j % 3] for j in range(4)]

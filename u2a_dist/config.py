@@ -102,6 +102,9 @@ class DataConfig:
         "help": "Answers y' for the mismatch term: a negative whose prompt has answers here "
                 "gets one of them (grounded, e.g. the pair's chosen side); the rest cycle "
                 "through the prompt-less ones (`builtin:refusal_templates`)."})
+    refusals: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Refusals (responses; prompts ignored) the over-refusal contrast lowers on "
+                "retain prompts, e.g. the model's own; default: data.mismatch's prompt-less."})
     max_length: int = field(default=256, metadata={"help": "Max tokens (prompt + response)."})
     hold_out_sources: list[str] = field(default_factory=list, metadata={
         "help": "Evaluation sources (names in eval.harmful_prompts/harmless_prompts) that "
@@ -133,7 +136,7 @@ class UnlearnConfig:
     retain_kl_weight: float = field(default=0.0, metadata={"help": "c_r"})
     retain_refusal_weight: float = field(default=0.0, metadata={
         "help": "c_o: over-refusal contrast on retain prompts, θ0's answer over a refusal "
-                "(data.mismatch's prompt-less answers); u2a_dist/retain_terms.py."})
+                "(data.refusals, else data.mismatch's prompt-less answers); retain_terms.py."})
     retain_refusal_beta: float = field(default=2.0, metadata={"help": "β_o of that contrast"})
     npo_beta: float = 0.1
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd"})
@@ -302,14 +305,17 @@ class RunConfig:
         for key in ("retain_kl_weight", "retain_refusal_weight"):
             if getattr(self.unlearn, key) > 0 and self.data.retain is None:
                 raise ConfigError(f"unlearn.{key} > 0 needs data.retain")
-        if self.unlearn.retain_refusal_weight > 0 and self.data.mismatch is None:
-            raise ConfigError("unlearn.retain_refusal_weight > 0 needs data.mismatch (refusals)")
+        refusals = self.data.refusals or self.data.mismatch
+        if self.unlearn.retain_refusal_weight > 0 and not refusals:
+            raise ConfigError("unlearn.retain_refusal_weight > 0 needs data.refusals or "
+                              "data.mismatch (refusals)")
         if self.selector.enabled and self.data.pa is None:
             raise ConfigError("selector.enabled needs data.pa (the preference pairs of J)")
         if self.eval.target is not None:
             _choice("eval.target.mode", self.eval.target.mode, ("max", "min"))
         for key in ("data.forget", "data.pa", "data.pa_eval", "data.retain", "data.mismatch",
-                    "eval.harmful_prompts", "eval.harmless_prompts", "eval.retain"):
+                    "data.refusals", "eval.harmful_prompts", "eval.harmless_prompts",
+                    "eval.retain"):
             specs = _get(self, key)
             for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
                 if spec is not None:

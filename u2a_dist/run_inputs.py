@@ -70,17 +70,23 @@ class RunInputs:
             candidates = load_completions(self.cfg.data.mismatch)
             answers = mismatch_answers(examples, candidates, spec_paths(self.cfg.data.mismatch))
             mismatch = [self.encode(e.prompt, y, e.history) for e, y in zip(examples, answers)]
-            eos = [self.tokenizer.eos_token_id]
-            self.refusals = [self.tokenizer(c.response, add_special_tokens=False)["input_ids"]
-                             + eos for c in candidates if not c.prompt.strip()]
+            self.refusals = self._responses(c for c in candidates if not c.prompt.strip())
+        if self.cfg.data.refusals is not None:  # the contrast's own set, prompts ignored
+            self.refusals = self._responses(load_completions(self.cfg.data.refusals))
         return ForgetSet(examples, items, mismatch)
+
+    def _responses(self, completions) -> list[list[int]]:
+        eos = [self.tokenizer.eos_token_id]
+        return [self.tokenizer(c.response, add_special_tokens=False)["input_ids"] + eos
+                for c in completions]
 
     def retain_refusals(self, retain: list[Item]) -> list[Item] | None:
         """(x_j, a refusal) per retain item for the over-refusal contrast, when it is on."""
         if self.cfg.unlearn.retain_refusal_weight <= 0 or not retain:
             return None
         if not self.refusals:
-            raise DataError(f"{spec_paths(self.cfg.data.mismatch)}: unlearn."
+            where = self.cfg.data.refusals or self.cfg.data.mismatch
+            raise DataError(f"{spec_paths(where)}: unlearn."
                             "retain_refusal_weight > 0 needs prompt-less refusals here (e.g. "
                             "builtin:refusal_templates)")
         return refusal_items(retain, self.refusals, self.cfg.data.max_length)
