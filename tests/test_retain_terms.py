@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tests.conftest import tiny_config
 from tests.distributed import run_ranks
@@ -106,3 +107,45 @@ def test_data_refusals_replace_the_prompt_less_mismatch_answers(tmp_path) -> Non
     items = [{"input_ids": [5, 6, 7], "labels": [IGNORE, IGNORE, 7]}] * 4
     rows = inputs.retain_refusals(items)
     assert [row["input_ids"][2:] for row in rows] == [inputs.refusals[j % 3] for j in range(4)]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_onset_contrast_compares_the_first_k_tokens_by_hand(packed) -> None:
+    """unlearn.retain_refusal_tokens = k: the contrast on the answers' and refusals' first k
+    response tokens (a packed and a padded batch), recomputed token by token; the KL still
+    sees whole answers."""
+    from types import SimpleNamespace
+
+    from u2a_dist.data.tokenize import rows_batch
+    from u2a_dist.losses import forward_logits
+    from u2a_dist.retain_terms import RetainTerms, onset
+
+    k, beta = 3, 2.0
+    theta0, theta = build_tiny_model(0).eval(), build_tiny_model(1).eval()
+    retain = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE] * 3 + [8, 9, 10, 11]},
+              {"input_ids": [1, 2, 3, 4, 12, 13], "labels": [IGNORE] * 2 + [3, 4, 12, 13]}]
+    refusals = refusal_items(retain, [[40, 41, 42, 43, 44], [50, 51]], max_length=64)
+    cfg = SimpleNamespace(retain_kl_weight=0.0, retain_refusal_weight=1.0,
+                          retain_refusal_beta=beta, retain_refusal_tokens=k)
+    terms = RetainTerms(cfg, theta0, retain, refusals, world_size=1)
+    rows = terms.items([0, 1])
+    assert rows[:2] == retain and rows[2:4] == [onset(r, k) for r in refusals]
+    assert rows[4:] == [onset(y, k) for y in retain]
+    assert rows[2]["labels"][-k:] == [40, 41, 42] and rows[3]["labels"][-2:] == [50, 51]
+    assert rows[4]["input_ids"] == [5, 6, 7, 8, 9, 10]
+    batch = rows_batch(rows, 0, packed)
+    with torch.no_grad():
+        _, values, finite = terms.loss(forward_logits(theta, batch), batch, 2)
+    by_hand = []
+    for y, r in zip(rows[4:], rows[2:4]):
+        d_y = _mean_nll_by_hand(theta0, y) - _mean_nll_by_hand(theta, y)
+        d_r = _mean_nll_by_hand(theta0, r) - _mean_nll_by_hand(theta, r)
+        by_hand.append((2 / beta) * math.log1p(math.exp(beta * (d_r - d_y))))
+    assert finite
+    assert values["loss/retain_refusal"] == pytest.approx(sum(by_hand) / 2, rel=1e-5, abs=1e-6)
+    whole = RetainTerms(SimpleNamespace(**{**vars(cfg), "retain_refusal_tokens": 0}), theta0,
+                        retain, refusals, world_size=1)
+    batch = rows_batch(whole.items([0, 1]), 0, packed)
+    with torch.no_grad():
+        _, values0, _ = whole.loss(forward_logits(theta, batch), batch, 2)
+    assert abs(values0["loss/retain_refusal"] - values["loss/retain_refusal"]) > 1e-4

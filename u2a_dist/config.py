@@ -138,15 +138,17 @@ class UnlearnConfig:
         "help": "c_o: over-refusal contrast on retain prompts, θ0's answer over a refusal "
                 "(data.refusals, else data.mismatch's prompt-less answers); retain_terms.py."})
     retain_refusal_beta: float = field(default=2.0, metadata={"help": "β_o of that contrast"})
+    retain_refusal_tokens: int = field(default=0, metadata={
+        "help": "k > 0: that contrast compares only the first k response tokens of answer and "
+                "refusal (where refusing is decided); 0: whole responses."})
     npo_beta: float = 0.1
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd"})
     weight_decay: float = 0.0
     grad_clip: float = field(default=1.0, metadata={"help": "Global grad-norm clip; 0 = off."})
     warmup_steps: int = 0
     max_param_abs: float = field(default=1.0e4, metadata={
-        "help": "An update that leaves any parameter non-finite or above this magnitude is "
-                "rolled back and stops the run (a blown-up learning rate), so the last "
-                "checkpoint stays the good one."})
+        "help": "An update leaving a parameter non-finite or above this magnitude is rolled "
+                "back and stops the run (a blown-up lr): the last checkpoint stays good."})
 
 
 @dataclass
@@ -166,16 +168,14 @@ class SelectorConfig:
     hessian_batch: int = 32
     outer_sample: int = field(default=0, metadata={
         "help": "Preference pairs of data.pa drawn (seeded, afresh each round) for ∇J; 0 = all. "
-                "∇J costs a forward and backward pass per pair, so with hundreds of pairs it "
-                "dominates a round; a sample gives an unbiased estimate of it."})
+                "∇J costs a forward+backward per pair: a sample is its unbiased estimate."})
     score: str = field(default="directional", metadata={"help": "directional | per_example_grad"})
     top_k: int = 64
     eta: float = 1.0
     eta_scale: str = field(default="raw", metadata={
         "help": "raw: the reweighting step is eta·g | max_abs: (eta/max|g|)·g, so no log-weight "
-                "moves by more than eta whatever the scale of the hypergradients (which grows "
-                "as 1/damping: measured on SmolLM2, eta 50 on raw scores put all weight on one "
-                "negative at the first reweighting)."})
+                "moves by more than eta whatever the scale of g (~1/damping: on SmolLM2, eta 50 "
+                "on raw scores put all weight on one negative at the first reweighting)."})
     rounds: int = 4
     steps_per_round: int = 25
 

@@ -28,15 +28,20 @@ from u2a_dist.sharded import all_reduce_sum
 Item = dict[str, list[int]]
 
 
+def _prompt_len(item: Item) -> int:
+    return next((k for k, v in enumerate(item["labels"]) if v != IGNORE), len(item["labels"]))
+
+
 def refusal_items(retain: list[Item], refusals: list[list[int]], max_length: int) -> list[Item]:
     """(x_j, r_{j mod n}) for each retain item j: its prompt tokens with a refusal's tokens."""
-    out = []
-    for j, item in enumerate(retain):
-        n_prompt = next((k for k, v in enumerate(item["labels"]) if v != IGNORE),
-                        len(item["labels"]))
-        out.append(with_response(item["input_ids"][:n_prompt], refusals[j % len(refusals)],
-                                 max_length))
-    return out
+    return [with_response(item["input_ids"][:_prompt_len(item)], refusals[j % len(refusals)],
+                          max_length) for j, item in enumerate(retain)]
+
+
+def onset(item: Item, k: int) -> Item:
+    """The item cut after its first ``k`` response tokens."""
+    end = _prompt_len(item) + k
+    return {"input_ids": item["input_ids"][:end], "labels": item["labels"][:end]}
 
 
 def contrast_loss(logp_y: torch.Tensor, n_y: torch.Tensor, ref_y: torch.Tensor,
@@ -59,16 +64,26 @@ class RetainTerms:
         self.beta = cfg.retain_refusal_beta
         self.reference, self.retain, self.refusals = reference, retain, refusals
         self.world_size = world_size
+        # k > 0: the contrast compares the first k tokens of answer and refusal, where answering
+        # or refusing is decided; over a whole refusal the per-token mean dilutes its opening
+        # (the model's own "I'm sorry for any confusion, but as a chatbot …" runs to 60 tokens).
+        self.onset = cfg.retain_refusal_tokens if self.contrast_weight > 0 else 0
+        if self.onset:
+            self.refusals = [onset(r, self.onset) for r in refusals]
+            self.answer_onsets = [onset(y, self.onset) for y in retain]
 
     @property
     def active(self) -> bool:
         return bool(self.retain) and (self.kl_weight > 0 or self.contrast_weight > 0)
 
     def items(self, idx: list[int]) -> list[Item]:
-        """The rows these terms need for retain examples ``idx``: answers, then refusals."""
+        """The rows these terms need for retain examples ``idx``: answers, then refusals, then
+        (``retain_refusal_tokens`` > 0) the answers' openings."""
         rows = [self.retain[i] for i in idx]
         if self.contrast_weight > 0:
             rows += [self.refusals[i] for i in idx]
+        if self.onset:
+            rows += [self.answer_onsets[i] for i in idx]
         return rows
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
@@ -90,10 +105,12 @@ class RetainTerms:
             values["loss/retain_kl"] = all_reduce_sum(kl_sum.detach()) / count
             finite = finite and bool(torch.isfinite(kl_sum.detach()))
         if self.contrast_weight > 0:
-            logp, ntok = item_logps(logits, labels, segment, 2 * n)
-            ref, _ = item_logps(ref_logits, labels, segment, 2 * n)
-            per = contrast_loss(logp[:n], ntok[:n], ref[:n], logp[n:], ntok[n:], ref[n:],
-                                self.beta)
+            m = 3 * n if self.onset else 2 * n
+            logp, ntok = item_logps(logits, labels, segment, m)
+            ref, _ = item_logps(ref_logits, labels, segment, m)
+            y = slice(2 * n, 3 * n) if self.onset else slice(0, n)  # answers, then refusals
+            per = contrast_loss(logp[y], ntok[y], ref[y], logp[n:2 * n], ntok[n:2 * n],
+                                ref[n:2 * n], self.beta)
             count = max(all_reduce_sum(float(n)), 1.0)
             total = total + self.contrast_weight * self.world_size * per.sum() / count
             values["loss/retain_refusal"] = all_reduce_sum(per.detach().sum()) / count
