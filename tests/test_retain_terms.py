@@ -95,8 +95,7 @@ def test_data_refusals_replace_the_prompt_less_mismatch_answers(tmp_path) -> Non
 
     cfg = _retain_cfg(tmp_path)
     del cfg["data"]["mismatch"]  # the contrast needs refusals from one or the other
-    own = {"path": "builtin:refusals", "schema": "completions", "limit": 3}
-    cfg["data"]["refusals"] = own
+    cfg["data"]["refusals"] = {"path": "builtin:refusals", "schema": "completions", "limit": 3}
     config = config_from_dict(cfg)
     inputs = RunInputs(config)
     responses = [c.response for c in load_completions(config.data.refusals)]

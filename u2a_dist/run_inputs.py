@@ -64,15 +64,15 @@ class RunInputs:
         if not examples:
             raise DataError(f"{spec_paths(self.cfg.data.forget)}: the forget set is empty")
         items = [self.encode(e.prompt, e.response, e.history) for e in examples]
-        mismatch = None
-        self.refusals: list[list[int]] = []  # the prompt-less mismatch answers, tokenised
+        mismatch, refusals = None, []
         if self.cfg.data.mismatch is not None:
             candidates = load_completions(self.cfg.data.mismatch)
             answers = mismatch_answers(examples, candidates, spec_paths(self.cfg.data.mismatch))
             mismatch = [self.encode(e.prompt, y, e.history) for e, y in zip(examples, answers)]
-            self.refusals = self._responses(c for c in candidates if not c.prompt.strip())
+            refusals = [c for c in candidates if not c.prompt.strip()]
         if self.cfg.data.refusals is not None:  # the contrast's own set, prompts ignored
-            self.refusals = self._responses(load_completions(self.cfg.data.refusals))
+            refusals = load_completions(self.cfg.data.refusals)
+        self.refusals = self._responses(refusals)  # the contrast's refusals, tokenised
         return ForgetSet(examples, items, mismatch)
 
     def _responses(self, completions) -> list[list[int]]:
