@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from u2a_dist.config import config_from_dict
+from u2a_dist.retain_terms import global_values
 from u2a_dist.rundir import RunDir
 from u2a_dist.trainer import Trainer
 
@@ -219,6 +220,13 @@ def step_metrics(cfg: dict, steps: int) -> list[dict[str, Any]]:
     return [trainer.train_step() for _ in range(steps)]
 
 
+def steps_and_state(cfg: dict, steps: int) -> dict[str, Any]:
+    """The metrics of `steps` training steps and the weights after them (no run directory)."""
+    trainer = Trainer(config_from_dict(cfg), None)
+    metrics = [trainer.train_step() for _ in range(steps)]
+    return {"metrics": metrics, "state": trainer.engine.full_state_dict()}
+
+
 def half_precision_rounds(cfg: dict) -> dict[str, Any]:
     """The U2A loop in a bf16 run, recording at every selection which engine the selector got
     and whether it held the optimizer's fp32 master weights at that moment."""
@@ -254,7 +262,8 @@ def retain_contrast(cfg: dict, idx: list[int]) -> dict[str, Any]:
     step = trainer.train_step()
     local = idx[trainer.rank::trainer.world_size]
     with torch.no_grad():
-        *_, values, finite = trainer.per_example_inner(trainer.engine.module, [], local)
+        *_, shares, finite = trainer.per_example_inner(trainer.engine.module, [], local)
+    values = global_values([shares])
     return {"values": values, "finite": finite, "step": step,
             "state": trainer.engine.full_state_dict(),
             "retain": [trainer.retain[i] for i in idx],

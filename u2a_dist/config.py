@@ -38,10 +38,8 @@ class DataSpec:
         "help": "train|eval: deterministic split by prompt hash (no prompt in both)."})
     eval_fraction: float = dataclasses.field(default=0.2, metadata={
         "help": "Share of prompts put in `eval`."})
-    limit: int | None = dataclasses.field(default=None, metadata={
-        "help": "Keep at most this many rows."})
-    hub_split: str = dataclasses.field(default="train", metadata={
-        "help": "Split name for hub datasets."})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "Keep at most N rows."})
+    hub_split: str = dataclasses.field(default="train", metadata={"help": "A hub set's split."})
     exclude: list[DataSpec] = dataclasses.field(default_factory=list, metadata={
         "help": "Drop rows whose prompt occurs in these prompt specs (a source kept out of "
                 "training); data.hold_out_sources fills it."})
@@ -208,6 +206,8 @@ class RuntimeConfig:
     ds_config: str = "ds_configs/zero3_cpu.json"
     seed: int = 0
     checkpoint_every: int = 50
+    micro_batches: int = field(default=1, metadata={"help": "Forward/backward passes a rank "
+        "makes per step (gradient accumulation: same gradient, about 1/n the activations)."})
     max_failures: int = 2
     placement_strategy: str = field(default="PACK", metadata={"help": "PACK | SPREAD"})
     ray_address: str | None = field(default=None, metadata={
@@ -342,7 +342,7 @@ _POSITIVE = {
     "selector.dpo_beta", "selector.eta", "selector.neumann_terms",
     "selector.identity_gamma", "selector.lanczos_steps", "selector.top_k",
     "selector.hessian_batch", "runtime.world_size", "runtime.timeout_s", "data.max_length",
-    "eval.batch_size", "eval.max_new_tokens", "unlearn.max_param_abs",
+    "eval.batch_size", "eval.max_new_tokens", "unlearn.max_param_abs", "runtime.micro_batches",
 }
 _SIGNED = {"eval.target.value"}
 

@@ -180,6 +180,12 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
+    def accumulate(self, last: bool) -> None:
+        """Mark the next backward as one micro-batch of a step (gradient accumulation): its
+        gradient is added to the earlier ones', and only after the ``last`` does DeepSpeed
+        all-reduce (stage 0) and :meth:`step` update (ZeRO-3 reduce-scatters every pass)."""
+        self.ds.set_gradient_accumulation_boundary(last)
+
     def step(self) -> None:
         if self.stage == 0:
             # DeepSpeed keeps no global gradient norm at stage 0 (its fp32 clipping computes one

@@ -86,23 +86,36 @@ class RetainTerms:
             rows += [self.answer_onsets[i] for i in idx]
         return rows
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
-             n: int) -> tuple[torch.Tensor, dict[str, float], bool]:
-        """(this rank's loss to backward, the global values by name, all finite) for ``n``
-        retain examples: ``batch`` (``data.tokenize.rows_batch`` of ``items``) holds their rows
-        only, ``logits`` θ's on it. Collective."""
+    def norm(self, chunks: list[list[int]]) -> tuple[float, float]:
+        """The step's global normalisers over retain examples ``chunks`` (this rank's, in its
+        micro-batches): θ0's answer tokens the KL averages over and the examples the contrast
+        averages over. Counted from the items, so a micro-batch's terms are their share of the
+        step's means. Collective."""
+        idx = [i for c in chunks for i in c]
+        tokens = sum(sum(t != IGNORE for t in self.retain[i]["labels"][1:]) for i in idx)
+        return max(all_reduce_sum(tokens), 1.0), max(all_reduce_sum(len(idx)), 1.0)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], n: int,
+             norm: tuple[float, float] | None = None
+             ) -> tuple[torch.Tensor, dict[str, float], bool]:
+        """(this rank's loss to backward, its shares of the terms' values by name, all finite)
+        for ``n`` retain examples: ``batch`` (``data.tokenize.rows_batch`` of ``items``) holds
+        their rows only, ``logits`` θ's on it. ``norm``: the step's :meth:`norm` when this batch
+        is one micro-batch of it; None: this batch is the step's (counted here, collective).
+        The values' sum over micro-batches and ranks is the step's (:func:`global_values`)."""
         labels, segment = batch["labels"], batch["segment"]
+        answers = labels.masked_fill((segment < 0) | (segment >= n), IGNORE)  # θ0's answers
+        tokens, count = norm or (max(all_reduce_sum((answers[:, 1:] != IGNORE).sum()), 1.0),
+                                 max(all_reduce_sum(float(n)), 1.0))
         with torch.no_grad():
             ref_logits = forward_logits(self.reference, batch)
         total = logits.new_zeros((), dtype=torch.float32)
         values: dict[str, float] = {}
         finite = True
         if self.kl_weight > 0:  # over θ0's answers only (items 0..n-1), not the refusals
-            answers = labels.masked_fill((segment < 0) | (segment >= n), IGNORE)
-            kl_sum, count = token_kl_sum(logits, ref_logits, answers)
-            count = max(all_reduce_sum(count), 1.0)
-            total = total + self.kl_weight * self.world_size * kl_sum / count
-            values["loss/retain_kl"] = all_reduce_sum(kl_sum.detach()) / count
+            kl_sum, _ = token_kl_sum(logits, ref_logits, answers)
+            total = total + self.kl_weight * self.world_size * kl_sum / tokens
+            values["loss/retain_kl"] = float(kl_sum.detach()) / tokens
             finite = finite and bool(torch.isfinite(kl_sum.detach()))
         if self.contrast_weight > 0:
             m = 3 * n if self.onset else 2 * n
@@ -111,8 +124,14 @@ class RetainTerms:
             y = slice(2 * n, 3 * n) if self.onset else slice(0, n)  # answers, then refusals
             per = contrast_loss(logp[y], ntok[y], ref[y], logp[n:2 * n], ntok[n:2 * n],
                                 ref[n:2 * n], self.beta)
-            count = max(all_reduce_sum(float(n)), 1.0)
             total = total + self.contrast_weight * self.world_size * per.sum() / count
-            values["loss/retain_refusal"] = all_reduce_sum(per.detach().sum()) / count
+            values["loss/retain_refusal"] = float(per.detach().sum()) / count
             finite = finite and bool(torch.isfinite(per.detach()).all())
         return total, values, finite
+
+
+def global_values(shares: list[dict[str, float]]) -> dict[str, float]:
+    """The step's values of the retain terms from every micro-batch's shares on this rank: their
+    sum over micro-batches and ranks. Collective (one all-reduce per term)."""
+    keys = sorted({k for s in shares for k in s})
+    return {k: all_reduce_sum(sum(s.get(k, 0.0) for s in shares)) for k in keys}

@@ -32,7 +32,7 @@ from u2a_dist.checkpoint import (
     save_trainer_state,
 )
 from u2a_dist.config import RunConfig
-from u2a_dist.data.tokenize import concat_rows, packing_ok, rows_batch, shard
+from u2a_dist.data.tokenize import concat_rows, micro_chunks, packing_ok, rows_batch, shard
 from u2a_dist.device import to_device
 from u2a_dist.engine import Engine
 from u2a_dist.evaluate import GenerationEval, broken_floors, target_holds
@@ -47,7 +47,7 @@ from u2a_dist.losses import (
     token_logps,
 )
 from u2a_dist.models import load_model
-from u2a_dist.retain_terms import RetainTerms
+from u2a_dist.retain_terms import RetainTerms, global_values
 from u2a_dist.run_eval import RunEvaluation
 from u2a_dist.run_inputs import ForgetSet, RunInputs
 from u2a_dist.rundir import RunDir
@@ -136,11 +136,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the inner loss
 
-    def per_example_inner(self, model, idx: list[int], retain_idx: list[int] | None = None
+    def per_example_inner(self, model, idx: list[int], retain_idx: list[int] | None = None,
+                          norm: tuple[float, float] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, bool]:
         """(c_f ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph, and for
-        retain examples ``retain_idx`` the retain terms' (rank loss, global values, finite)
-        (:class:`u2a_dist.retain_terms.RetainTerms`; collective when ``retain_idx``).
+        retain examples ``retain_idx`` the retain terms' (rank loss, this rank's shares of their
+        values, finite) (:meth:`u2a_dist.retain_terms.RetainTerms.loss`, ``norm`` its step
+        normalisers; collective when ``retain_idx`` and no ``norm``).
 
         The forget, mismatch and retain sequences go through one forward pass, so ZeRO-3
         all-gathers every layer once per step instead of three times, packed (no padding
@@ -167,7 +169,7 @@ class Trainer:
         if not retain_idx:
             return total, loss, torch.zeros((), device=self.device), {}, True
         tail = {key: v[k:] for key, v in batch.items()}
-        return (total, loss, *self.retain_terms.loss(logits[k:], tail, len(retain_idx)))
+        return (total, loss, *self.retain_terms.loss(logits[k:], tail, len(retain_idx), norm))
 
     def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
         """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on
@@ -214,22 +216,33 @@ class Trainer:
         local_idx = shard(batch_idx, self.rank, self.world_size)
         support_size = len(self.sampler.support)
         scale = support_size / cfg.unlearn.batch_size
-        w = self.weights[local_idx].float().to(self.device)
         use_retain = self.retain_terms.active and self.retain_sampler is not None
         r_local = shard(self.retain_sampler.next_batch(), self.rank, self.world_size) \
-            if use_retain else None
-        total, ell, retain_loss, retain_values, retain_ok = self.per_example_inner(
-            self.engine.ds, local_idx, r_local)
-        bad = bool((~torch.isfinite(total.detach())).any()) or not retain_ok
-        loss_local = self.world_size * scale * (w * total).sum() + retain_loss
-        if all_reduce_sum(float(bad)) > 0:
-            ids = [self.forget.ids[i] for i, ok in
-                   zip(local_idx, torch.isfinite(total.detach()).tolist()) if not ok]
-            raise NonFiniteLossError(
-                f"step {self.step + 1}: non-finite unlearning loss"
-                + (f" (examples {ids})" if ids else " (on another rank or in the retain KL)")
-                + "; training stopped, the last good checkpoint is intact")
-        self.engine.backward(loss_local)
+            if use_retain else []
+        # Gradient accumulation (runtime.micro_batches): the same loss, its terms summed over
+        # micro-batches, each normalised by the step's counts; activations held for one only.
+        chunks = micro_chunks(local_idx, r_local, cfg.runtime.micro_batches)
+        norm = self.retain_terms.norm([r for _, r in chunks]) if use_retain else None
+        loss_local, ell_sum, shares = torch.zeros((), dtype=torch.float64), 0.0, []
+        for j, (idx, r_idx) in enumerate(chunks):
+            self.engine.accumulate(last=j == len(chunks) - 1)
+            total, ell, retain_loss, values, retain_ok = self.per_example_inner(
+                self.engine.ds, idx, r_idx, norm)
+            bad = bool((~torch.isfinite(total.detach())).any()) or not retain_ok
+            w = self.weights[idx].float().to(self.device)
+            loss_j = self.world_size * scale * (w * total).sum() + retain_loss
+            if all_reduce_sum(float(bad)) > 0:
+                ids = [self.forget.ids[i] for i, ok in
+                       zip(idx, torch.isfinite(total.detach()).tolist()) if not ok]
+                raise NonFiniteLossError(
+                    f"step {self.step + 1}: non-finite unlearning loss"
+                    + (f" (examples {ids})" if ids else " (on another rank or in the retain KL)")
+                    + "; training stopped, the last good checkpoint is intact")
+            self.engine.backward(loss_j)
+            loss_local += float(loss_j.detach())
+            ell_sum += float(ell.detach().sum())
+            shares.append(values)
+        retain_values = global_values(shares) if use_retain else {}
         if cfg.unlearn.prox_lambda > 0:
             self.engine.add_to_local_grads(self.prox_grads())
         self.engine.step()
@@ -237,9 +250,9 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         self.train_time += dt
-        loss = all_reduce_sum(loss_local.detach()) / self.world_size
+        loss = all_reduce_sum(loss_local) / self.world_size
         prox = self.prox_value() if cfg.unlearn.prox_lambda > 0 else 0.0
-        forget_nll = -all_reduce_sum(ell.detach().sum()) / cfg.unlearn.batch_size \
+        forget_nll = -all_reduce_sum(ell_sum) / cfg.unlearn.batch_size \
             if cfg.unlearn.loss == "ga" else float("nan")
         metrics = {"step": self.step, "time_s": round(self.train_time, 4),
                    "loss": loss + prox, "loss/unlearn": loss, "loss/prox": prox,

@@ -188,6 +188,19 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(indices[rank * per:(rank + 1) * per])
 
 
+def micro_chunks(forget: Sequence[int], retain: Sequence[int], parts: int
+                 ) -> list[tuple[list[int], list[int]]]:
+    """A rank's forget and retain shares of a step cut into ``parts`` micro-batches for gradient
+    accumulation (``runtime.micro_batches``), as many as the longer share allows: every rank
+    holds equal shares (:func:`shard`), so every rank makes the same number of passes and none
+    is empty, which ZeRO-3's collective gathers in the forward and backward require."""
+    k = max(1, min(parts, max(len(forget), len(retain))))
+
+    def cut(xs: Sequence[int], j: int) -> list[int]:
+        return list(xs[j * len(xs) // k:(j + 1) * len(xs) // k])
+    return [(cut(forget, j), cut(retain, j)) for j in range(k)]
+
+
 def shard_strided(n: int, rank: int, world_size: int) -> list[int]:
     """Indices rank, rank+W, ... of n items: for evaluation, where shares may differ by one."""
     return list(range(rank, n, world_size))
