@@ -140,9 +140,8 @@ class Trainer:
                           norm: tuple[float, float] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, bool]:
         """(c_f ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph, and for
-        retain examples ``retain_idx`` the retain terms' (rank loss, this rank's shares of their
-        values, finite) (:meth:`u2a_dist.retain_terms.RetainTerms.loss`, ``norm`` its step
-        normalisers; collective when ``retain_idx`` and no ``norm``).
+        retain examples ``retain_idx`` the retain terms' (rank loss, this rank's value shares,
+        finite) (:meth:`RetainTerms.loss`, ``norm`` its step normalisers).
 
         The forget, mismatch and retain sequences go through one forward pass, so ZeRO-3
         all-gathers every layer once per step instead of three times, packed (no padding
@@ -326,9 +325,12 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The evaluation at this step (:meth:`RunEvaluation.evaluate`)."""
+        fresh = self.step == 0 and self.resumed_from is None
         with progress.phase("evaluation", what=f"step {self.step}"):
-            return self.evaluation.evaluate(self.eval_model, self.step,
-                                            at_theta0=self.step == 0 and self.resumed_from is None)
+            try:
+                return self.evaluation.evaluate(self.eval_model, self.step, at_theta0=fresh)
+            finally:  # not held through training: 4 bytes a parameter (issue 23)
+                self._eval_copy = None
 
     def target_met(self, metrics: dict[str, float]) -> bool:
         """The eval.target metric reached its value (max: ≥, min: ≤) and every
