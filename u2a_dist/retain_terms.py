@@ -96,17 +96,15 @@ class RetainTerms:
         return max(all_reduce_sum(tokens), 1.0), max(all_reduce_sum(len(idx)), 1.0)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], n: int,
-             norm: tuple[float, float] | None = None
-             ) -> tuple[torch.Tensor, dict[str, float], bool]:
+             norm: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float], bool]:
         """(this rank's loss to backward, its shares of the terms' values by name, all finite)
         for ``n`` retain examples: ``batch`` (``data.tokenize.rows_batch`` of ``items``) holds
-        their rows only, ``logits`` θ's on it. ``norm``: the step's :meth:`norm` when this batch
-        is one micro-batch of it; None: this batch is the step's (counted here, collective).
-        The values' sum over micro-batches and ranks is the step's (:func:`global_values`)."""
+        their rows only, ``logits`` θ's on it, ``norm`` the step's :meth:`norm` (this batch may
+        be one micro-batch of it). The values' sum over micro-batches and ranks is the step's
+        (:func:`global_values`)."""
         labels, segment = batch["labels"], batch["segment"]
         answers = labels.masked_fill((segment < 0) | (segment >= n), IGNORE)  # θ0's answers
-        tokens, count = norm or (max(all_reduce_sum((answers[:, 1:] != IGNORE).sum()), 1.0),
-                                 max(all_reduce_sum(float(n)), 1.0))
+        tokens, count = norm
         with torch.no_grad():
             ref_logits = forward_logits(self.reference, batch)
         total = logits.new_zeros((), dtype=torch.float32)

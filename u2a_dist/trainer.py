@@ -141,7 +141,7 @@ class Trainer:
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, bool]:
         """(c_f ℓ_i + c_m m_i, ℓ_i) for forget examples idx, with the autograd graph, and for
         retain examples ``retain_idx`` the retain terms' (rank loss, this rank's value shares,
-        finite) (:meth:`RetainTerms.loss`, ``norm`` its step normalisers).
+        finite) (:meth:`RetainTerms.loss`; ``norm``: the step's, else ``retain_idx``'s own).
 
         The forget, mismatch and retain sequences go through one forward pass, so ZeRO-3
         all-gathers every layer once per step instead of three times, packed (no padding
@@ -168,15 +168,13 @@ class Trainer:
         if not retain_idx:
             return total, loss, torch.zeros((), device=self.device), {}, True
         tail = {key: v[k:] for key, v in batch.items()}
+        norm = norm or self.retain_terms.norm([retain_idx])
         return (total, loss, *self.retain_terms.loss(logits[k:], tail, len(retain_idx), norm))
 
     def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
         """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on
         ``engine``: the run's by default), as this rank's loss to backward. Collective."""
-        batch = to_device(rows_batch(self.retain_terms.items(local_idx), self.pad_id,
-                                     self.packed), self.device)
-        logits = forward_logits((engine or self.engine).ds, batch)
-        return self.retain_terms.loss(logits, batch, len(local_idx))[0]
+        return self.per_example_inner((engine or self.engine).ds, [], local_idx)[2]
 
     def selector_engine(self) -> Engine:
         """The engine the selector's passes run on, holding the current θ (collective).
@@ -222,7 +220,7 @@ class Trainer:
         # micro-batches, each normalised by the step's counts; activations held for one only.
         chunks = micro_chunks(local_idx, r_local, cfg.runtime.micro_batches)
         norm = self.retain_terms.norm([r for _, r in chunks]) if use_retain else None
-        loss_local, ell_sum, shares = torch.zeros((), dtype=torch.float64), 0.0, []
+        loss_local, ell_sum, shares = 0.0, 0.0, []
         for j, (idx, r_idx) in enumerate(chunks):
             self.engine.accumulate(last=j == len(chunks) - 1)
             total, ell, retain_loss, values, retain_ok = self.per_example_inner(
