@@ -223,8 +223,13 @@ def step_metrics(cfg: dict, steps: int) -> list[dict[str, Any]]:
 def steps_and_state(cfg: dict, steps: int) -> dict[str, Any]:
     """The metrics of `steps` training steps and the weights after them (no run directory)."""
     trainer = Trainer(config_from_dict(cfg), None)
+    calls = [0]  # forwards of the first block's attention: twice a pass where it is recomputed
+    block = trainer.engine.module.transformer.h[0].attn
+    block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     metrics = [trainer.train_step() for _ in range(steps)]
-    return {"metrics": metrics, "state": trainer.engine.full_state_dict()}
+    return {"metrics": metrics, "state": trainer.engine.full_state_dict(),
+            "checkpointing": trainer.engine.module.is_gradient_checkpointing,
+            "block_calls": calls[0]}
 
 
 def half_precision_rounds(cfg: dict) -> dict[str, Any]:

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from u2a_dist.data.tokenize import IGNORE
-from u2a_dist.losses import dpo_loss, ga_loss, nll, npo_loss, prox_value, token_kl_sum, token_logps
+from u2a_dist.losses import (
+    dpo_loss,
+    ga_loss,
+    label_positions,
+    nll,
+    npo_loss,
+    prox_value,
+    token_kl_sum,
+    token_logps,
+)
 
 
 def _softmax(row):
@@ -74,7 +83,10 @@ def test_retain_kl_is_kl_of_reference_to_policy_over_response_tokens():
     torch.manual_seed(1)
     logits, ref = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
     labels = torch.tensor([[IGNORE, IGNORE, 2, 3]])
-    kl_sum, count = token_kl_sum(logits, ref, labels)
+    at = label_positions(labels)  # label_logits' rows: the positions predicting a label
+    keep = torch.tensor([True, True])
+    kl_sum, count = token_kl_sum(logits[at], ref[at], keep)
+    assert int(token_kl_sum(logits[at], ref[at], torch.tensor([False, True]))[1]) == 1
     expected = 0.0
     for t in (1, 2):  # positions predicting labels 2 and 3
         p0, q = _softmax(ref[0, t].tolist()), _softmax(logits[0, t].tolist())

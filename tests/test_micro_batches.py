@@ -1,5 +1,6 @@
 """Gradient accumulation (runtime.micro_batches): a step made of several forward/backward
-passes per rank is the same step, on real ranks, at ZeRO-3 and at stage 0."""
+passes per rank is the same step, on real ranks, at ZeRO-3 (there with
+runtime.gradient_checkpointing on too: the layers recomputed in the backward) and at stage 0."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ def test_micro_chunks_cover_both_shares_in_the_same_number_of_passes() -> None:
     assert micro_chunks([1, 2], [], 1) == [([1, 2], [])]
 
 
-def _cfg(tmp_path, name: str, micro: int, stage: int) -> dict:
+def _cfg(tmp_path, name: str, micro: int, stage: int, recompute: bool = False) -> dict:
     # SGD (as tests/test_engine.py: Adam turns float noise on zero-gradient weights into ±lr
     # steps); every term of the inner loss on: GA, mismatch, retain KL, onset contrast. A retain
     # batch of 6 and a forget batch of 4 on 2 ranks: 3 passes of (0|1 forget, 1 retain) each.
     cfg = _retain_cfg(tmp_path / name, retain_batch_size=6, optimizer="sgd", lr=0.5,
                       mismatch_weight=0.5, retain_refusal_tokens=3)
-    cfg["runtime"].update({"micro_batches": micro, "zero_stage": stage})
+    cfg["runtime"].update({"micro_batches": micro, "zero_stage": stage,
+                           "gradient_checkpointing": recompute})
     return cfg
 
 
@@ -33,7 +35,9 @@ def test_a_step_in_three_passes_is_the_step_in_one(tmp_path, stage) -> None:
     ref = run_ranks(2, "tests.rank_fns:steps_and_state",
                     {"cfg": _cfg(tmp_path, "one", 1, stage), "steps": 2})[0]
     acc = run_ranks(2, "tests.rank_fns:steps_and_state",
-                    {"cfg": _cfg(tmp_path, "three", 3, stage), "steps": 2})
+                    {"cfg": _cfg(tmp_path, "three", 3, stage, recompute=stage == 3), "steps": 2})
+    assert [r["checkpointing"] for r in acc] == [stage == 3] * 2 and not ref["checkpointing"]
+    assert ref["block_calls"] == 2 and acc[0]["block_calls"] == 6 * (2 if stage == 3 else 1)
     clock = ("time_s", "timing/step_s")
     assert [{k: v for k, v in m.items() if k not in clock} for m in acc[0]["metrics"]] == \
         [{k: v for k, v in m.items() if k not in clock} for m in acc[1]["metrics"]]

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from u2a_dist.data.tokenize import IGNORE, pack, packed_real_tokens, packing_ok, rows_batch
-from u2a_dist.losses import forward_logits, item_logps, token_logps
+from u2a_dist.losses import (
+    forward_logits,
+    item_logps,
+    label_logits,
+    label_positions,
+    token_logps,
+)
 
 
 def _items(lengths: list[int], vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -62,7 +68,7 @@ def test_packed_log_probs_equal_padded_ones_one_item_at_a_time(build, attn) -> N
     packed = pack(items, pad_id=0)
     assert len(packed["input_ids"]) < len(items)  # several items share a row
     with torch.no_grad():
-        got, n_got = item_logps(forward_logits(model, packed), packed["labels"],
+        got, n_got = item_logps(label_logits(model, packed), packed["labels"],
                                 packed["segment"], len(items))
         alone = [token_logps(model(input_ids=torch.tensor([x["input_ids"]])).logits,
                              torch.tensor([x["labels"]])) for x in items]
@@ -78,7 +84,30 @@ def test_a_model_that_ignores_position_ids_is_caught() -> None:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     no_positions.training = False
     no_positions.eval = no_positions.train = lambda *a: None
+    no_positions.get_output_embeddings = model.get_output_embeddings
     items = _items([9, 23], vocab=384)
     assert not packing_ok(no_positions, items, pad_id=0)
     padded = rows_batch(items, 0, packed=False)
     assert padded["segment"][0].tolist() == [0] * 9 + [-1] * 14
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_label_logits_are_the_whole_logits_at_the_labelled_positions_only(build) -> None:
+    """label_logits: the output layer sees only the hidden states that predict a label (no
+    [B, T, V] tensor, θ's or θ0's), row-major, equal to the whole logits there; its hook is
+    gone after the call."""
+    model = build("sdpa")
+    items = _items([9, 23, 5, 17, 30, 12, 8], vocab=384)
+    head_outputs: list[tuple[int, ...]] = []
+    seen = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: head_outputs.append(tuple(out.shape)))
+    for batch in (pack(items, pad_id=0), rows_batch(items, 0, packed=False)):
+        with torch.no_grad():
+            got = label_logits(model, batch)
+            whole = forward_logits(model, batch)
+        at = label_positions(batch["labels"])
+        n = sum(sum(t != IGNORE for t in x["labels"][1:]) for x in items)
+        assert int(at.sum()) == n and got.shape == (n, 384)
+        torch.testing.assert_close(got, whole[at], rtol=1e-5, atol=1e-5)
+        assert head_outputs[-2:] == [(n, 384), (*batch["input_ids"].shape, 384)]
+    seen.remove()

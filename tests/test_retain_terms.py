@@ -116,7 +116,7 @@ def test_onset_contrast_compares_the_first_k_tokens_by_hand(packed) -> None:
     from types import SimpleNamespace
 
     from u2a_dist.data.tokenize import rows_batch
-    from u2a_dist.losses import forward_logits
+    from u2a_dist.losses import label_logits
     from u2a_dist.retain_terms import RetainTerms, onset
 
     k, beta = 3, 2.0
@@ -134,7 +134,7 @@ def test_onset_contrast_compares_the_first_k_tokens_by_hand(packed) -> None:
     assert rows[4]["input_ids"] == [5, 6, 7, 8, 9, 10]
     batch = rows_batch(rows, 0, packed)
     with torch.no_grad():
-        _, values, finite = terms.loss(forward_logits(theta, batch), batch, 2, terms.norm([[0, 1]]))
+        _, values, finite = terms.loss(label_logits(theta, batch), batch, 2, terms.norm([[0, 1]]))
     by_hand = []
     for y, r in zip(rows[4:], rows[2:4]):
         d_y = _mean_nll_by_hand(theta0, y) - _mean_nll_by_hand(theta, y)
@@ -146,5 +146,5 @@ def test_onset_contrast_compares_the_first_k_tokens_by_hand(packed) -> None:
                         retain, refusals, world_size=1)
     batch = rows_batch(whole.items([0, 1]), 0, packed)
     with torch.no_grad():
-        _, values0, _ = whole.loss(forward_logits(theta, batch), batch, 2, whole.norm([[0, 1]]))
+        _, values0, _ = whole.loss(label_logits(theta, batch), batch, 2, whole.norm([[0, 1]]))
     assert abs(values0["loss/retain_refusal"] - values["loss/retain_refusal"]) > 1e-4

@@ -136,9 +136,8 @@ class UnlearnConfig:
         "help": "c_o: over-refusal contrast on retain prompts, θ0's answer over a refusal "
                 "(data.refusals, else data.mismatch's prompt-less answers); retain_terms.py."})
     retain_refusal_beta: float = field(default=2.0, metadata={"help": "β_o of that contrast"})
-    retain_refusal_tokens: int = field(default=0, metadata={
-        "help": "k > 0: that contrast compares only the first k response tokens of answer and "
-                "refusal (where refusing is decided); 0: whole responses."})
+    retain_refusal_tokens: int = field(default=0, metadata={"help": "k > 0: that contrast on "
+        "the first k response tokens of answer and refusal (where refusing is decided); 0: all."})
     npo_beta: float = 0.1
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd"})
     weight_decay: float = 0.0
@@ -159,9 +158,8 @@ class SelectorConfig:
     identity_gamma: float = 1.0
     alpha: Union[float, str] = "auto"
     damping: Union[float, str] = "auto"
-    lanczos_steps: int = field(default=20, metadata={
-        "help": "HVPs of the Lanczos run that estimates λ_min and λ_max of H for `auto` damping "
-                "and alpha (`power_iters`, its former name, is still read)."})
+    lanczos_steps: int = field(default=20, metadata={"help": "HVPs of the Lanczos estimate of "
+        "H's λ_min and λ_max for `auto` damping and alpha (`power_iters`, its old name, read)."})
     fd_eps: Union[float, str] = "auto"
     hessian_batch: int = 32
     outer_sample: int = field(default=0, metadata={
@@ -208,6 +206,8 @@ class RuntimeConfig:
     checkpoint_every: int = 50
     micro_batches: int = field(default=1, metadata={"help": "Forward/backward passes a rank "
         "makes per step (gradient accumulation: same gradient, about 1/n the activations)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each "
+        "layer's activations in the backward (transformers'): more compute, far less memory."})
     max_failures: int = 2
     placement_strategy: str = field(default="PACK", metadata={"help": "PACK | SPREAD"})
     ray_address: str | None = field(default=None, metadata={

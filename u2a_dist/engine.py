@@ -116,6 +116,13 @@ class Engine:
         self.stage = cfg.runtime.zero_stage
         self.ds_config = build_ds_config(cfg, world_size, train=train, frozen=frozen)
         optimizer = scheduler = None
+        if train and cfg.runtime.gradient_checkpointing:
+            # Non-reentrant: the selector's exact HVPs differentiate through it twice, and ZeRO-3
+            # gathers a layer's partitions again for its recomputation. transformers checkpoints
+            # in training mode only (dropout as the model's config has it; SmolLM2: none).
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5.x
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+            model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         if frozen:
             optimizer = torch.optim.SGD(params, lr=0.0)

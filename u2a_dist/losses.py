@@ -24,37 +24,61 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of response-token log-probs and the response-token count, per example.
-
-    ``logits[:, t]`` predicts ``labels[:, t+1]``; positions with label ``-100`` are masked.
-    Computed in fp32 whatever the model dtype, because differences of log-probs are small.
-    """
-    # Fused cross-entropy on the unshifted logits (the labels shifted instead, the last position
-    # ignored): no [B, T, V] log-softmax tensor and no copy of the shifted slice, in the forward
-    # or the backward; the vocabulary-sized tensors were most of a SmolLM2 step's memory.
-    # The same arithmetic as log_softmax + gather (bit for bit on contiguous tensors; on the
-    # pinned tiny run the metrics moved by < 1e-7 relative), summed in the same [B, T-1] layout.
-    logp, target = _per_token_logps(logits, labels)
-    return logp.sum(-1), (target != IGNORE).sum(-1)
+    """Sum of response-token log-probs and the response-token count, per example, from whole
+    ``[B, T, V]`` logits (``logits[:, t]`` predicts ``labels[:, t+1]``; label ``-100`` masked).
+    Computed in fp32 whatever the model dtype, because differences of log-probs are small."""
+    return _row_logps(logits[label_positions(labels)], labels)
 
 
-def _per_token_logps(logits: torch.Tensor, labels: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(labels[:, t+1] | ...) at each position t < T-1 (0 where masked), and the targets."""
-    target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
-                            reduction="none").view_as(target)
-    return logp[:, :-1].contiguous(), target[:, :-1]
+def _row_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    return item_logps(logits, labels, rows, labels.shape[0])
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """bool [B, T]: the positions whose logits predict a label (t where labels[:, t+1] counts)."""
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = labels[:, 1:] != IGNORE
+    return at
+
+
+def at_labels(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``values`` [B, T] (token ids, segments, ...) at each label, in :func:`label_logits`'s
+    row-major order: what position t of those logits predicts, or the item its label is in."""
+    return values[:, 1:][labels[:, 1:] != IGNORE]
+
+
+def n_labels(labels: torch.Tensor) -> int:
+    """How many rows :func:`label_logits` returns for these labels."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def label_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits at :func:`label_positions` only, ``[N, V]`` in row-major order.
+
+    Every loss here reads log-probs of labels, so the output layer is given only the hidden
+    states that predict one (a forward pre-hook on it for this call): prompt, padding and last
+    positions never make a vocabulary-sized row, in the forward or the backward, and neither
+    does θ0's forward. Row by row the same arithmetic as the whole [B, T, V] logits."""
+    at = label_positions(batch["labels"])
+    head = getattr(model, "module", model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _m, args: (args[0][at], *args[1:]))
+    try:
+        return forward_logits(model, batch)
+    finally:
+        hook.remove()
 
 
 def item_logps(logits: torch.Tensor, labels: torch.Tensor, segment: torch.Tensor,
                n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_logps` per item of a packed batch (``data.tokenize.pack``): the sums over
-    the tokens whose ``segment`` is the item's index, for items 0..n-1 (items ≥ n are left out).
-    Each item's first label is masked there, so no position predicts across items."""
-    logp, target = _per_token_logps(logits, labels)
-    seg = segment[:, 1:]
-    keep = (target != IGNORE) & (seg >= 0) & (seg < n)
+    """:func:`token_logps` per item of a batch from its :func:`label_logits`: the sums over the
+    labels whose ``segment`` is the item's index, for items 0..n-1 (items ≥ n are left out). In a
+    packed batch (``data.tokenize.pack``) each item's first label is masked, so no position
+    predicts across items."""
+    target, seg = at_labels(labels, labels), at_labels(segment, labels)
+    # Fused cross-entropy: no log-softmax tensor is kept beside the logits for the backward.
+    logp = -F.cross_entropy(logits.float(), target, reduction="none")
+    keep = (seg >= 0) & (seg < n)
     sums = logp.new_zeros(n).index_add(0, seg[keep], logp[keep])
     counts = torch.zeros(n, dtype=torch.long, device=seg.device).index_add(
         0, seg[keep], torch.ones_like(seg[keep]))
@@ -62,9 +86,8 @@ def item_logps(logits: torch.Tensor, labels: torch.Tensor, segment: torch.Tensor
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp(y|x) summed over response tokens, response length) for each example."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return token_logps(out.logits, batch["labels"])
+    """(logp(y|x) summed over response tokens, response length) for each row's example."""
+    return _row_logps(label_logits(model, batch), batch["labels"])
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,17 +116,12 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.T
 
 
 def token_kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ over response tokens of KL(p_θ0 ‖ p_θ), and the token count (for a global mean)."""
-    mask = (labels[:, 1:] != IGNORE)
-    # The response positions only: prompt and padding rows never reach the log-softmaxes. Each
-    # row's arithmetic is unchanged, and the rows go back into the [B, T-1] layout to be summed
-    # as before (the same value to float rounding; bit for bit on contiguous tensors).
-    logq = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
-    logp0 = torch.log_softmax(ref_logits[:, :-1][mask].float(), dim=-1)
-    kl = logits.new_zeros(mask.shape, dtype=torch.float32).index_put(
-        (mask,), (logp0.exp() * (logp0 - logq)).sum(-1))
-    return kl.sum(), mask.sum()
+                 keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ of KL(p_θ0 ‖ p_θ) over the rows ``keep`` of θ's and θ0's :func:`label_logits` on the
+    same batch, and their count (for a global mean)."""
+    logq = torch.log_softmax(logits[keep].float(), dim=-1)
+    logp0 = torch.log_softmax(ref_logits[keep].float(), dim=-1)
+    return (logp0.exp() * (logp0 - logq)).sum(), keep.sum()
 
 
 def prox_sq_norm(params: list[torch.Tensor], ref: list[torch.Tensor]) -> float:

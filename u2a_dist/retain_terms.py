@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from u2a_dist.data.tokenize import with_response
-from u2a_dist.losses import IGNORE, forward_logits, item_logps, token_kl_sum
+from u2a_dist.losses import IGNORE, at_labels, item_logps, label_logits, token_kl_sum
 from u2a_dist.sharded import all_reduce_sum
 
 Item = dict[str, list[int]]
@@ -99,19 +99,19 @@ class RetainTerms:
              norm: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float], bool]:
         """(this rank's loss to backward, its shares of the terms' values by name, all finite)
         for ``n`` retain examples: ``batch`` (``data.tokenize.rows_batch`` of ``items``) holds
-        their rows only, ``logits`` θ's on it, ``norm`` the step's :meth:`norm` (this batch may
-        be one micro-batch of it). The values' sum over micro-batches and ranks is the step's
-        (:func:`global_values`)."""
+        their rows only, ``logits`` θ's :func:`~u2a_dist.losses.label_logits` on it, ``norm``
+        the step's :meth:`norm` (this batch may be one micro-batch of it). The values' sum over
+        micro-batches and ranks is the step's (:func:`global_values`)."""
         labels, segment = batch["labels"], batch["segment"]
-        answers = labels.masked_fill((segment < 0) | (segment >= n), IGNORE)  # θ0's answers
+        item = at_labels(segment, labels)
         tokens, count = norm
         with torch.no_grad():
-            ref_logits = forward_logits(self.reference, batch)
+            ref_logits = label_logits(self.reference, batch)
         total = logits.new_zeros((), dtype=torch.float32)
         values: dict[str, float] = {}
         finite = True
         if self.kl_weight > 0:  # over θ0's answers only (items 0..n-1), not the refusals
-            kl_sum, _ = token_kl_sum(logits, ref_logits, answers)
+            kl_sum, _ = token_kl_sum(logits, ref_logits, (item >= 0) & (item < n))
             total = total + self.kl_weight * self.world_size * kl_sum / tokens
             values["loss/retain_kl"] = float(kl_sum.detach()) / tokens
             finite = finite and bool(torch.isfinite(kl_sum.detach()))

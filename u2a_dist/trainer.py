@@ -40,8 +40,9 @@ from u2a_dist.export import write_model_dir
 from u2a_dist.losses import (
     InnerObjective,
     NonFiniteLossError,
-    forward_logits,
     item_logps,
+    label_logits,
+    n_labels,
     prox_grads,
     prox_sq_norm,
     token_logps,
@@ -157,9 +158,10 @@ class Trainer:
         width = max(len(x["input_ids"]) for x in main + rows)
         parts = [rows_batch(g, self.pad_id, self.packed, width) for g in (main, rows) if g]
         batch = to_device(parts[0] if len(parts) == 1 else concat_rows(*parts), self.device)
-        logits = forward_logits(model, batch)
+        logits = label_logits(model, batch)
         k = len(parts[0]["input_ids"]) if main else 0  # the main part's rows
-        logp, ntok = item_logps(logits[:k], batch["labels"][:k], batch["segment"][:k],
+        cut = n_labels(batch["labels"][:k])  # ... and their logits' (row-major)
+        logp, ntok = item_logps(logits[:cut], batch["labels"][:k], batch["segment"][:k],
                                 len(main))
         ref = self.ref_cache["forget"][idx].float().to(self.device) \
             if "forget" in self.ref_cache else None
@@ -169,7 +171,7 @@ class Trainer:
             return total, loss, torch.zeros((), device=self.device), {}, True
         tail = {key: v[k:] for key, v in batch.items()}
         norm = norm or self.retain_terms.norm([retain_idx])
-        return (total, loss, *self.retain_terms.loss(logits[k:], tail, len(retain_idx), norm))
+        return (total, loss, *self.retain_terms.loss(logits[cut:], tail, len(retain_idx), norm))
 
     def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
         """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on

@@ -14,8 +14,8 @@ import torch
 from u2a_dist.data.records import Messages
 from u2a_dist.losses import (
     IGNORE,  # re-exported: data and generation label with it
-    forward_logits,
     item_logps,
+    label_logits,
 )
 
 
@@ -159,9 +159,12 @@ def packing_ok(model, items: Sequence[dict[str, list[int]]], pad_id: int,
     for batch, rows in batches:
         batch = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
         with torch.no_grad():
-            logits = forward_logits(model, batch)
-        got += [item_logps(logits[r:r + 1], batch["labels"][r:r + 1],
-                           batch["segment"][r:r + 1], 2)[0][1] for r in rows]
+            logits = label_logits(model, batch)
+        # row r's items 0 and 1 are items 2r and 2r + 1 of the batch
+        row = torch.arange(len(batch["segment"]), device=logits.device).unsqueeze(1)
+        segment = torch.where(batch["segment"] >= 0, batch["segment"] + 2 * row, -1)
+        logp, _ = item_logps(logits, batch["labels"], segment, 2 * len(segment))
+        got += [logp[2 * r + 1] for r in rows]
     model.train(was_training)
     after_a, after_flipped, padded = got
     rtol = 1e-4 if logits.dtype == torch.float32 else 1e-2
