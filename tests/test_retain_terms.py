@@ -1,5 +1,6 @@
 """The over-refusal contrast on retain prompts (u2a_dist/retain_terms.py), recomputed by hand
-token by token, on two real ranks after a real training step (θ ≠ θ0)."""
+token by token, on two real ranks after a real training step (θ ≠ θ0); θ0's side cached
+(unlearn.retain_kl_topk) against the reference model and a hand computation."""
 
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def test_onset_contrast_compares_the_first_k_tokens_by_hand(packed) -> None:
     assert rows[4]["input_ids"] == [5, 6, 7, 8, 9, 10]
     batch = rows_batch(rows, 0, packed)
     with torch.no_grad():
-        _, values, finite = terms.loss(label_logits(theta, batch), batch, 2, terms.norm([[0, 1]]))
+        _, values, finite = terms.loss(label_logits(theta, batch), batch, [0, 1],
+                                       terms.norm([[0, 1]]))
     by_hand = []
     for y, r in zip(rows[4:], rows[2:4]):
         d_y = _mean_nll_by_hand(theta0, y) - _mean_nll_by_hand(theta, y)
@@ -146,5 +148,92 @@ def test_onset_contrast_compares_the_first_k_tokens_by_hand(packed) -> None:
                         retain, refusals, world_size=1)
     batch = rows_batch(whole.items([0, 1]), 0, packed)
     with torch.no_grad():
-        _, values0, _ = whole.loss(label_logits(theta, batch), batch, 2, whole.norm([[0, 1]]))
+        _, values0, _ = whole.loss(label_logits(theta, batch), batch, [0, 1], whole.norm([[0, 1]]))
     assert abs(values0["loss/retain_refusal"] - values["loss/retain_refusal"]) > 1e-4
+
+
+def test_the_coarse_kl_by_hand_never_exceeds_the_exact_one_and_equals_it_at_k_v() -> None:
+    from u2a_dist.retain_terms import coarse_kl_sum
+
+    torch.manual_seed(3)
+    logits, ref = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    exact = coarse = 0.0
+    for row in range(2):
+        p0, q = _softmax(ref[row].tolist()), _softmax(logits[row].tolist())
+        exact += sum(a * math.log(a / b) for a, b in zip(p0, q))
+        top = sorted(range(6), key=lambda v: -p0[v])[:2]
+        t0, tq = 1 - sum(p0[v] for v in top), 1 - sum(q[v] for v in top)
+        coarse += sum(p0[v] * math.log(p0[v] / q[v]) for v in top) + t0 * math.log(t0 / tq)
+    for k, want in ((2, coarse), (6, exact)):
+        logp0 = torch.log_softmax(ref, -1)
+        top, ids = logp0.topk(k, dim=-1)
+        tail = logp0.scatter(1, ids, float("-inf")).logsumexp(-1)
+        assert float(coarse_kl_sum(logits, top, ids, tail)) == pytest.approx(want, rel=1e-6)
+    assert coarse < exact
+
+
+def _softmax(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    return [x / sum(e) for x in e]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_cached_reference_values_give_the_reference_models_terms(packed) -> None:
+    """retain_kl_topk = V: the cached terms equal the reference model's, values and gradient,
+    for examples drawn out of order; k = 5: the contrast unchanged, the KL below the exact."""
+    from types import SimpleNamespace
+
+    from u2a_dist.data.tokenize import rows_batch
+    from u2a_dist.losses import label_logits
+    from u2a_dist.retain_terms import RetainTerms
+
+    theta = build_tiny_model(1)
+    retain = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE] * 3 + [8, 9, 10, 11]},
+              {"input_ids": [1, 2, 3, 4, 12, 13], "labels": [IGNORE] * 2 + [3, 4, 12, 13]},
+              {"input_ids": [7, 3, 20, 21, 22], "labels": [IGNORE] * 2 + [20, 21, 22]}]
+    refusals = refusal_items(retain, [[40, 41, 42, 43, 44], [50, 51]], max_length=64)
+    idx = [2, 0]
+
+    def terms_and_grad(topk: int):
+        cfg = SimpleNamespace(retain_kl_weight=1.0, retain_refusal_weight=1.0,
+                              retain_refusal_beta=2.0, retain_refusal_tokens=3,
+                              retain_kl_topk=topk)
+        terms = RetainTerms(cfg, build_tiny_model(0).eval(), retain, refusals, world_size=1)
+        assert terms.cache_reference(0, packed, torch.device("cpu"), 2) == (topk > 0)
+        assert (terms.reference is None) == (topk > 0)
+        batch = rows_batch(terms.items(idx), 0, packed)
+        theta.zero_grad()
+        loss, values, finite = terms.loss(label_logits(theta, batch), batch, idx,
+                                          terms.norm([idx]))
+        loss.backward()
+        assert finite
+        return values, [p.grad.clone() for p in theta.parameters()]
+
+    exact, grad = terms_and_grad(0)
+    cached, cached_grad = terms_and_grad(384)
+    assert cached == pytest.approx(exact, rel=1e-5, abs=1e-7)
+    for a, b in zip(cached_grad, grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    few, _ = terms_and_grad(5)
+    assert few["loss/retain_refusal"] == pytest.approx(exact["loss/retain_refusal"], rel=1e-5)
+    assert 0 < few["loss/retain_kl"] < exact["loss/retain_kl"]
+
+
+def test_cached_reference_steps_equal_the_reference_models_on_two_zero3_ranks(tmp_path) -> None:
+    """A trainer with unlearn.retain_kl_topk = V frees the reference model and takes the same
+    steps (2 real ranks, ZeRO-3, every retain term on, 2 passes a step)."""
+    def cfg(name: str, topk: int) -> dict:
+        out = _retain_cfg(tmp_path / name, retain_batch_size=4, optimizer="sgd", lr=0.5,
+                          retain_refusal_tokens=3, retain_kl_topk=topk)
+        out["runtime"]["micro_batches"] = 2
+        return out
+    ref = run_ranks(2, "tests.rank_fns:steps_and_state", {"cfg": cfg("exact", 0), "steps": 2})
+    got = run_ranks(2, "tests.rank_fns:steps_and_state", {"cfg": cfg("topk", 384), "steps": 2})
+    assert [r["reference_freed"] for r in got] == [True, True] and not ref[0]["reference_freed"]
+    for a, b in zip(got[0]["metrics"], ref[0]["metrics"]):
+        for key in ("loss", "grad_norm", "loss/retain_kl", "loss/retain_refusal"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert ref[0]["metrics"][1]["loss/retain_kl"] > 0
+    for key, value in ref[0]["state"].items():
+        torch.testing.assert_close(got[0]["state"][key], value, rtol=1e-4, atol=1e-6)

@@ -119,19 +119,19 @@ class UnlearnConfig:
         "help": "Options of the loss class beyond npo_beta (its __init__ keyword arguments)."})
     lr: float = 1e-5
     steps: int = field(default=100, metadata={"help": "Optimiser step budget."})
-    time_budget_s: float = field(default=0.0, metadata={
-        "help": "Training-time budget in seconds (evaluation excluded, selector rounds "
-                "included); 0 = none. Checked before each step and round on rank 0's clock, so "
-                "every rank stops at the same step (stopped: time_budget)."})
+    time_budget_s: float = field(default=0.0, metadata={"help": "Training-time budget in "
+        "seconds (evaluation excluded, selector rounds included); 0 = none. Checked before each "
+        "step and round on rank 0's clock: every rank stops at the same step (time_budget)."})
     batch_size: int = field(default=8, metadata={"help": "Global forget batch (all ranks)."})
     retain_batch_size: int = field(default=0, metadata={
         "help": "Global retain batch of the retain terms per step; 0 = batch_size."})
     prox_lambda: float = field(default=0.1, metadata={"help": "λ of (λ/2)‖θ−θ0‖²."})
-    forget_weight: float = field(default=1.0, metadata={
-        "help": "c_f, the weight of the unlearning loss ℓ_i in ∂L_in/∂w_i = c_f ℓ_i + c_m m_i "
-                "(0 turns gradient ascent off and keeps the mismatch term)."})
+    forget_weight: float = field(default=1.0, metadata={"help": "c_f, the weight of ℓ_i in "
+        "∂L_in/∂w_i = c_f ℓ_i + c_m m_i (0 turns gradient ascent off, keeps the mismatch term)."})
     mismatch_weight: float = field(default=0.0, metadata={"help": "c_m"})
     retain_kl_weight: float = field(default=0.0, metadata={"help": "c_r"})
+    retain_kl_topk: int = field(default=0, metadata={"help": "k > 0: θ0's side of the retain "
+        "terms cached at start-up, its KL on θ0's top k tokens + the rest; no reference model."})
     retain_refusal_weight: float = field(default=0.0, metadata={
         "help": "c_o: over-refusal contrast on retain prompts, θ0's answer over a refusal "
                 "(data.refusals, else data.mismatch's prompt-less answers); retain_terms.py."})

@@ -14,6 +14,11 @@ where an unbounded push (over-refusals as negatives, lever E1) erased refusal al
 
 The training step and the selector's Hessian closures both call :meth:`RetainTerms.loss`, so
 the selector differentiates what the step minimises.
+
+With ``unlearn.retain_kl_topk`` = k > 0 θ0's side is computed once (:meth:`cache_reference`)
+and the reference model is freed: the contrast's θ0 log-probs exactly, and the KL between θ0
+and θ coarse-grained to θ0's top k tokens at each position plus one bucket for the rest, which
+never exceeds the exact KL and equals it as k reaches the vocabulary (tests/test_retain_terms.py).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from u2a_dist.data.tokenize import with_response
+from u2a_dist import progress
+from u2a_dist.data.tokenize import rows_batch, with_response
+from u2a_dist.device import to_device
 from u2a_dist.losses import IGNORE, at_labels, item_logps, label_logits, token_kl_sum
 from u2a_dist.sharded import all_reduce_sum
 
@@ -44,6 +51,20 @@ def onset(item: Item, k: int) -> Item:
     return {"input_ids": item["input_ids"][:end], "labels": item["labels"][:end]}
 
 
+def coarse_kl_sum(logits: torch.Tensor, top_logp0: torch.Tensor, top_ids: torch.Tensor,
+                  tail_logp0: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of KL(p_θ0 ‖ p_θ) on θ0's top-k tokens of each row and one bucket for the
+    rest: θ's logits ``[N, V]``, θ0's top-k log-probs and their token ids ``[N, k]`` and the log
+    of θ0's remaining mass ``[N]`` (−inf where none is left)."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    top_q = logq.gather(1, top_ids)
+    tail_q = logq.scatter(1, top_ids, float("-inf")).logsumexp(-1)
+    kl = (top_logp0.exp() * (top_logp0 - top_q)).sum(-1)
+    rest = tail_logp0 > float("-inf")
+    tail = torch.where(rest, tail_logp0.exp() * (tail_logp0 - tail_q), 0.0)
+    return (kl + tail).sum()
+
+
 def contrast_loss(logp_y: torch.Tensor, n_y: torch.Tensor, ref_y: torch.Tensor,
                   logp_r: torch.Tensor, n_r: torch.Tensor, ref_r: torch.Tensor,
                   beta: float) -> torch.Tensor:
@@ -64,6 +85,8 @@ class RetainTerms:
         self.beta = cfg.retain_refusal_beta
         self.reference, self.retain, self.refusals = reference, retain, refusals
         self.world_size = world_size
+        self.topk = getattr(cfg, "retain_kl_topk", 0)
+        self.cached: dict[str, list[torch.Tensor]] | None = None  # cache_reference
         # k > 0: the contrast compares the first k tokens of answer and refusal, where answering
         # or refusing is decided; over a whole refusal the per-token mean dilutes its opening
         # (the model's own "I'm sorry for any confusion, but as a chatbot …" runs to 60 tokens).
@@ -95,30 +118,74 @@ class RetainTerms:
         tokens = sum(sum(t != IGNORE for t in self.retain[i]["labels"][1:]) for i in idx)
         return max(all_reduce_sum(tokens), 1.0), max(all_reduce_sum(len(idx)), 1.0)
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], n: int,
+    def cache_reference(self, pad_id: int, packed: bool, device: torch.device,
+                        batch_size: int) -> bool:
+        """With ``unlearn.retain_kl_topk`` > 0, θ0's values these terms read, for every retain
+        example, from the reference model, which they then drop (True): its log-prob of each
+        row :meth:`items` makes and, at each of the answer's tokens, its top-k log-probs, their
+        token ids and its remaining mass."""
+        if not (self.topk and self.active):
+            return False
+        out: dict[str, list[torch.Tensor]] = {"rows": [], "top": [], "ids": [], "tail": []}
+        for start in progress.each("reference top-k", range(0, len(self.retain), batch_size)):
+            idx = list(range(start, min(start + batch_size, len(self.retain))))
+            batch = to_device(rows_batch(self.items(idx), pad_id, packed), device)
+            labels, n = batch["labels"], len(idx)
+            with torch.no_grad():
+                logits = label_logits(self.reference, batch)
+                rows, _ = item_logps(logits, labels, batch["segment"], len(self.items(idx)))
+                out["rows"] += list(rows.view(-1, n).T.cpu())  # per example: its rows' logps
+                item = at_labels(batch["segment"], labels)
+                for j in range(n):  # item j's labels, in order (row-major within its row)
+                    logp0 = torch.log_softmax(logits[item == j].float(), dim=-1)
+                    top, ids = logp0.topk(min(self.topk, logp0.shape[-1]), dim=-1)
+                    out["top"].append(top.cpu())
+                    out["ids"].append(ids.cpu())
+                    out["tail"].append(logp0.scatter(1, ids, float("-inf")).logsumexp(-1).cpu())
+        self.cached, self.reference = out, None
+        return True
+
+    def _cached_kl_sum(self, logits: torch.Tensor, item: torch.Tensor,
+                       idx: list[int]) -> torch.Tensor:
+        """:func:`coarse_kl_sum` on the answers of retain examples ``idx`` (items 0..n-1),
+        θ0's cached values put in the order of θ's logits."""
+        keep = (item >= 0) & (item < len(idx))
+        order = torch.argsort(item[keep], stable=True)  # rows grouped by example, in order
+        cached = [torch.cat([self.cached[k][i] for i in idx]).to(logits.device)
+                  for k in ("top", "ids", "tail")]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        top, ids, tail = (c[inverse] for c in cached)
+        return coarse_kl_sum(logits[keep], top, ids, tail)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], idx: list[int],
              norm: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float], bool]:
         """(this rank's loss to backward, its shares of the terms' values by name, all finite)
-        for ``n`` retain examples: ``batch`` (``data.tokenize.rows_batch`` of ``items``) holds
-        their rows only, ``logits`` θ's :func:`~u2a_dist.losses.label_logits` on it, ``norm``
-        the step's :meth:`norm` (this batch may be one micro-batch of it). The values' sum over
-        micro-batches and ranks is the step's (:func:`global_values`)."""
-        labels, segment = batch["labels"], batch["segment"]
+        for retain examples ``idx``: ``batch`` (``data.tokenize.rows_batch`` of ``items(idx)``)
+        holds their rows only, ``logits`` θ's :func:`~u2a_dist.losses.label_logits` on it,
+        ``norm`` the step's :meth:`norm` (this batch may be one micro-batch of it). The values'
+        sum over micro-batches and ranks is the step's (:func:`global_values`)."""
+        labels, segment, n = batch["labels"], batch["segment"], len(idx)
         item = at_labels(segment, labels)
         tokens, count = norm
-        with torch.no_grad():
-            ref_logits = label_logits(self.reference, batch)
+        ref_logits = None
+        if self.cached is None:
+            with torch.no_grad():
+                ref_logits = label_logits(self.reference, batch)
         total = logits.new_zeros((), dtype=torch.float32)
         values: dict[str, float] = {}
         finite = True
         if self.kl_weight > 0:  # over θ0's answers only (items 0..n-1), not the refusals
-            kl_sum, _ = token_kl_sum(logits, ref_logits, (item >= 0) & (item < n))
+            kl_sum = self._cached_kl_sum(logits, item, idx) if ref_logits is None else \
+                token_kl_sum(logits, ref_logits, (item >= 0) & (item < n))[0]
             total = total + self.kl_weight * self.world_size * kl_sum / tokens
             values["loss/retain_kl"] = float(kl_sum.detach()) / tokens
             finite = finite and bool(torch.isfinite(kl_sum.detach()))
         if self.contrast_weight > 0:
             m = 3 * n if self.onset else 2 * n
             logp, ntok = item_logps(logits, labels, segment, m)
-            ref, _ = item_logps(ref_logits, labels, segment, m)
+            ref = item_logps(ref_logits, labels, segment, m)[0] if ref_logits is not None else \
+                torch.stack([self.cached["rows"][i] for i in idx]).T.reshape(-1).to(logp)
             y = slice(2 * n, 3 * n) if self.onset else slice(0, n)  # answers, then refusals
             per = contrast_loss(logp[y], ntok[y], ref[y], logp[n:2 * n], ntok[n:2 * n],
                                 ref[n:2 * n], self.beta)

@@ -81,6 +81,9 @@ class Trainer:
                                                      forget=self.objective.loss.needs_reference)
         with progress.phase("setup", what="evaluation sets"):
             self._finish(cfg, run_dir)
+        if self.retain_terms.cache_reference(self.pad_id, self.packed, self.device,
+                                             cfg.eval.batch_size):  # unlearn.retain_kl_topk
+            self.reference = None  # θ0's side of the retain terms is cached: free the model
 
     def _build(self, cfg: RunConfig, ph: progress.Phase) -> None:
         """Data, model, DeepSpeed engine, θ0 and the reference model."""
@@ -171,7 +174,7 @@ class Trainer:
             return total, loss, torch.zeros((), device=self.device), {}, True
         tail = {key: v[k:] for key, v in batch.items()}
         norm = norm or self.retain_terms.norm([retain_idx])
-        return (total, loss, *self.retain_terms.loss(logits[cut:], tail, len(retain_idx), norm))
+        return (total, loss, *self.retain_terms.loss(logits[cut:], tail, retain_idx, norm))
 
     def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
         """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on
@@ -184,8 +187,7 @@ class Trainer:
         An fp32 run: the run's own engine. A bf16/fp16 run: an fp32 twin with the same ZeRO
         partitions (built at the first call), loaded with the optimizer's fp32 master weights
         at every call, because the selector's finite differences perturb θ by about 1% and
-        16-bit weights round that away (docs/design.md §3). It costs 4 bytes per local parameter for
-        the weights and 4 for the gradients, on top of the run's engine.
+        16-bit weights round that away (docs/design.md §3); 8 bytes a local parameter more.
         """
         if self.cfg.model.dtype == "float32":
             return self.engine
@@ -203,8 +205,7 @@ class Trainer:
     def prox_value(self) -> float:
         """(λ/2)‖θ − θ0‖² over all ranks' partitions (collective under ZeRO-3)."""
         local = prox_sq_norm(self.engine.local_parts(), self.theta0)
-        if self.engine.partition_group() is not None:
-            local = all_reduce_sum(local)
+        local = all_reduce_sum(local) if self.engine.partition_group() is not None else local
         return 0.5 * self.cfg.unlearn.prox_lambda * local
 
     def train_step(self) -> dict[str, float]:
@@ -292,9 +293,8 @@ class Trainer:
         """The current θ as a whole, unpartitioned module for evaluation passes.
 
         Under ZeRO-3 every forward all-gathers each layer, and generation makes one forward per
-        token in lock-step across ranks; one all-gather of the parameters into a plain copy
-        instead lets each rank generate its share alone (measured on SmolLM2, 2 ranks: about
-        20× faster). Other stages hold whole parameters already.
+        token in lock-step across ranks; one all-gather into a plain copy instead lets each rank
+        generate its share alone (SmolLM2, 2 ranks: ~20× faster). Other stages are whole.
         """
         if not self.engine.partitioned:
             return self.engine.module
