@@ -140,7 +140,7 @@ class RetainTerms:
                     logp0 = torch.log_softmax(logits[item == j].float(), dim=-1)
                     top, ids = logp0.topk(min(self.topk, logp0.shape[-1]), dim=-1)
                     out["top"].append(top.cpu())
-                    out["ids"].append(ids.cpu())
+                    out["ids"].append(ids.int().cpu())  # half the bytes of int64
                     out["tail"].append(logp0.scatter(1, ids, float("-inf")).logsumexp(-1).cpu())
         self.cached, self.reference = out, None
         return True
@@ -156,7 +156,7 @@ class RetainTerms:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
         top, ids, tail = (c[inverse] for c in cached)
-        return coarse_kl_sum(logits[keep], top, ids, tail)
+        return coarse_kl_sum(logits[keep], top, ids.long(), tail)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], idx: list[int],
              norm: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float], bool]:
