@@ -110,4 +110,18 @@ def test_label_logits_are_the_whole_logits_at_the_labelled_positions_only(build)
         assert int(at.sum()) == n and got.shape == (n, 384)
         torch.testing.assert_close(got, whole[at], rtol=1e-5, atol=1e-5)
         assert head_outputs[-2:] == [(n, 384), (*batch["input_ids"].shape, 384)]
+        with torch.no_grad():  # a model whose head is not the module it names: selected after
+            torch.testing.assert_close(label_logits(_Unhooked(model), batch), whole[at])
     seen.remove()
+
+
+class _Unhooked(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.other = model, torch.nn.Linear(1, 1)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.other
+
+    def forward(self, **inputs):
+        return self.model(**inputs)

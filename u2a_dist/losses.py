@@ -64,9 +64,11 @@ def label_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     head = getattr(model, "module", model).get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda _m, args: (args[0][at], *args[1:]))
     try:
-        return forward_logits(model, batch)
+        logits = forward_logits(model, batch)
     finally:
         hook.remove()
+    # a model that does not call its output embeddings as a module: select afterwards
+    return logits if logits.dim() == 2 else logits[at]
 
 
 def item_logps(logits: torch.Tensor, labels: torch.Tensor, segment: torch.Tensor,
