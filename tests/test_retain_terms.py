@@ -12,6 +12,7 @@ import torch
 from tests.conftest import tiny_config
 from tests.distributed import run_ranks
 from tests.test_inner_objective import _mean_nll_by_hand
+from tests.test_losses import _softmax
 from u2a_dist.config import ConfigError, config_from_dict
 from u2a_dist.data.tokenize import IGNORE, with_response
 from u2a_dist.models import build_tiny_model
@@ -170,12 +171,6 @@ def test_the_coarse_kl_by_hand_never_exceeds_the_exact_one_and_equals_it_at_k_v(
         tail = logp0.scatter(1, ids, float("-inf")).logsumexp(-1)
         assert float(coarse_kl_sum(logits, top, ids, tail)) == pytest.approx(want, rel=1e-6)
     assert coarse < exact
-
-
-def _softmax(row):
-    m = max(row)
-    e = [math.exp(x - m) for x in row]
-    return [x / sum(e) for x in e]
 
 
 @pytest.mark.parametrize("packed", [True, False])

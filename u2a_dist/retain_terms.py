@@ -129,19 +129,23 @@ class RetainTerms:
         out: dict[str, list[torch.Tensor]] = {"rows": [], "top": [], "ids": [], "tail": []}
         for start in progress.each("reference top-k", range(0, len(self.retain), batch_size)):
             idx = list(range(start, min(start + batch_size, len(self.retain))))
-            batch = to_device(rows_batch(self.items(idx), pad_id, packed), device)
+            items = self.items(idx)
+            batch = to_device(rows_batch(items, pad_id, packed), device)
             labels, n = batch["labels"], len(idx)
             with torch.no_grad():
                 logits = label_logits(self.reference, batch)
-                rows, _ = item_logps(logits, labels, batch["segment"], len(self.items(idx)))
+                rows, _ = item_logps(logits, labels, batch["segment"], len(items))
                 out["rows"] += list(rows.view(-1, n).T.cpu())  # per example: its rows' logps
                 item = at_labels(batch["segment"], labels)
+                answers = (item >= 0) & (item < n)
+                logp0 = torch.log_softmax(logits[answers].float(), dim=-1)
+                top, ids = logp0.topk(min(self.topk, logp0.shape[-1]), dim=-1)
+                tail = logp0.scatter(1, ids, float("-inf")).logsumexp(-1)
                 for j in range(n):  # item j's labels, in order (row-major within its row)
-                    logp0 = torch.log_softmax(logits[item == j].float(), dim=-1)
-                    top, ids = logp0.topk(min(self.topk, logp0.shape[-1]), dim=-1)
-                    out["top"].append(top.cpu())
-                    out["ids"].append(ids.int().cpu())  # half the bytes of int64
-                    out["tail"].append(logp0.scatter(1, ids, float("-inf")).logsumexp(-1).cpu())
+                    mine = item[answers] == j
+                    out["top"].append(top[mine].cpu())
+                    out["ids"].append(ids[mine].int().cpu())  # half the bytes of int64
+                    out["tail"].append(tail[mine].cpu())
         self.cached, self.reference = out, None
         return True
 
@@ -151,11 +155,9 @@ class RetainTerms:
         θ0's cached values put in the order of θ's logits."""
         keep = (item >= 0) & (item < len(idx))
         order = torch.argsort(item[keep], stable=True)  # rows grouped by example, in order
-        cached = [torch.cat([self.cached[k][i] for i in idx]).to(logits.device)
-                  for k in ("top", "ids", "tail")]
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        top, ids, tail = (c[inverse] for c in cached)
+        inverse = torch.argsort(order)  # cached row p belongs at position order[p]
+        top, ids, tail = (torch.cat([self.cached[k][i] for i in idx]).to(logits.device)[inverse]
+                          for k in ("top", "ids", "tail"))
         return coarse_kl_sum(logits[keep], top, ids.long(), tail)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], idx: list[int],
