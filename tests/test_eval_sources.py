@@ -280,10 +280,11 @@ def test_the_redteam_lever_grounds_each_pairs_negative_in_its_own_refusal(shared
 
 
 @pytest.mark.parametrize("name,n_retain", [("varied", 192 + 117 + 100 + 60 + 120),
-                                           ("questions", 192 + 117 + 100 + 60)])
+                                           ("questions", 192 + 117 + 100 + 60),
+                                           ("onset", 192 + 117 + 100 + 60 + 300)])
 def test_the_retain_levers_keep_every_held_out_source_held_out(shared_data, name,  # noqa: ARG001
                                                                n_retain):
-    """The retain sets of configs/refusal_smollm2_{varied,questions}.yaml (levers E5, E7) span
+    """The retain sets of configs/refusal_smollm2_{varied,questions,onset}.yaml (E5, E7, E16) span
     several styles and touch no evaluation source: HarmBench, TDC 2023, TruthfulQA stay held out."""
     from tests.conftest import REPO
     from u2a_dist.config import load_config
