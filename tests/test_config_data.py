@@ -104,13 +104,19 @@ def test_empty_forget_set_is_an_error(tmp_path):
 def test_hh_rlhf_dialogues_split_into_history_prompt_and_answers(tmp_path):
     row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to X?\n\nAssistant: No.",
            "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to X?\n\nAssistant: Do Y."}
+    single = {"chosen": "\n\nHuman: how to Z?\n\nAssistant: No.",
+              "rejected": "\n\nHuman: how to Z?\n\nAssistant: Do W."}
     path = tmp_path / "hh.jsonl.gz"
     with gzip.open(path, "wt") as fh:
-        fh.write(json.dumps(row) + "\n")
-    (pair,) = load_pairs(DataSpec(path=str(path), schema="hh-rlhf"))
+        fh.write(json.dumps(row) + "\n" + json.dumps(single) + "\n")
+    pair, first = load_pairs(DataSpec(path=str(path), schema="hh-rlhf"))
     assert (pair.prompt, pair.chosen, pair.rejected) == ("how to X?", "No.", "Do Y.")
     assert pair.history == [{"role": "user", "content": "hi"},
                             {"role": "assistant", "content": "hello"}]
+    assert (pair.attrs, first.attrs) == ({"human_turns": 2}, {"human_turns": 1})
+    # the dialogues that open with their request, as single-turn prompts (a red-team log's)
+    (only,) = load_prompts(DataSpec(path=str(path), schema="hh-rlhf", filter={"human_turns": 1}))
+    assert (only.prompt, only.history) == ("how to Z?", [])
     with pytest.raises(DataError, match="must end with an Assistant turn"):
         parse_dialogue("\n\nHuman: only a question", "f:1")
 

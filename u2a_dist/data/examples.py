@@ -96,8 +96,11 @@ def _hh_pair(loc: str, row: Row) -> Pair:
     if not turns or turns[-1]["role"] != "user":
         raise DataError(f"{loc}: hh-rlhf dialogue has no Human turn before the answer")
     start = cut + len(marker)
+    # human_turns: `filter: {human_turns: 1}` keeps the dialogues that open with the request
+    # (HH's red-team prompts as single-turn requests, e.g. for a red-team log).
     return Pair(_row_id(loc, row), turns[-1]["content"], chosen[start:].strip(),
-                rejected[start:].strip(), history=turns[:-1])
+                rejected[start:].strip(), history=turns[:-1],
+                attrs={"human_turns": sum(t["role"] == "user" for t in turns)})
 
 
 # ---------------------------------------------------------------- per-schema conversion
