@@ -281,11 +281,14 @@ def test_the_redteam_lever_grounds_each_pairs_negative_in_its_own_refusal(shared
 
 @pytest.mark.parametrize("name,n_retain", [("varied", 192 + 117 + 100 + 60 + 120),
                                            ("questions", 192 + 117 + 100 + 60),
-                                           ("onset", 192 + 117 + 100 + 60 + 300)])
+                                           ("onset", 192 + 117 + 100 + 60 + 300),
+                                           ("mismatch", 192 + 117 + 100 + 60 + 300),
+                                           ("mismatch_full", 192 + 117 + 100 + 60 + 300)])
 def test_the_retain_levers_keep_every_held_out_source_held_out(shared_data, name,  # noqa: ARG001
                                                                n_retain):
-    """The retain sets of configs/refusal_smollm2_{varied,questions,onset}.yaml (E5, E7, E16) span
-    several styles and touch no evaluation source: HarmBench, TDC 2023, TruthfulQA stay held out."""
+    """The retain sets of configs/refusal_smollm2_{varied,questions,onset,mismatch}.yaml (E5, E7,
+    E16, E20) span several styles and touch no evaluation source: HarmBench, TDC 2023, TruthfulQA
+    stay held out."""
     from tests.conftest import REPO
     from u2a_dist.config import load_config
     from u2a_dist.data.examples import load_prompts
@@ -296,6 +299,26 @@ def test_the_retain_levers_keep_every_held_out_source_held_out(shared_data, name
     cfg.data.forget = cfg.data.forget[:2]  # the red-team log is made by `u2a eval`
     status = _held_out_by_source(cfg)
     assert status["harmbench"] and status["tdc2023"] and status["truthfulqa"]
+
+
+def test_the_mismatch_lever_is_the_onset_recipe_at_c_m_6_judged_on_the_full_sets(shared_data):  # noqa: ARG001
+    """E20 differs from E16 only in c_m; its _full variant only in the evaluation sets, which are
+    the issue's: 100 HarmBench, 100 TDC 2023, 200 Alpaca, 200 TruthfulQA before exclusion."""
+    from dataclasses import asdict
+
+    from tests.conftest import REPO
+    from u2a_dist.config import load_config
+    from u2a_dist.data.examples import load_prompts
+
+    onset, e20, full = (load_config(REPO / "configs" / f"refusal_smollm2_{n}.yaml")
+                        for n in ("onset", "mismatch", "mismatch_full"))
+    assert (onset.unlearn.mismatch_weight, e20.unlearn.mismatch_weight) == (2.0, 6.0)
+    assert full.unlearn == e20.unlearn and e20.eval.harmful_prompts == onset.eval.harmful_prompts
+    e20.unlearn.mismatch_weight = 2.0
+    assert asdict(e20.unlearn) == asdict(onset.unlearn) and e20.data == full.data == onset.data
+    sizes = {s.source: len(load_prompts(s)) for s in full.eval.harmful_prompts
+             + full.eval.harmless_prompts}
+    assert sizes == {"harmbench": 100, "tdc2023": 100, "alpaca": 200, "truthfulqa": 200}
 
 
 def test_a_run_protects_every_evaluation_source_file(tmp_path):
