@@ -304,7 +304,7 @@ def test_the_retain_levers_keep_every_held_out_source_held_out(shared_data, name
 def test_the_mismatch_lever_is_the_onset_recipe_at_c_m_6_judged_on_the_full_sets(shared_data):  # noqa: ARG001
     """E20 differs from E16 only in c_m; its _full variant only in the evaluation sets, which are
     the issue's: 100 HarmBench, 100 TDC 2023, 200 Alpaca, 200 TruthfulQA before exclusion."""
-    from dataclasses import asdict
+    from dataclasses import replace
 
     from tests.conftest import REPO
     from u2a_dist.config import load_config
@@ -314,8 +314,8 @@ def test_the_mismatch_lever_is_the_onset_recipe_at_c_m_6_judged_on_the_full_sets
                         for n in ("onset", "mismatch", "mismatch_full"))
     assert (onset.unlearn.mismatch_weight, e20.unlearn.mismatch_weight) == (2.0, 6.0)
     assert full.unlearn == e20.unlearn and e20.eval.harmful_prompts == onset.eval.harmful_prompts
-    e20.unlearn.mismatch_weight = 2.0
-    assert asdict(e20.unlearn) == asdict(onset.unlearn) and e20.data == full.data == onset.data
+    assert replace(e20.unlearn, mismatch_weight=2.0) == onset.unlearn
+    assert e20.data == full.data == onset.data
     sizes = {s.source: len(load_prompts(s)) for s in full.eval.harmful_prompts
              + full.eval.harmless_prompts}
     assert sizes == {"harmbench": 100, "tdc2023": 100, "alpaca": 200, "truthfulqa": 200}
