@@ -229,7 +229,8 @@ def steps_and_state(cfg: dict, steps: int) -> dict[str, Any]:
     metrics = [trainer.train_step() for _ in range(steps)]
     return {"metrics": metrics, "state": trainer.engine.full_state_dict(),
             "checkpointing": trainer.engine.module.is_gradient_checkpointing,
-            "block_calls": calls[0], "reference_freed": trainer.reference is None}
+            "block_calls": calls[0], "reference_freed": trainer.reference is None,
+            "reduce_bucket": getattr(trainer.engine.ds.optimizer, "reduce_bucket_size", None)}
 
 
 def half_precision_rounds(cfg: dict) -> dict[str, Any]:
