@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
-APT_PACKAGES := iproute2 numactl
+APT_PACKAGES := iproute2 numactl libjemalloc2
 BEAT   := bash .ci/heartbeat  # a line every 15 s through the quiet installs
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -29,7 +29,8 @@ $(STAMP): $(BIN)/python setup.py constraints.txt Makefile
 
 install: $(STAMP)
 
-# Packages from Debian the tests use (network namespaces, core binding); skipped when present.
+# Packages from Debian the tests use (network namespaces, core binding) and the ranks' malloc
+# (jemalloc: runtime.allocator, u2a_dist/allocator.py); skipped when present.
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -37,7 +38,7 @@ apt:
 	  else echo "note: missing apt packages:$$missing (need root); related tests will skip"; fi; \
 	fi
 
-demo: install
+demo: install apt
 	$(BIN)/u2a demo
 
 # Two pytest workers, one test file at a time each: a file's module fixtures (a finished run)

@@ -46,6 +46,7 @@ def launch_ranks(module: str, spec: dict[str, Any], world: int, timeout: float,
     around the local launcher's rendezvous store on 127.0.0.1 (``env`` on top of each rank's
     environment; ``cpu``: the ranks see no GPU). Returns every rank's JSON record, or None and
     the failed rank's log tail; one failed rank stops the others (they would wait forever)."""
+    from u2a_dist.allocator import allocator_env
     from u2a_dist.runtime.local import LoopbackStore, rank_env
 
     tmp = Path(tempfile.mkdtemp(prefix="u2a-bench-"))
@@ -54,7 +55,9 @@ def launch_ranks(module: str, spec: dict[str, Any], world: int, timeout: float,
     store = LoopbackStore(world, timeout_s=int(timeout))
     procs = []
     for rank in range(world):
-        rank_vars = {**rank_env(rank, world, store.port), **(env or {})}
+        # the ranks run on the malloc a run's ranks get (runtime.allocator's default, auto)
+        rank_vars = {**rank_env(rank, world, store.port), **allocator_env("auto"),
+                     **(env or {})}
         if cpu:  # else init_distributed would pick nccl and DeepSpeed cuda
             rank_vars.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
         cmd = [sys.executable, "-m", module, "--rank-spec", json.dumps(spec),

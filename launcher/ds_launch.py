@@ -24,6 +24,12 @@ def main() -> int:
     parser.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    # The ranks' malloc (runtime.allocator) must be there before the process starts; DeepSpeed's
+    # launcher started this one, so it starts itself again, once, with it (same pid and args).
+    from u2a_dist.allocator import reexec_with
+    from u2a_dist.config import load_config
+
+    reexec_with(load_config(args.config, args.overrides).runtime.allocator)
 
     if int(os.environ.get("RANK", "0")) != 0:
         return _run(args, None)

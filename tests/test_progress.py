@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import PROGRESS_LINE, REPO, tiny_config
 from u2a_dist import progress
+from u2a_dist.allocator import find_jemalloc
 from u2a_dist.runtime.display import HEARTBEAT_S, ProgressView, clock_text, resolve_mode
 
 
@@ -237,3 +238,8 @@ def test_deepspeed_launcher_rank0_draws_the_view(tmp_path, netns):
     assert "| preflight: config, model and data" in res.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 4
+    # each rank ran on the malloc runtime.allocator=auto picks (jemalloc where installed):
+    # ds_launch.py re-executed itself with it
+    assert summary["memory"]["allocator"] == [
+        "jemalloc" if find_jemalloc() else "system"] * 2, summary["memory"]
+

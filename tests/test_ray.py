@@ -32,6 +32,7 @@ from tests.ray_helpers import (
     start_loopback_head,
     write_config,
 )
+from u2a_dist.allocator import find_jemalloc
 
 TOL = 1e-6
 STEPS, EVERY = 6, 3
@@ -135,6 +136,10 @@ def test_ray_job_submit_on_loopback_cluster_matches_local(tmp_path, local_run):
     assert_same_run(tmp_path / "run", local_run)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["restarts"] == 0
+    # each rank ran on the malloc runtime.allocator=auto picks (jemalloc where installed),
+    # passed through the actors' runtime_env
+    assert summary["memory"]["allocator"] == [
+        "jemalloc" if find_jemalloc() else "system"] * 2, summary["memory"]
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tiny_config
+from u2a_dist.allocator import find_jemalloc
 from u2a_dist.config import ConfigError, config_from_dict, report_backends
 from u2a_dist.fsio import RUN_ENTRIES
 from u2a_dist.plots import _series, write_plots
@@ -105,6 +106,9 @@ def test_a_run_mirrors_every_logged_number_to_tensorboard_and_plots_its_report(t
 
     memory = json.loads((run / "summary.json").read_text())["memory"]["peak_rss_gb"]
     assert len(memory) == 2 and all(0.1 < gb <= TINY_RANK_PEAK_GB for gb in memory), memory
+    # each rank ran on the malloc runtime.allocator=auto picks (jemalloc where installed)
+    assert json.loads((run / "summary.json").read_text())["memory"]["allocator"] == [
+        "jemalloc" if find_jemalloc() else "system"] * 2
     assert "peak resident memory per rank" in report and "peak resident memory" in res.stdout
 
 

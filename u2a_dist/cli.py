@@ -58,6 +58,10 @@ def _launch_in(cfg: RunConfig, launcher: str, overwrite: bool, mode: str,
         from u2a_dist.device import check_local_launch
 
         check_local_launch(cfg.runtime.device, cfg.runtime.world_size)
+    if launcher in ("local", "ray"):  # the ranks' environment is ours to set
+        from u2a_dist.allocator import allocator_env
+
+        allocator_env(cfg.runtime.allocator)  # runtime.allocator=jemalloc without it: exit 2
     with progress.phase("preflight", what="config, model and data"):
         preflight(cfg)  # every error surfaces before the run directory is touched
     if mode == "select":
@@ -72,7 +76,7 @@ def _launch_in(cfg: RunConfig, launcher: str, overwrite: bool, mode: str,
     if launcher == "local":
         from u2a_dist.runtime.local import launch_local
 
-        launch_local(run_dir, cfg.runtime.world_size, view)
+        launch_local(run_dir, cfg.runtime.world_size, view, allocator=cfg.runtime.allocator)
     elif launcher == "ray":
         from u2a_dist.runtime.ray import launch_ray
 
@@ -127,7 +131,9 @@ def _print_before_after(summary: dict[str, Any]) -> None:
             print(f"[u2a] {key}: before {before[key]:.3f} -> after {after[key]:.3f}")
     rss = summary.get("memory", {}).get("peak_rss_gb")
     if rss:
-        print(f"[u2a] peak resident memory per rank: {', '.join(f'{gb:.2f}' for gb in rss)} GB")
+        mallocs = summary["memory"].get("allocator")
+        print(f"[u2a] peak resident memory per rank: {', '.join(f'{gb:.2f}' for gb in rss)} GB"
+              + (f" (malloc: {', '.join(mallocs)})" if mallocs else ""))
 
 
 def _print_joint_target(cfg: RunConfig, summary: dict[str, Any]) -> None:

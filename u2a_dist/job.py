@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from u2a_dist import progress
+from u2a_dist import allocator, progress
 from u2a_dist.config import RunConfig, as_list, load_config, spec_paths
 from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
 from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
@@ -73,6 +73,7 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
 
     In `select` mode (``u2a select``): round-0 scores of every negative, no training.
     """
+    allocator.check(cfg.runtime.allocator)
     rank, world_size = init_distributed(cfg.runtime.timeout_s, cfg.runtime.device)
     try:
         trainer = Trainer(cfg, run_dir, rank, world_size)
@@ -200,11 +201,13 @@ def _plot_lines(run_dir: RunDir) -> list[str]:
     return lines[:-1]
 
 
-def _memory_lines(memory: dict[str, list[float]]) -> list[str]:
+def _memory_lines(memory: dict[str, list]) -> list[str]:
     if not memory:
         return []
     line = "- peak resident memory per rank: " + ", ".join(
         f"{gb:.2f}" for gb in memory["peak_rss_gb"]) + " GB"
+    if "allocator" in memory:  # summaries written before it have none
+        line += " (malloc: " + ", ".join(memory["allocator"]) + ")"
     if "peak_cuda_gb" in memory:
         line += "; peak CUDA allocation: " + ", ".join(
             f"{gb:.2f}" for gb in memory["peak_cuda_gb"]) + " GB"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from u2a_dist import progress
+from u2a_dist import allocator, progress
 from u2a_dist.data.tokenize import collate
 from u2a_dist.device import comm_device, model_device, to_device
 from u2a_dist.losses import sequence_logps
@@ -64,15 +64,17 @@ def all_gather_rows(local: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(home) for t in out]
 
 
-def peak_memory_gb() -> dict[str, list[float]]:
+def peak_memory_gb() -> dict[str, list]:
     """Every rank's peak resident memory so far (``ru_maxrss``) and, on a GPU, its peak CUDA
-    allocation, in GB (10⁹ bytes), in rank order. A collective."""
+    allocation, in GB (10⁹ bytes), and the malloc it runs on, in rank order. A collective."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
     cuda = float(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0.0
-    rows = all_gather_rows(torch.tensor([rss, cuda], dtype=torch.float64))
-    out = {"peak_rss_gb": [round(float(r[0]) / 1e9, 3) for r in rows]}
+    jemalloc = float(allocator.in_use() == "jemalloc")
+    rows = all_gather_rows(torch.tensor([rss, cuda, jemalloc], dtype=torch.float64))
+    out: dict[str, list] = {"peak_rss_gb": [round(float(r[0]) / 1e9, 3) for r in rows],
+                            "allocator": ["jemalloc" if r[2] else "system" for r in rows]}
     if any(float(r[1]) > 0 for r in rows):
         out["peak_cuda_gb"] = [round(float(r[1]) / 1e9, 3) for r in rows]
     return out

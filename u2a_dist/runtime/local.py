@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from u2a_dist import progress
+from u2a_dist.allocator import allocator_env
 from u2a_dist.rundir import RunDir
 from u2a_dist.runtime.display import ProgressView
 
@@ -90,18 +91,21 @@ class RankFailure(RuntimeError):
     pass
 
 
-def launch_local(run_dir: RunDir, world_size: int, view: ProgressView | None = None) -> None:
+def launch_local(run_dir: RunDir, world_size: int, view: ProgressView | None = None,
+                 allocator: str = "auto") -> None:
     """Run ``python -m u2a_dist.runtime.worker`` W times and wait; raise if any rank fails.
-    Progress is drawn by ``view`` (made here, and closed, when not given)."""
+    Progress is drawn by ``view`` (made here, and closed, when not given); the ranks run on
+    ``allocator`` (runtime.allocator, u2a_dist.allocator)."""
     display = view or ProgressView()
     try:
-        _launch(run_dir, world_size, display)
+        _launch(run_dir, world_size, display, allocator_env(allocator))
     finally:
         if view is None:
             display.close()
 
 
-def _launch(run_dir: RunDir, world_size: int, view: ProgressView) -> None:
+def _launch(run_dir: RunDir, world_size: int, view: ProgressView, extra: dict[str, str]
+            ) -> None:
     logs = run_dir.path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stale = run_dir.path / "error.json"
@@ -115,7 +119,7 @@ def _launch(run_dir: RunDir, world_size: int, view: ProgressView) -> None:
         log_file = open(logs / f"rank{rank}.log", "w")
         files.append(log_file)
         cmd = [sys.executable, "-m", "u2a_dist.runtime.worker", "--run-dir", str(run_dir.path)]
-        procs.append(subprocess.Popen(cmd, env=rank_env(rank, world_size, port),
+        procs.append(subprocess.Popen(cmd, env={**rank_env(rank, world_size, port), **extra},
                                       stdout=log_file, stderr=subprocess.STDOUT))
     view.event({"kind": "start", "path": ["starting ranks"], "done": 0, "total": None,
                 "unit": "", "what": f"{world_size} processes"})

@@ -33,6 +33,7 @@ from ray.util.placement_group import (  # noqa: E402
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
+from u2a_dist.allocator import allocator_env  # noqa: E402
 from u2a_dist.config import RunConfig  # noqa: E402
 from u2a_dist.rundir import RunDir  # noqa: E402
 from u2a_dist.runtime.display import ProgressView  # noqa: E402
@@ -81,10 +82,13 @@ def _connect(cfg: RunConfig) -> tuple[bool, bool]:
     return True, True
 
 
-def _actor_env(embedded: bool) -> dict[str, str]:
-    """Environment of the rank processes (the node's own Ray settings are left alone)."""
+def _actor_env(embedded: bool, allocator: str = "auto") -> dict[str, str]:
+    """Environment of the rank processes (the node's own Ray settings are left alone).
+    ``allocator``'s library is looked up here, on the driver's machine: a node without it
+    runs its rank on the system's malloc (reported in summary.json; an error for 'jemalloc')."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     env.update({k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ})
+    env.update(allocator_env(allocator))
     if embedded:  # same machine: the driver's copy of the package, wherever it was started
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(
@@ -116,7 +120,7 @@ def _start_group(cfg: RunConfig, run_dir: RunDir, attempt: int, display: Progres
             f"Ray could not place {world} bundles of {bundle} ({cfg.runtime.placement_strategy}) "
             f"within {place_s:.0f} s; the cluster has {ray.available_resources()} "
             "available") from None
-    env = _actor_env(embedded)
+    env = _actor_env(embedded, cfg.runtime.allocator)
     logs = run_dir.path / "logs"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     actors = []
