@@ -52,8 +52,7 @@ class DataSpec:
 
 def spec_paths(spec: DataSpec | list[DataSpec] | None) -> str:
     """The path(s) of one spec or a list of them, for messages."""
-    specs = spec if isinstance(spec, list) else [spec] if spec is not None else []
-    return ", ".join(s.path for s in specs) or "(none)"
+    return ", ".join(s.path for s in as_list(spec)) or "(none)"
 
 
 def as_list(spec: DataSpec | list[DataSpec] | None) -> list[DataSpec]:
@@ -176,10 +175,8 @@ class SelectorConfig:
     steps_per_round: int = 25
 
 
-#: runtime.device values (u2a_dist.device resolves them per rank)
-DEVICES = ("auto", "cpu", "cuda")
-#: Experiment trackers runtime.report_to can name (TRL's and the HF Trainer's spelling);
-#: "all" means every one of them, "none" none.
+DEVICES = ("auto", "cpu", "cuda")  # runtime.device (u2a_dist.device resolves them per rank)
+#: Trackers runtime.report_to can name (TRL's spelling); "all" means every one, "none" none.
 REPORT_TO = ("tensorboard",)
 
 
@@ -216,11 +213,8 @@ class RuntimeConfig:
     device: str = field(default="auto", metadata={
         "help": "auto | cpu | cuda: auto trains each rank on its GPU (LOCAL_RANK) when CUDA is "
                 "available, else on the CPU; cuda fails without one; cpu ignores GPUs."})
-    allocator: str = field(default="auto", metadata={
-        "help": "auto | jemalloc | system: the ranks' malloc. auto preloads jemalloc when it "
-                "is installed (it returns a step's freed memory to the system: ~1.8 GB less "
-                "peak per SmolLM2 CPU rank at the same speed), jemalloc requires it, system "
-                "leaves glibc's (u2a_dist/allocator.py)."})
+    allocator: str = field(default="auto", metadata={"help": "auto | jemalloc | system: the "
+        "ranks' malloc; auto: jemalloc where installed (less memory; u2a_dist/allocator.py)."})
     report_to: Union[str, list[str]] = field(default="none", metadata={
         "help": "none | tensorboard | all, or a list: rank 0 also writes every numeric "
                 "field of metrics.jsonl as a scalar there (tensorboard: <out>/tensorboard/)."})
