@@ -283,12 +283,13 @@ def test_the_redteam_lever_grounds_each_pairs_negative_in_its_own_refusal(shared
                                            ("questions", 192 + 117 + 100 + 60),
                                            ("onset", 192 + 117 + 100 + 60 + 300),
                                            ("mismatch", 192 + 117 + 100 + 60 + 300),
-                                           ("mismatch_full", 192 + 117 + 100 + 60 + 300)])
+                                           ("mismatch_full", 192 + 117 + 100 + 60 + 300),
+                                           ("alpaca384", 384 + 117 + 100 + 60 + 300)])
 def test_the_retain_levers_keep_every_held_out_source_held_out(shared_data, name,  # noqa: ARG001
                                                                n_retain):
-    """The retain sets of configs/refusal_smollm2_{varied,questions,onset,mismatch}.yaml (E5, E7,
-    E16, E20) span several styles and touch no evaluation source: HarmBench, TDC 2023, TruthfulQA
-    stay held out."""
+    """The retain sets of configs/refusal_smollm2_{varied,questions,onset,mismatch,alpaca384}.yaml
+    (E5, E7, E16, E20, E22) span several styles and touch no evaluation source: HarmBench,
+    TDC 2023, TruthfulQA stay held out."""
     from tests.conftest import REPO
     from u2a_dist.config import load_config
     from u2a_dist.data.examples import load_prompts
