@@ -21,9 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from u2a_dist.config import ConfigError
+from u2a_dist.config import ALLOCATORS, ConfigError
 
-ALLOCATORS = ("auto", "jemalloc", "system")
 LIBRARY = "libjemalloc.so.2"  # Debian/Ubuntu: apt-get install libjemalloc2
 # Freed pages go back to the system after ~1 s (dirty) and at once once purged (muzzy), by a
 # background thread, so that a step's peak does not stay the process's size.

@@ -176,6 +176,7 @@ class SelectorConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda")  # runtime.device (u2a_dist.device resolves them per rank)
+ALLOCATORS = ("auto", "jemalloc", "system")  # runtime.allocator (u2a_dist.allocator applies it)
 #: Trackers runtime.report_to can name (TRL's spelling); "all" means every one, "none" none.
 REPORT_TO = ("tensorboard",)
 
@@ -282,7 +283,7 @@ class RunConfig:
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))
         _choice("runtime.placement_strategy", self.runtime.placement_strategy, ("PACK", "SPREAD"))
         _choice("runtime.device", self.runtime.device, DEVICES)
-        _choice("runtime.allocator", self.runtime.allocator, ("auto", "jemalloc", "system"))
+        _choice("runtime.allocator", self.runtime.allocator, ALLOCATORS)
         report_backends(self.runtime.report_to)
         _check_numbers(self)
         for key in ("selector.alpha", "selector.damping", "selector.fd_eps"):
@@ -464,8 +465,7 @@ def _get(obj: Any, dotted: str) -> Any:
 # ---------------------------------------------------------------- building from dicts / YAML
 # (`key=value` overrides are parsed in config_files: raw-mapping work, like `base:`)
 
-#: Former key names still read: (section, old) -> new.
-RENAMED = {("selector", "power_iters"): "lanczos_steps"}
+RENAMED = {("selector", "power_iters"): "lanczos_steps"}  # former keys still read: (section, old)
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
