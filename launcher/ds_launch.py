@@ -44,7 +44,8 @@ def main() -> int:
 def _run(args: argparse.Namespace, view) -> int:
     from u2a_dist import progress
     from u2a_dist.config import load_config
-    from u2a_dist.job import preflight, run_rank_from_dir
+    from u2a_dist.job import run_rank_from_dir
+    from u2a_dist.preflight import preflight
     from u2a_dist.rundir import RunDir
 
     cfg = load_config(args.config, args.overrides + ["runtime.launcher=deepspeed"])

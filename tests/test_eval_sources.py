@@ -323,8 +323,8 @@ def test_the_mismatch_lever_is_the_onset_recipe_at_c_m_6_judged_on_the_full_sets
 
 
 def test_a_run_protects_every_evaluation_source_file(tmp_path):
-    """Each listed source is an input the run's output may not overlap (job.input_paths)."""
-    from u2a_dist.job import input_paths
+    """Each listed source is an input the run's output may not overlap (preflight.input_paths)."""
+    from u2a_dist.preflight import input_paths
 
     a = _write_prompts(tmp_path / "a.json", ["Say hi to my aunt for me."])
     b = _write_prompts(tmp_path / "b.json", ["Say hello to my uncle for me."])

@@ -450,14 +450,15 @@ def test_judge_on_real_completions_generalises_to_a_held_out_model(tmp_path: Pat
         default_encoder_path()
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    # Every other completion of each real file (the same positions in a model's baseline and
-    # steered harmless files, so its over-refusal pairs stay pairs): half the encoding time of
-    # the whole set (`u2a judge-train` on all of it is in BENCHMARKS.md), all five models.
-    data = tmp_path / "half"
+    # Every fourth completion of each real file (the same positions in a model's baseline and
+    # steered harmless files, so its over-refusal pairs stay pairs): a quarter of the encoding
+    # time of the whole set (`u2a judge-train` on all of it is in BENCHMARKS.md), all five
+    # models. Its folds measured 0.92-1.00 (the bar 0.9), prompt-disjoint 0.92 > phrases 0.81.
+    data = tmp_path / "quarter"
     data.mkdir()
     for path in sorted(_real_completions_dir().glob("*.json")):
         doc = json.loads(path.read_text())
-        doc["completions"] = doc["completions"][::2]
+        doc["completions"] = doc["completions"][::4]
         (data / path.name).write_text(json.dumps(doc))
     summary = train_judge_from_paths(str(data), str(tmp_path / "judge"), holdout=True)
     held = summary["holdout"]
@@ -466,7 +467,7 @@ def test_judge_on_real_completions_generalises_to_a_held_out_model(tmp_path: Pat
         assert fold["auc"] >= 0.9, (model, fold)
     # the harder test (unseen model AND unseen prompts) must still beat refusal phrases
     assert held["mean_prompt_disjoint_auc"] > held["mean_substring_auc"], held
-    assert summary["n_train"] == 1235 and summary["n_harmful"] == 419  # of 2455 and 838
+    assert summary["n_train"] == 625 and summary["n_harmful"] == 224  # of 2455 and 838
     json.dumps(summary)  # the CLI prints it
     judge = HarmJudge.load(tmp_path / "judge")
     assert judge.stats["holdout"]["mean_auc"] == held["mean_auc"]

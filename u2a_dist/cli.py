@@ -51,7 +51,7 @@ def _viewed(progress_mode: str | None) -> Iterator[Any]:
 def _launch_in(cfg: RunConfig, launcher: str, overwrite: bool, mode: str,
                view) -> dict[str, Any]:
     from u2a_dist import progress
-    from u2a_dist.job import load_summary, preflight
+    from u2a_dist.preflight import preflight
     from u2a_dist.rundir import RunDir
 
     if launcher == "local":  # the ranks run here: their devices can be checked here
@@ -84,7 +84,7 @@ def _launch_in(cfg: RunConfig, launcher: str, overwrite: bool, mode: str,
     else:
         raise ConfigError("runtime.launcher=deepspeed: start with "
                           "`deepspeed --hostfile H launcher/ds_launch.py --config FILE`")
-    return load_summary(run_dir.path)
+    return run_dir.summary()
 
 
 def _select_dir(cfg: RunConfig):

@@ -1,7 +1,5 @@
-"""What one run does, independent of how ranks were started (local, deepspeed, Ray).
-
-``preflight`` runs once in the driver before the run directory exists, so that bad config or
-data never leaves a half-made run behind. ``run_rank`` runs in every rank process.
+"""What one run does, independent of how ranks were started (local, deepspeed, Ray):
+``run_rank`` runs in every rank process (the driver's checks first are in ``preflight``).
 """
 
 from __future__ import annotations
@@ -11,19 +9,16 @@ import logging
 import os
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from u2a_dist import allocator, progress
-from u2a_dist.config import RunConfig, as_list, load_config, spec_paths
-from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
-from u2a_dist.engine import build_ds_config, init_distributed, resolve_ds_config_path
+from u2a_dist.config import RunConfig, load_config
+from u2a_dist.engine import init_distributed
 from u2a_dist.eval_sources import source_table
-from u2a_dist.evaluate import check_eval_inputs, target_report, training_prompt_keys
+from u2a_dist.evaluate import target_report
 from u2a_dist.export import write_model_card
-from u2a_dist.fsio import atomic_write, check_disjoint
+from u2a_dist.fsio import atomic_write
 from u2a_dist.model_card import metric_table
-from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.plots import write_plots
 from u2a_dist.rundir import RunDir
 from u2a_dist.sharded import peak_memory_gb
@@ -31,35 +26,6 @@ from u2a_dist.trainer import Trainer
 from u2a_dist.u2a_loop import run_u2a, select_round0
 
 log = logging.getLogger(__name__)
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Resolve (convert once) the model, check the tokenizer and read every data spec."""
-    check_disjoint(Path(cfg.out), input_paths(cfg))
-    build_ds_config(cfg, cfg.runtime.world_size)
-    load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
-    forget = load_completions(cfg.data.forget)
-    if cfg.data.mismatch is not None:
-        mismatch_answers(forget, load_completions(cfg.data.mismatch),
-                         spec_paths(cfg.data.mismatch))
-    if cfg.data.pa is not None:
-        load_pairs(cfg.data.pa)
-    training_prompt_keys(cfg, always=True)  # reads the retain specs too (prompts or completions)
-    check_eval_inputs(cfg)  # held-out pairs, prompt sets (held out?), eval.retain and eval.judge
-
-
-def input_paths(cfg: RunConfig) -> list[Path]:
-    """The local files and directories a run reads (data specs, model, DeepSpeed JSON, judge):
-    its output directory may overlap none of them."""
-    specs = [s for name in ("forget", "pa", "pa_eval", "retain", "mismatch")
-             for s in as_list(getattr(cfg.data, name))]
-    specs += [s for name in ("harmful_prompts", "harmless_prompts", "retain")
-              for s in as_list(getattr(cfg.eval, name))]
-    paths = [Path(s.path) for s in specs] + [Path(cfg.model.name_or_path)]
-    if cfg.eval.judge is not None:
-        paths.append(Path(cfg.eval.judge))
-    paths.append(resolve_ds_config_path(cfg.runtime.ds_config))
-    return [p for p in paths if p.exists()]
 
 
 def job_mode(run_dir: RunDir) -> str:
@@ -277,7 +243,3 @@ def run_rank_from_dir(run_dir: str, sink: Callable[[progress.Event], None] | Non
 
 def _print_event(event: progress.Event) -> None:
     print(progress.LINE_PREFIX + json.dumps(event), flush=True)
-
-
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "summary.json").read_text())

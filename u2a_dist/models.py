@@ -19,11 +19,15 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
 from u2a_dist.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:  # the model classes cost seconds to import: only where a model is loaded
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +159,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         tmp = out.with_name(out.name + ".tmp")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _fix_chatml_tokenizer(tokenizer)
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
         # The weights are dequantised fp32 now; drop the GGUF quantizer so they save as such.
@@ -217,6 +223,8 @@ def load_model(cfg: ModelConfig, resolved: str | None = None, seed: int = 0) -> 
         model = build_random_model(resolved[len(RANDOM):], seed,
                                    cfg.attn_implementation).to(dtype)
     else:
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False

@@ -135,3 +135,7 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write(self.path / name, json.dumps(obj, indent=2, default=str) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json, which rank 0 writes last: what the launch returns."""
+        return json.loads((self.path / "summary.json").read_text())
