@@ -6,6 +6,8 @@
 
 A fold holds one harmful source S (default: each of eval.harmful_prompts) out of training and
 judges the joint target on it; each method runs via time_to_target's ``run_one`` into RUNS/S/M.
+A fold takes over an hour on CPU: with ``runtime.checkpoint_every=N``, ``--reuse`` after an
+interruption resumes the fold that was running and skips the finished ones.
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", default=None, help="folds (default: every harmful source)")
     ap.add_argument("--runs-dir", default="runs/generalization")
     ap.add_argument("--out", default=str(RESULTS / "generalization.json"))
-    ap.add_argument("--reuse", action="store_true", help="read finished runs (a summary.json)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read finished runs (a summary.json) and resume u2a runs stopped with a "
+                         "checkpoint (pass runtime.checkpoint_every=N to have them)")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = ap.parse_args(argv)
     methods, runs = [m for m in args.methods.split(",") if m], Path(args.runs_dir)

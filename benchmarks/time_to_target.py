@@ -100,16 +100,24 @@ METHODS: Table = {
 
 def run_one(config: str, name: str, entry: tuple[str, list[str] | None], runs_dir: Path,
             overrides: list[str], reuse: bool = False, label: str = "method") -> dict[str, Any]:
-    """Run one table entry (with ``reuse``, read its finished run) and summarise its run
-    directory; a failed run gets ``error`` (its output's tail) instead."""
+    """Run one table entry (with ``reuse``, read its finished run or resume its checkpointed
+    u2a run) and summarise its run directory; a failed run gets ``error`` (its output's tail)
+    instead."""
     what, own = entry
     out = runs_dir / name
     row: dict[str, Any] = {label: name, "what": what, "overrides": [*(own or []), *overrides]}
     if reuse and (out / "summary.json").is_file():
         return {**row, "reused": str(out), **summarise(out)}
     if own is not None:
-        cmd = [sys.executable, "-m", "u2a_dist", "run", "--config", config, "--overwrite",
-               f"out={out}", *row["overrides"]]
+        from u2a_dist.rundir import RunDir
+
+        # With --reuse, a u2a run stopped part-way with a checkpoint (a machine or session that
+        # went away mid-benchmark) is resumed, not replaced: `u2a run` refuses if its config
+        # changed. Its wall_s then counts this launch only; train_time_s spans both.
+        if reuse and RunDir(out).has_checkpoint():
+            row["resumed"] = str(out)
+        cmd = [sys.executable, "-m", "u2a_dist", "run", "--config", config,
+               *([] if "resumed" in row else ["--overwrite"]), f"out={out}", *row["overrides"]]
     else:  # run_trl replaces the run directory itself, as the CLI's --overwrite does
         cmd = [sys.executable, "-m", "benchmarks.trl_baselines", name, "--config", config,
                "--out", str(out), *overrides]
@@ -153,7 +161,8 @@ def run_benchmark(argv: list[str] | None, doc: str, runs: Table, label: str, run
     ap.add_argument("--runs-dir", default=runs_dir)
     ap.add_argument("--out", default=str(RESULTS / out))
     ap.add_argument("--reuse", action="store_true",
-                    help=f"summarise a {label}'s finished run in --runs-dir instead of rerunning")
+                    help=f"summarise a {label}'s finished run in --runs-dir instead of rerunning; "
+                         "resume a u2a run stopped with a checkpoint")
     ap.add_argument("overrides", nargs="*", help=f"section.key=value for every {label}")
     args = ap.parse_args(argv)
     names = [m for m in args.names.split(",") if m]

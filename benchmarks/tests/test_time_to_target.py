@@ -242,6 +242,29 @@ def test_script_summarises_u2a_cli_and_trl_rows_alike(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_reuse_resumes_a_u2a_run_stopped_with_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A benchmark's u2a run killed after a checkpoint (a session that went away mid-fold):
+    --reuse resumes it where it stopped instead of starting it again."""
+    config, runs = write_config(tmp_path, steps=3), tmp_path / "runs"
+    extra = ["runtime.checkpoint_every=1"]
+    monkeypatch.setenv("U2A_CRASH_AT", "0:after_swap:2")  # killed once step 2 is saved
+    row = time_to_target.run_one(str(config), "ga", time_to_target.METHODS["ga"], runs, extra)
+    assert row["returncode"] == 1 and "killed at checkpoint point" in row["error"], row
+    monkeypatch.delenv("U2A_CRASH_AT")
+    row = time_to_target.run_one(str(config), "ga", time_to_target.METHODS["ga"], runs, extra,
+                                 reuse=True)
+    assert "error" not in row, row.get("error")
+    assert row["resumed"] == str(runs / "ga") and row["steps"] == 3
+    summary = json.loads((runs / "ga" / "summary.json").read_text())
+    assert summary["resumed_from"] == 2
+    assert [r["step"] for r in read_metrics(runs / "ga") if "loss" in r] == [1, 2, 3]
+    # once finished, --reuse reads it back and runs nothing
+    again = time_to_target.run_one(str(config), "ga", time_to_target.METHODS["ga"], runs, extra,
+                                   reuse=True)
+    assert again["reused"] == str(runs / "ga") and "wall_s" not in again
+
+
+@pytest.mark.slow
 def test_time_budget_stops_a_u2a_cli_run(tmp_path: Path) -> None:
     """unlearn.time_budget_s stops a CLI run at the first step that reached it."""
     config = write_config(tmp_path, steps=500)
