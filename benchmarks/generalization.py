@@ -113,8 +113,9 @@ def plot(rows: list[dict[str, Any]], folds: list[str], harmless: list[str], path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from u2a_dist.config import ConfigError, as_list, load_config, source_name
+    from u2a_dist.config import ConfigError, load_config
     from u2a_dist.data.readers import DataError
+    from u2a_dist.data_spec import as_list, source_name
     from u2a_dist.evaluate import check_eval_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

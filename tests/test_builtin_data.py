@@ -197,8 +197,8 @@ def test_unknown_name(call, known):
 
 
 def test_loaders_read_builtin_sets():
-    from u2a_dist.config import DataSpec
     from u2a_dist.data.examples import load_completions, load_pairs, load_prompts
+    from u2a_dist.data_spec import DataSpec
 
     assert len(load_completions(DataSpec(path="builtin:harmful", schema="completions"))) == 60
     assert len(load_completions(DataSpec(path="builtin:refusal_templates"))) == 12

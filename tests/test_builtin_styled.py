@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 
-from u2a_dist.config import DataSpec
 from u2a_dist.data.builtin import DATA_DIR, PROMPT_SETS
 from u2a_dist.data.examples import load_prompts
 from u2a_dist.data.records import prompt_key
+from u2a_dist.data_spec import DataSpec
 
 NAMES = ("harmful_styled", "harmless_styled")
 ROWS = 120

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from u2a_dist.config import ConfigError, DataSpec, ModelConfig, config_from_dict, load_config
+from u2a_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
 from u2a_dist.data.examples import load_completions, load_pairs, load_prompts, parse_dialogue
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import IGNORE, collate, encode, shard
+from u2a_dist.data_spec import DataSpec
 
 
 def test_yaml_and_dotted_overrides(tmp_path):

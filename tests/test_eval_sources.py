@@ -11,8 +11,9 @@ import pytest
 
 from tests.conftest import tiny_config
 from tests.eval_rank_fns import perturbed_tiny
-from u2a_dist.config import ConfigError, config_from_dict, source_name
+from u2a_dist.config import ConfigError, config_from_dict
 from u2a_dist.data.records import Prompt
+from u2a_dist.data_spec import source_name
 from u2a_dist.eval_sources import (
     EvalSource,
     interval_of,

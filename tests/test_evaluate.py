@@ -15,9 +15,10 @@ from tests.conftest import REPO, SHARED_DATA, tiny_config
 from tests.distributed import run_ranks
 from tests.eval_rank_fns import perturbed_tiny, tiny_prompt_ids
 from u2a_dist.cli import main
-from u2a_dist.config import ConfigError, DataSpec, ModelConfig, config_from_dict, load_config
+from u2a_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
 from u2a_dist.data.builtin import builtin_pairs
 from u2a_dist.data.examples import load_completions
+from u2a_dist.data_spec import DataSpec
 from u2a_dist.evaluate import (
     GenerationEval,
     encode_pairs,

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from u2a_dist.config import ConfigError, DataSpec, config_from_dict
+from u2a_dist.config import ConfigError, config_from_dict
 from u2a_dist.data.examples import load_completions, load_pairs, load_prompts
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import collate, encode
+from u2a_dist.data_spec import DataSpec
 from u2a_dist.models import build_tiny_tokenizer
 from u2a_dist.sampling import BatchSampler
 

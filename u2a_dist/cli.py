@@ -191,8 +191,22 @@ def cmd_select(args: argparse.Namespace) -> int:
     print(f"[u2a] scored {summary['n']} negatives -> {Path(cfg.out) / 'select'}/scores.jsonl; "
           "support "
           f"(top-{len(summary['support'])}): {top}{' ...' if len(summary['support']) > 10 else ''}")
+    if line := label_line(summary["stats"]):
+        print(line)
     print(json.dumps(summary["stats"], default=str))
     return 0
+
+
+def label_line(stats: dict[str, Any]) -> str | None:
+    """What the selection did with each ground-truth label of the pool (DataSpec.label), or
+    None for a pool without labels."""
+    labels = sorted(k.partition("@")[2] for k in stats if k.startswith("selector/pool@"))
+    if not labels:
+        return None
+    return "[u2a] by ground-truth label: " + "; ".join(
+        f"{lab}: {stats[f'selector/support@{lab}']} of {stats[f'selector/pool@{lab}']} selected"
+        + (f", ROC AUC {stats[f'selector/auc@{lab}']:.3f}" if f"selector/auc@{lab}" in stats
+           else "") for lab in labels)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -16,60 +16,10 @@ from typing import Any, Union
 import yaml
 
 from u2a_dist.config_files import apply_overrides, read_config_file
+from u2a_dist.data_spec import SCHEMAS, DataSpec, as_list, source_name
 from u2a_dist.losses import LOSSES
 from u2a_dist.recipes import with_recipe
 from u2a_dist.typed import ConfigError, build_dataclass
-
-SCHEMAS = ("pairs", "hh-rlhf", "refusal-pairs", "completions", "prompts", "qa", "trl")
-
-
-@dataclass
-class DataSpec:
-    """Where one data set comes from and how to read it."""
-
-    path: str = field(metadata={"help": "jsonl/json/csv/parquet (or .gz), a directory, "
-                                        "`builtin:NAME`, a hub id; in Python a datasets.Dataset."})
-    schema: str = field(default="pairs", metadata={"help": f"One of {SCHEMAS}."})
-    field: str | None = dataclasses.field(default=None, metadata={
-        "help": "Which side a pair schema feeds a completion set: chosen|rejected (trl: by role)."})
-    filter: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
-        "help": "Keep rows whose attributes equal these values, e.g. {harmful: 1}."})
-    split: str | None = dataclasses.field(default=None, metadata={
-        "help": "train|eval: deterministic split by prompt hash (no prompt in both)."})
-    eval_fraction: float = dataclasses.field(default=0.2, metadata={
-        "help": "Share of prompts put in `eval`."})
-    limit: int | None = dataclasses.field(default=None, metadata={"help": "Keep at most N rows."})
-    hub_split: str = dataclasses.field(default="train", metadata={"help": "A hub set's split."})
-    exclude: list[DataSpec] = dataclasses.field(default_factory=list, metadata={
-        "help": "Drop rows whose prompt occurs in these prompt specs (a source kept out of "
-                "training); data.hold_out_sources fills it."})
-    columns: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
-        "help": "The file's names of the schema's fields, e.g. {prompt: question}."})
-    source: str | None = dataclasses.field(default=None, metadata={
-        "help": "Name of the prompt source (e.g. advbench, alpaca) for evaluation by source "
-                "and held-out checks; default: builtin:NAME's NAME or the file name's stem."})
-
-
-def spec_paths(spec: DataSpec | list[DataSpec] | None) -> str:
-    """The path(s) of one spec or a list of them, for messages."""
-    return ", ".join(s.path for s in as_list(spec)) or "(none)"
-
-
-def as_list(spec: DataSpec | list[DataSpec] | None) -> list[DataSpec]:
-    return spec if isinstance(spec, list) else [spec] if spec is not None else []
-
-
-def source_name(spec: DataSpec) -> str:
-    """``spec.source``, else ``builtin:NAME`` → NAME, else the file's name without its data
-    and ``.gz`` suffixes (``harmful_harmbench_test.json`` → ``harmful_harmbench_test``)."""
-    if spec.source or not isinstance(spec.path, str):  # an in-memory Dataset: no file name
-        return spec.source or "dataset"
-    if spec.path.startswith("builtin:"):
-        return spec.path[len("builtin:"):]
-    name = Path(spec.path.rstrip("/")).name.removesuffix(".gz")
-    for suffix in (".jsonl", ".json", ".csv", ".parquet"):
-        name = name.removesuffix(suffix)
-    return name
 
 
 @dataclass
@@ -383,6 +333,8 @@ def _validate_spec(key: str, spec: DataSpec) -> None:
         raise ConfigError(f"{key}.eval_fraction must be in (0, 1), got {spec.eval_fraction}")
     if spec.limit is not None and spec.limit <= 0:
         raise ConfigError(f"{key}.limit must be positive, got {spec.limit}")
+    if spec.near_duplicates < 0:
+        raise ConfigError(f"{key}.near_duplicates must be >= 0, got {spec.near_duplicates}")
 
 
 #: Metrics that exist only with generation-based evaluation, and the config key they need.

@@ -16,9 +16,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from u2a_dist.config import RunConfig, as_list, source_name
+from u2a_dist.config import RunConfig
 from u2a_dist.data.examples import load_prompts
 from u2a_dist.data.records import Prompt, prompt_key
+from u2a_dist.data_spec import as_list, source_name
 
 #: The two-sided 95% normal quantile.
 Z95 = 1.959963984540054

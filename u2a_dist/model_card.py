@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from u2a_dist.config import DataSpec, RunConfig, as_list, source_name
+from u2a_dist.config import RunConfig
+from u2a_dist.data_spec import DataSpec, as_list, source_name
 from u2a_dist.eval_sources import interval_of, training_source_names
 
 #: Hub tags of every u2a export (searchable on the Hub).

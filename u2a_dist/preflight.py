@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from u2a_dist.config import RunConfig, as_list, spec_paths
+from u2a_dist.config import RunConfig
 from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
+from u2a_dist.data_spec import as_list, spec_paths
 from u2a_dist.engine import build_ds_config, resolve_ds_config_path
 from u2a_dist.evaluate import check_eval_inputs, training_prompt_keys
 from u2a_dist.fsio import check_disjoint

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from u2a_dist import progress
-from u2a_dist.config import RunConfig, spec_paths
+from u2a_dist.config import RunConfig
 from u2a_dist.data.examples import (
     Completion,
     load_completions,
@@ -20,6 +20,7 @@ from u2a_dist.data.examples import (
 )
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import encode
+from u2a_dist.data_spec import spec_paths
 from u2a_dist.evaluate import EncodedPairs, encode_pairs, pair_logps
 from u2a_dist.generation import answer_items, encode_prompts, generate
 from u2a_dist.models import load_tokenizer, resolve_model_dir

@@ -15,6 +15,7 @@ import torch
 
 from u2a_dist import progress
 from u2a_dist.fsio import atomic_write
+from u2a_dist.selection_labels import label_stats
 from u2a_dist.selector import (
     Hypergradient,
     effective_eta,
@@ -28,11 +29,13 @@ from u2a_dist.trainer_problem import TrainerProblem
 def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
     if trainer.rank != 0 or trainer.run_dir is None:
         return
+    examples = trainer.forget.examples
     for k, i in enumerate(hg.index):
+        label = examples[i].attrs.get("label")  # ground truth, for reports (DataSpec.label)
         trainer.run_dir.append("scores.jsonl", {
-            "round": trainer.round, "index": i, "id": trainer.forget.ids[i],
+            "round": trainer.round, "index": i, "id": examples[i].id,
             "score": float(hg.scores[k]), "weight": float(weights[i]),
-            "loss": float(hg.losses[k])})
+            "loss": float(hg.losses[k]), **({"label": label} if label is not None else {})})
 
 
 def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
@@ -45,6 +48,10 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     weights = torch.zeros(len(trainer.forget), dtype=torch.float64)
     weights[support] = 1.0 / len(support)
     trainer.set_support(support, weights)
+    # a pool with ground-truth labels: how well the scores separate them (reports only);
+    # round 0 scores every negative in order, so support positions are indices
+    hg.stats.update(label_stats(hg.scores.tolist(),
+                                [e.attrs.get("label") for e in trainer.forget.examples], support))
     _log_scores(trainer, hg, weights)
     return hg
 

@@ -12,8 +12,8 @@ import yaml
 from benchmarks import generalization
 from benchmarks.time_to_target import read_metrics
 from tests.conftest import tiny_config
-from u2a_dist.config import DataSpec
 from u2a_dist.data.examples import load_completions, load_prompts
+from u2a_dist.data_spec import DataSpec
 
 
 def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> list[float]:

@@ -15,17 +15,18 @@ takes the spec's ``columns`` renames and an in-memory ``datasets.Dataset`` as it
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from u2a_dist.config import DataSpec, source_name
 from u2a_dist.data.builtin import builtin_completions, builtin_pairs, builtin_prompts
 from u2a_dist.data.completions import (
     LabelledCompletion,
     load_labelled_completions,
     over_refusal_pairs,
 )
+from u2a_dist.data.noise import near_duplicates
 from u2a_dist.data.readers import DataError, Row
 
 # The record types live in ``records``; other modules import them from here too.
@@ -46,6 +47,7 @@ from u2a_dist.data.trl_formats import (
     trl_prompts,
 )
 from u2a_dist.data.trl_formats import row_id as _row_id
+from u2a_dist.data_spec import DataSpec, source_name
 
 
 def _rows(spec: DataSpec) -> list[tuple[str, Row]]:
@@ -179,6 +181,11 @@ def _finish(spec: DataSpec, items: list, what: str) -> list:
                         f"(schema={spec.schema}, filter={spec.filter}, split={spec.split}"
                         + (f", without {[source_name(e) for e in spec.exclude]}"
                            if spec.exclude else "") + ")")
+    if spec.near_duplicates:
+        items = items + near_duplicates(items, spec.near_duplicates,
+                                        seed=f"{_where(spec)}:{spec.near_duplicates}")
+    if spec.label is not None:  # ground truth for reports: nothing that trains reads it
+        items = [dataclasses.replace(x, attrs={**x.attrs, "label": spec.label}) for x in items]
     return items
 
 

@@ -1,0 +1,103 @@
+"""Noisy pools (issue 22): ground-truth labels that only reports read, near-duplicates, and how a
+selection's scores separate the labels (ROC AUC, support counts)."""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+
+import pytest
+
+from tests.conftest import tiny_config
+from tests.distributed import run_ranks
+from u2a_dist.cli import label_line
+from u2a_dist.config import ConfigError, config_from_dict
+from u2a_dist.data.examples import load_completions
+from u2a_dist.data_spec import DataSpec
+from u2a_dist.selection_labels import label_stats
+
+POOL = [DataSpec(path="builtin:harmful", schema="completions", split="train", limit=10,
+                 label="harmful", near_duplicates=3),
+        DataSpec(path="builtin:harmless", schema="completions", limit=6, label="benign")]
+
+
+def test_near_duplicates_are_seeded_small_edits_that_keep_the_label():
+    pool = load_completions(POOL)
+    assert len(pool) == 10 + 3 + 6
+    assert [x.id for x in pool] == [x.id for x in load_completions(POOL)]  # the same every time
+    assert [x.prompt for x in pool] == [x.prompt for x in load_completions(POOL)]
+    by_id = {x.id: x for x in pool}
+    copies = [x for x in pool if "~dup" in x.id]
+    assert [x.id.partition("~")[2] for x in copies] == ["dup0", "dup1", "dup2"]
+    for copy in copies:
+        source = by_id[copy.attrs["near_duplicate_of"]]
+        assert copy.id.startswith(source.id + "~")
+        for text in ("prompt", "response"):
+            a, b = getattr(source, text), getattr(copy, text)
+            assert a != b and difflib.SequenceMatcher(None, a, b).ratio() > 0.8, (a, b)
+        assert copy.attrs["label"] == "harmful"
+    assert [x.attrs["label"] for x in pool].count("benign") == 6
+    # without the options the rows are the file's own, unlabelled
+    plain = load_completions(DataSpec(path="builtin:harmful", schema="completions",
+                                      split="train", limit=10))
+    assert [(x.prompt, x.response) for x in plain] == [(x.prompt, x.response) for x in pool[:10]]
+    assert all("label" not in x.attrs for x in plain)
+
+
+def test_a_negative_near_duplicates_is_named():
+    raw = tiny_config("unused", data={"forget": {"path": "builtin:harmful",
+                                                 "schema": "completions", "near_duplicates": -1}})
+    with pytest.raises(ConfigError, match=r"data\.forget\.near_duplicates must be >= 0"):
+        config_from_dict(raw)
+
+
+def _hand_auc(scores: list[float], positive: list[bool]) -> float:
+    """P(score of a positive > score of a negative), ties one half: every pair counted."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_label_stats_against_a_hand_count():
+    scores = [3.0, 1.0, 2.0, 2.0, -1.0, 0.5]
+    labels = ["harmful", "benign", "harmful", "benign", None, "harmful"]
+    stats = label_stats(scores, labels, selected=[0, 2, 3])
+    assert stats["selector/pool@harmful"] == 3 and stats["selector/pool@benign"] == 2
+    assert stats["selector/support@harmful"] == 2 and stats["selector/support@benign"] == 1
+    for label in ("harmful", "benign"):
+        truth = [x == label for x in labels]  # an unlabelled row counts among the others
+        assert stats[f"selector/auc@{label}"] == pytest.approx(_hand_auc(scores, truth))
+    assert stats["selector/auc@harmful"] == pytest.approx(6.5 / 9)
+    assert label_stats(scores, [None] * 6, [0]) == {}
+    assert "selector/auc@x" not in label_stats([1.0, 2.0], ["x", "x"], [1])  # no other rows
+    assert label_line(stats) == ("[u2a] by ground-truth label: benign: 1 of 2 selected, ROC AUC "
+                                 "0.562; harmful: 2 of 3 selected, ROC AUC 0.722")
+    assert label_line({"selector/alpha": 1.0}) is None
+
+
+@pytest.mark.slow
+def test_round0_reports_the_labels_and_never_reads_them(tmp_path):
+    """A labelled noisy pool and the same pool without labels get the same round-0 scores and
+    support; the labelled one reports, per label, its support count and the scores' AUC."""
+    def cfg(run: str, labelled: bool) -> dict:
+        pool = [{"path": s.path, "schema": s.schema, "split": s.split, "limit": s.limit,
+                 "near_duplicates": s.near_duplicates,
+                 **({"label": s.label} if labelled else {})} for s in POOL]
+        return tiny_config(tmp_path / run, data={"forget": pool},
+                           selector={"enabled": True, "top_k": 8, "hessian_batch": 16,
+                                     "ihvp": "identity"},
+                           runtime={"world_size": 1})
+    labelled = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg("a", True)})[0]
+    plain = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg("b", False)})[0]
+    assert labelled["scores"].tolist() == plain["scores"].tolist()
+    assert labelled["support"] == plain["support"]
+    assert not any("@" in k for k in plain["stats"])
+    stats, scores = labelled["stats"], labelled["scores"].tolist()
+    labels = [x.attrs["label"] for x in load_completions(POOL)]
+    assert stats["selector/pool@harmful"] == 13 and stats["selector/pool@benign"] == 6
+    support = labelled["support"]
+    assert stats["selector/support@harmful"] + stats["selector/support@benign"] == len(support)
+    assert stats["selector/support@benign"] == sum(labels[i] == "benign" for i in support)
+    assert stats["selector/auc@harmful"] == pytest.approx(
+        _hand_auc(scores, [x == "harmful" for x in labels]))
