@@ -87,6 +87,9 @@ METHODS: Table = {
                    "scale-free reweighting step)", ["selector.enabled=true"]),
     "uniform": ("the recipe as configured, selector off: uniform weights over all negatives",
                 ["selector.enabled=false"]),
+    "random_k": ("random-k: a seeded random support of selector.top_k negatives, uniform "
+                 "weights, the U2A steps (the peer a selection must beat)",
+                 ["selector.enabled=true", "selector.score=random"]),
     "ga": ("gradient ascent on the negatives alone (no mismatch, no retain KL)",
            ["selector.enabled=false", "unlearn.loss=ga", *ALONE]),
     "npo": ("NPO on the negatives alone (no mismatch, no retain KL)",

@@ -101,3 +101,25 @@ def test_round0_reports_the_labels_and_never_reads_them(tmp_path):
     assert stats["selector/support@benign"] == sum(labels[i] == "benign" for i in support)
     assert stats["selector/auc@harmful"] == pytest.approx(
         _hand_auc(scores, [x == "harmful" for x in labels]))
+
+
+@pytest.mark.slow
+def test_random_k_trains_a_seeded_random_support_with_uniform_weights(tmp_path):
+    """selector.score=random (random-k, issue 22's peer): the top_k of seeded uniform draws, the
+    same on both ranks, kept with uniform weights through the reweighting rounds."""
+    import torch
+
+    cfg = tiny_config(tmp_path / "run", data={"forget": {"path": "builtin:harmful",
+                                                         "schema": "completions", "limit": 20}},
+                      unlearn={"steps": 6}, runtime={"seed": 3},
+                      selector={"enabled": True, "score": "random", "top_k": 6, "rounds": 2,
+                                "steps_per_round": 2})
+    ranks = run_ranks(2, "tests.rank_fns:u2a_report", {"cfg": cfg})
+    draws = torch.rand(20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = sorted(draws.argsort(descending=True)[:6].tolist())  # independent of select_top_k
+    for r in ranks:
+        assert list(r["support"]) == expected
+        assert r["round"] == 3 and len(r["losses"]) == 6  # round 0 and two reweighting rounds
+        w = r["weights"]
+        assert torch.equal(w[expected], torch.full((6,), 1 / 6, dtype=w.dtype))
+        assert float(w.sum()) == pytest.approx(1.0) and int((w > 0).sum()) == 6

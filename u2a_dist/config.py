@@ -114,7 +114,9 @@ class SelectorConfig:
     outer_sample: int = field(default=0, metadata={
         "help": "Preference pairs of data.pa drawn (seeded, afresh each round) for ∇J; 0 = all. "
                 "∇J costs a forward+backward per pair: a sample is its unbiased estimate."})
-    score: str = field(default="directional", metadata={"help": "directional | per_example_grad"})
+    score: str = field(default="directional", metadata={
+        "help": "directional | per_example_grad | random: random-k, a seeded random support of "
+                "top_k with uniform weights and no reweighting (the peer selection must beat)"})
     top_k: int = 64
     eta: float = 1.0
     eta_scale: str = field(default="raw", metadata={
@@ -227,7 +229,8 @@ class RunConfig:
                               f"unlearn.loss={self.unlearn.loss!r}: {why}")
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "identity"))
-        _choice("selector.score", self.selector.score, ("directional", "per_example_grad"))
+        _choice("selector.score", self.selector.score, ("directional", "per_example_grad",
+                                                              "random"))
         _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))
         _choice("runtime.launcher", self.runtime.launcher, ("local", "ray", "deepspeed"))
         _choice("runtime.zero_stage", self.runtime.zero_stage, (0, 1, 2, 3))

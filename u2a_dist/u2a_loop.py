@@ -35,15 +35,27 @@ def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
         trainer.run_dir.append("scores.jsonl", {
             "round": trainer.round, "index": i, "id": examples[i].id,
             "score": float(hg.scores[k]), "weight": float(weights[i]),
-            "loss": float(hg.losses[k]), **({"label": label} if label is not None else {})})
+            "loss": float(hg.losses[k]) if torch.isfinite(hg.losses[k]) else None,
+            **({"label": label} if label is not None else {})})
+
+
+def _random(idx: list[int], seed: int) -> Hypergradient:
+    """random-k (``selector.score: random``): seeded uniform scores, the same on every rank,
+    so that the top-k is a random support; no ∇J, no HVP, no loss (NaN)."""
+    scores = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    return Hypergradient(list(idx), scores, torch.full((len(idx),), float("nan")))
 
 
 def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     """Round 0: score all N with w uniform, keep the top-k as the support, w uniform on it."""
     cfg = trainer.cfg.selector
-    problem = TrainerProblem(trainer, hessian_batch or cfg.hessian_batch)
     everything = list(range(len(trainer.forget)))
-    hg = hypergradients(problem, cfg, everything, seed=trainer.cfg.runtime.seed)
+    if cfg.score == "random":
+        hg = _random(everything, trainer.cfg.runtime.seed)
+    else:
+        problem = TrainerProblem(trainer, hessian_batch or cfg.hessian_batch)
+        hg = hypergradients(problem, cfg, everything, seed=trainer.cfg.runtime.seed)
     support = select_top_k(hg.scores, cfg.top_k)
     weights = torch.zeros(len(trainer.forget), dtype=torch.float64)
     weights[support] = 1.0 / len(support)
@@ -59,6 +71,8 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
 def reweight(trainer) -> Hypergradient:
     """A later round: rescore the support at the current θ and move w by exponentiated gradient."""
     cfg = trainer.cfg.selector
+    if cfg.score == "random":  # random-k trains its support with uniform weights throughout
+        return _random(list(trainer.sampler.support), trainer.cfg.runtime.seed + trainer.round)
     problem = TrainerProblem(trainer, cfg.hessian_batch)
     support = list(trainer.sampler.support)
     hg = hypergradients(problem, cfg, support, seed=trainer.cfg.runtime.seed + trainer.round)
