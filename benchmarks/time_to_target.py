@@ -96,6 +96,8 @@ METHODS: Table = {
             ["selector.enabled=false", "unlearn.loss=npo", *ALONE]),
     "dpo": ("TRL DPOTrainer on the data.pa pairs (β = selector.dpo_beta)", None),
     "dpo_sft": ("TRL DPOTrainer, DPO + SFT on the chosen answers (1:1, as RPO)", None),
+    "kto": ("TRL KTOTrainer: the negatives undesirable, their data.mismatch refusals "
+            "desirable", None),
     "rlhf": ("TRL RLOOTrainer; reward −P(harm) on harmful training prompts, +1 for a real "
              "answer on harmless ones", None),
 }

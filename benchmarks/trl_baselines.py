@@ -1,6 +1,6 @@
-"""DPO and RLHF (RLOO) baselines with TRL, measured the way u2a runs are (issue 6).
+"""DPO, KTO and RLHF (RLOO) baselines with TRL, measured the way u2a runs are (issue 6).
 
-    python -m benchmarks.trl_baselines dpo|dpo_sft|rlhf --config FILE.yaml --out DIR
+    python -m benchmarks.trl_baselines dpo|dpo_sft|kto|rlhf --config FILE.yaml --out DIR
         [section.key=value ...]
 
 One process on the CPU with the config's model, seed and ``unlearn`` optimiser settings,
@@ -8,12 +8,15 @@ stopped as a u2a run stops, evaluated by the product's ``RunEvaluation`` (traini
 stopped) into a u2a run directory, so ``summarise`` reads both alike. ``dpo``: DPOTrainer
 (sigmoid, β = ``selector.dpo_beta``) on J's pairs as ``RunInputs`` tokenises them, reference
 log-probs precomputed at set-up (as a u2a run caches its own); ``dpo_sft`` adds TRL's SFT loss
-on the chosen answers (1:1, as RPO). ``rlhf``: RLOOTrainer (2 samples per prompt, KL β = 0.05
-against θ0) on as many harmful as harmless training prompts, rewarded by ``harm_help_reward``:
-−P(harm) by the judge of ``eval.judge`` on a harmful prompt (no judge: 1 unless a refusal; −1
-for degenerate text), +1 on a harmless one for an answer neither a refusal nor degenerate, else
-0: degenerate text, which a judge may find harmless (gradient ascent's failure mode), never
-pays. RLHF so optimises the judge that scores the evaluation (on other prompts): it favours RLHF.
+on the chosen answers (1:1, as RPO). ``kto``: KTOTrainer (β = ``selector.dpo_beta``) on
+unpaired rows: each negative of ``data.forget`` undesirable, its ``data.mismatch`` answer (a
+refusal on the same prompt) desirable, as many of each in every batch. ``rlhf``: RLOOTrainer (2
+samples per prompt, KL β = 0.05 against θ0) on as many harmful as harmless training prompts,
+rewarded by ``harm_help_reward``: −P(harm) by the judge of ``eval.judge`` on a harmful prompt (no
+judge: 1 unless a refusal; −1 for degenerate text), +1 on a harmless one for an answer neither a
+refusal nor degenerate, else 0: degenerate text, which a judge may find harmless (gradient
+ascent's failure mode), never pays. RLHF so optimises the judge that scores the evaluation (on
+other prompts): it favours RLHF.
 """
 
 from __future__ import annotations
@@ -115,6 +118,33 @@ def dpo_dataset(inputs: RunInputs) -> list[dict[str, list[int]]]:
     return rows
 
 
+def kto_dataset(inputs: RunInputs, batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """KTOTrainer's tokenised rows: each negative of ``data.forget`` undesirable and its
+    ``data.mismatch`` answer (a refusal on its prompt) desirable, side by side (in a seeded
+    order of the negatives) so that every batch of ``batch_size`` rows holds as many of each
+    under TRL's sequential sampling; and TRL's KL completions, each batch's completions rotated
+    by one (what ``KTOTrainer._prepare_dataset`` adds to the rows it tokenises itself)."""
+    import random
+
+    forget = inputs.forget
+    if forget.mismatch is None:
+        raise ConfigError("kto needs data.mismatch: the desirable answers (refusals) on the "
+                          "flagged prompts")
+    order = list(range(len(forget.items)))
+    random.Random(seed).shuffle(order)
+    rows = []
+    for i in order:
+        for item, desirable in ((forget.items[i], False), (forget.mismatch[i], True)):
+            n = _prompt_len(item)
+            rows.append({"prompt_ids": item["input_ids"][:n],
+                         "completion_ids": item["input_ids"][n:], "label": desirable})
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        for row, kl in zip(batch, [batch[-1], *batch[:-1]]):
+            row["KL_completion_ids"] = kl["completion_ids"]
+    return rows
+
+
 def _prompt_len(item: dict[str, list[int]]) -> int:
     return next((i for i, lab in enumerate(item["labels"]) if lab != IGNORE),
                 len(item["labels"]))
@@ -197,7 +227,7 @@ def _hooked(cls: type, hook: str, body: Callable) -> type:
 def build_trainer(method: str, cfg: RunConfig, inputs: RunInputs, model: PreTrainedModel,
                   out: Path, callback: TrainerCallback, judge=None):
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
     tokenizer = inputs.tokenizer
     if method in ("dpo", "dpo_sft"):
@@ -211,6 +241,16 @@ def build_trainer(method: str, cfg: RunConfig, inputs: RunInputs, model: PreTrai
         cls = _hooked(DPOTrainer, "_prepare_dataset", lambda self, dataset, *_: dataset)
         return cls(model=model, ref_model=reference, args=args, processing_class=tokenizer,
                    train_dataset=Dataset.from_list(dpo_dataset(inputs)), callbacks=[callback])
+    if method == "kto":  # a u2a step's B negatives and their B refusals: 2B rows a batch
+        rows = 2 * cfg.unlearn.batch_size
+        reference = load_model(cfg.model, inputs.resolved, seed=cfg.runtime.seed)
+        args = KTOConfig(**_trainer_args(cfg, out, rows), beta=cfg.selector.dpo_beta,
+                         max_length=cfg.data.max_length, precompute_ref_log_probs=True,
+                         train_sampling_strategy="sequential")
+        cls = _hooked(KTOTrainer, "_prepare_dataset", lambda self, dataset, *_: dataset)
+        return cls(model=model, ref_model=reference, args=args, processing_class=tokenizer,
+                   train_dataset=Dataset.from_list(kto_dataset(inputs, rows, cfg.runtime.seed)),
+                   callbacks=[callback])
     prompts = rl_prompts(cfg)
     # Prompts are tokenised as the evaluation tokenises them (chat template, left cut).
     ids = {p.prompt: encode_prompt(tokenizer, p.prompt, p.history, cfg.data.max_length)
@@ -238,7 +278,7 @@ class TrlRun(NamedTuple):
 
 
 def run_trl(method: str, cfg: RunConfig) -> TrlRun:
-    """Train ``method`` (dpo | dpo_sft | rlhf) into the run directory ``cfg.out`` (a u2a run
+    """Train ``method`` (dpo | dpo_sft | kto | rlhf) into the run directory ``cfg.out`` (a u2a run
     directory there is replaced) until the target, a floor, ``unlearn.steps`` or
     ``unlearn.time_budget_s``."""
     t_setup = time.perf_counter()
@@ -257,7 +297,8 @@ def run_trl(method: str, cfg: RunConfig) -> TrlRun:
     trainer.train()
     step = trainer.state.global_step
     after = callback.evaluate(trainer.model, step)  # the last step's, or the final model's
-    unit = "pairs" if method != "rlhf" else f"prompts (x{RLOO_GENERATIONS} samples)"
+    unit = {"rlhf": f"prompts (x{RLOO_GENERATIONS} samples)",
+            "kto": "negatives (+ as many refusals)"}.get(method, "pairs")
     summary = {
         "method": method, "step": step, "stopped": callback.stopped or "budget",
         "train_time_s": callback.train_time, "eval_time_s": callback.eval_time,
@@ -270,7 +311,7 @@ def run_trl(method: str, cfg: RunConfig) -> TrlRun:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("method", choices=("dpo", "dpo_sft", "rlhf"))
+    ap.add_argument("method", choices=("dpo", "dpo_sft", "kto", "rlhf"))
     ap.add_argument("--config", default="configs/refusal_smollm2.yaml")
     ap.add_argument("--out", required=True, help="run directory (replaced)")
     ap.add_argument("overrides", nargs="*", help="section.key=value")

@@ -16,11 +16,12 @@ import yaml
 from benchmarks import time_to_target, trl_baselines
 from benchmarks.time_to_target import fmt, read_metrics, summarise
 from tests.conftest import tiny_config
-from u2a_dist.config import load_config
+from u2a_dist.config import ConfigError, load_config
 from u2a_dist.data.examples import load_completions
 from u2a_dist.evaluate import GenerationEval, prompt_key, training_prompt_keys
 from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
 from u2a_dist.run_eval import RunEvaluation
+from u2a_dist.run_inputs import RunInputs
 
 #: Held-out prompts of the built-in data, the refusal matcher only (no judge), and the recipe's
 #: joint target in its judge-free form: the tiny random model never refuses, so it is never met.
@@ -112,6 +113,43 @@ def test_dpo_trains_every_parameter_and_logs_like_a_u2a_run(
     assert results.with_suffix(".png").stat().st_size > 0
 
 
+def test_kto_unlearns_the_negatives_against_their_refusals(tmp_path: Path) -> None:
+    """KTO's rows: each negative undesirable beside its mismatch refusal (desirable), TRL's KL
+    completions rotated by one within each batch. At θ0 (the policy is its reference: every
+    implied reward and the KL estimate are 0) KTO's loss is exactly 1 − σ(0) = 0.5 for either
+    label; two steps change every parameter."""
+    config = write_config(tmp_path, steps=2, every=0)
+    mismatch = 'data.mismatch={"path": "builtin:refusal_templates", "schema": "completions"}'
+    cfg = load_config(config, [f"out={tmp_path / 'runs' / 'kto'}", mismatch])
+    inputs = RunInputs(cfg)
+    batch = 2 * cfg.unlearn.batch_size
+    rows = trl_baselines.kto_dataset(inputs, batch, cfg.runtime.seed)
+    assert len(rows) == 2 * len(inputs.forget)
+    assert [r["label"] for r in rows] == [False, True] * len(inputs.forget)
+    negatives = {tuple(x["input_ids"]) for x in inputs.forget.items}
+    refusals = {tuple(x["input_ids"]) for x in inputs.forget.mismatch}
+    for bad, good in zip(rows[::2], rows[1::2]):
+        # the same flagged prompt, each cut from the left to fit its answer in data.max_length
+        short, long = sorted((bad["prompt_ids"], good["prompt_ids"]), key=len)
+        assert short and long[len(long) - len(short):] == short
+        assert tuple(bad["prompt_ids"] + bad["completion_ids"]) in negatives
+        assert tuple(good["prompt_ids"] + good["completion_ids"]) in refusals
+    for start in range(0, len(rows), batch):
+        part = rows[start:start + batch]
+        assert [r["KL_completion_ids"] for r in part] == \
+               [part[-1]["completion_ids"]] + [r["completion_ids"] for r in part[:-1]]
+    before = theta0(cfg)
+    run = trl_baselines.run_trl("kto", cfg)
+    assert_every_parameter_changed(before, run.model)
+    losses = [r["loss"] for r in read_metrics(Path(cfg.out)) if "loss" in r]
+    assert len(losses) == 2 and losses[0] == pytest.approx(0.5, abs=1e-4)
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary["example_unit"] == "negatives (+ as many refusals)"
+    without = load_config(config, [f"out={tmp_path / 'runs' / 'kto2'}"])
+    with pytest.raises(ConfigError, match="kto needs data.mismatch"):
+        trl_baselines.kto_dataset(RunInputs(without), batch, 0)
+
+
 def test_dpo_sft_adds_the_chosen_answers_negative_log_likelihood(tmp_path: Path) -> None:
     """At θ0 the policy is its reference, so DPO's loss is exactly ln 2 whatever the pair;
     DPO + SFT adds the chosen answers' mean token NLL, which for the tiny random model is near
@@ -201,7 +239,8 @@ def test_a_missing_judge_names_the_key_and_the_command(
     with pytest.raises(SystemExit):
         time_to_target.main(["--config", str(config), "--methods", "sft"])
     assert set(time_to_target.METHODS) == {"u2a", "u2a_identity", "u2a_recipe", "uniform",
-                                           "random_k", "ga", "npo", "dpo", "dpo_sft", "rlhf"}
+                                           "random_k", "ga", "npo", "dpo", "dpo_sft", "kto",
+                                           "rlhf"}
 
 
 def test_table_cells_keep_a_diverged_metric_readable() -> None:
