@@ -12,8 +12,9 @@ from tests.conftest import REPO
 MAX_LINES = 500
 #: Issue 20's bar for benchmarks/ (.py and .sh, tests included): half of its 5.0k lines then;
 #: raised from 2500 to 2700 for generalization.py and its test (issue 21, leave-one-source-out),
-#: and to 3200 for throughput.py and its test (issue 23: every pass against its ceiling and TRL).
-MAX_BENCHMARK_LINES = 3200
+#: to 3200 for throughput.py and its test (issue 23: every pass against its ceiling and TRL), and
+#: to 3600 for noisy_pool.py, the KTO peer and their tests (issue 22: every method on noisy pools).
+MAX_BENCHMARK_LINES = 3600
 
 
 def _lines(paths) -> dict[str, int]:
