@@ -161,6 +161,23 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
             "weights": trainer.weights}
 
 
+def group_delta_j(cfg: dict, group: list[int], steps: int) -> dict[str, float]:
+    """J (the selector's outer objective) at θ0 and after ``steps`` steps on ``group`` alone
+    (uniform weights on it): the measured effect a group's scores predict."""
+    from u2a_dist.trainer_problem import TrainerProblem
+
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    problem = TrainerProblem(trainer, config.selector.hessian_batch)
+    _, before = problem.outer_grad()
+    weights = torch.zeros(len(trainer.forget), dtype=torch.float64)
+    weights[group] = 1.0 / len(group)
+    trainer.set_support(sorted(group), weights)
+    trainer.train(steps=steps)
+    _, after = problem.outer_grad()
+    return {"before": before, "after": after}
+
+
 def u2a_report(cfg: dict, prepare: bool = True) -> dict[str, Any]:
     """Run the U2A loop (round-0 selection, train, reweight, ...) and report its state."""
     from u2a_dist.u2a_loop import run_u2a

@@ -77,33 +77,6 @@ def test_label_stats_against_a_hand_count():
 
 
 @pytest.mark.slow
-def test_round0_reports_the_labels_and_never_reads_them(tmp_path):
-    """A labelled noisy pool and the same pool without labels get the same round-0 scores and
-    support; the labelled one reports, per label, its support count and the scores' AUC."""
-    def cfg(run: str, labelled: bool) -> dict:
-        pool = [{"path": s.path, "schema": s.schema, "split": s.split, "limit": s.limit,
-                 "near_duplicates": s.near_duplicates,
-                 **({"label": s.label} if labelled else {})} for s in POOL]
-        return tiny_config(tmp_path / run, data={"forget": pool},
-                           selector={"enabled": True, "top_k": 8, "hessian_batch": 16,
-                                     "ihvp": "identity"},
-                           runtime={"world_size": 1})
-    labelled = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg("a", True)})[0]
-    plain = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg("b", False)})[0]
-    assert labelled["scores"].tolist() == plain["scores"].tolist()
-    assert labelled["support"] == plain["support"]
-    assert not any("@" in k for k in plain["stats"])
-    stats, scores = labelled["stats"], labelled["scores"].tolist()
-    labels = [x.attrs["label"] for x in load_completions(POOL)]
-    assert stats["selector/pool@harmful"] == 13 and stats["selector/pool@benign"] == 6
-    support = labelled["support"]
-    assert stats["selector/support@harmful"] + stats["selector/support@benign"] == len(support)
-    assert stats["selector/support@benign"] == sum(labels[i] == "benign" for i in support)
-    assert stats["selector/auc@harmful"] == pytest.approx(
-        _hand_auc(scores, [x == "harmful" for x in labels]))
-
-
-@pytest.mark.slow
 def test_random_k_trains_a_seeded_random_support_with_uniform_weights(tmp_path):
     """selector.score=random (random-k, issue 22's peer): the top_k of seeded uniform draws, the
     same on both ranks, kept with uniform weights through the reweighting rounds."""
@@ -123,3 +96,51 @@ def test_random_k_trains_a_seeded_random_support_with_uniform_weights(tmp_path):
         w = r["weights"]
         assert torch.equal(w[expected], torch.full((6,), 1 / 6, dtype=w.dtype))
         assert float(w.sum()) == pytest.approx(1.0) and int((w > 0).sum()) == 6
+
+
+@pytest.mark.slow
+def test_round0_ranks_harmful_above_benign_and_the_top_group_lowers_j_more(tmp_path):
+    """Issue 22's check on the tiny model: negatives of both kinds from prompts J's pairs do not
+    hold (the built-in eval split; J on the train split's refusal and over-refusal pairs, which
+    reward refusing harmful requests and answering harmless ones). Round-0 scores rank the
+    harmful compliances above the benign answers, and T steps on the top-k group alone lower J
+    more than T steps on the bottom-k group, each from θ0. (On SmolLM2 the issue measured round-0
+    AUC 0.69 on real pools: the tiny model's texts separate more easily.)"""
+    import torch
+
+    pool = [{"path": "builtin:harmful", "schema": "completions", "split": "eval",
+             "label": "harmful"},
+            {"path": "builtin:harmless", "schema": "completions", "split": "eval",
+             "label": "benign"}]
+    cfg = tiny_config(tmp_path / "run", data={"forget": pool},
+                      selector={"enabled": True, "top_k": 8, "ihvp": "identity",
+                                "hessian_batch": 16}, runtime={"world_size": 1})
+    r0 = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg})[0]
+    scores, stats = r0["scores"], r0["stats"]
+    # the labels reach the report only: the same pool unlabelled gets the very same scores
+    plain = tiny_config(tmp_path / "plain", data={"forget": [
+        {k: v for k, v in s.items() if k != "label"} for s in pool]}, selector=cfg["selector"],
+        runtime=cfg["runtime"])
+    unlabelled = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": plain})[0]
+    assert scores.tolist() == unlabelled["scores"].tolist()
+    assert not any("@" in k for k in unlabelled["stats"])
+    labels = [x.attrs["label"] for x in load_completions([DataSpec(**s) for s in pool])]
+    assert stats["selector/pool@harmful"] == labels.count("harmful")
+    assert stats["selector/pool@benign"] == labels.count("benign")
+    assert stats["selector/support@harmful"] == sum(labels[i] == "harmful"
+                                                    for i in r0["support"])
+    assert stats["selector/auc@harmful"] == pytest.approx(
+        _hand_auc(scores.tolist(), [x == "harmful" for x in labels]))
+    assert stats["selector/auc@harmful"] >= 0.95, stats  # the issue's bar
+    order = scores.argsort(descending=True).tolist()
+    top, bottom = sorted(order[:8]), sorted(order[-8:])
+    assert all(labels[i] == "harmful" for i in top) and all(labels[i] == "benign"
+                                                           for i in bottom)
+    delta = {}
+    for name, group in (("top", top), ("bottom", bottom)):
+        j = run_ranks(1, "tests.rank_fns:group_delta_j",
+                      {"cfg": cfg, "group": group, "steps": 3})[0]
+        delta[name] = j["after"] - j["before"]
+    # measured: top −0.20, bottom −0.01 (GA on any text moves J a little)
+    assert delta["top"] < min(0.0, delta["bottom"]), delta
+    assert torch.isfinite(scores).all()
