@@ -9,12 +9,13 @@ The config's ``data.forget`` lists the pool's specs, each with its ``label`` (gr
 nothing that trains or selects reads): ``harmful`` specs are the true negatives, every other label
 a false positive. A pool at ρ keeps the true negatives as configured and cuts the false-positive
 specs (``limit``, in their order) to ``round(ρ/(1−ρ)·N_harmful)`` rows, so that they are ρ of it;
-``--pairs P`` keeps the first P of ``data.pa``'s pairs (in its specs' order; "all": as
-configured). Each method runs via time_to_target's ``run_one`` into RUNS/rho<ρ>/<method>; a row
-has its time to the joint target and, for the selecting methods, round 0's ROC AUC of harmful
-against benign and the false-positive share of the final support and of its weight mass (from
-``scores.jsonl``). ``--select-only`` runs ``u2a select`` instead (round-0 scores, no training)
-for the selecting methods: the AUC and top-k precision of each selector variant, cheaply.
+``--pairs P`` keeps P of ``data.pa``'s pairs, shared as evenly as its specs allow (J's refusal and
+over-refusal pairs alike; "all": as configured). Each method runs via time_to_target's ``run_one``
+into RUNS/rho<ρ>/<method>; a row has its time to the joint target and, for the selecting methods,
+round 0's ROC AUC of harmful against benign and the false-positive share of the final support and
+of its weight mass (from ``scores.jsonl``). ``--select-only`` runs ``u2a select`` instead (round-0
+scores, no training) for the selecting methods: the AUC and top-k precision of each selector
+variant, cheaply.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def pool_overrides(cfg, rho: float, pairs: int | None) -> list[str]:
         raise ValueError(f"noisy_pool: ρ={rho} needs {want} more false positives than the "
                          "data.forget specs hold")
     out = [f"data.forget={json.dumps(pool)}"]
-    if pairs is not None:
-        kept, left = [], pairs
-        for s in as_list(cfg.data.pa):
-            if left > 0:
-                n = min(left, len(load_pairs(s)))
-                kept.append({**_raw(s), "limit": n})
-                left -= n
+    if pairs is not None:  # P shared as evenly as the specs allow (refusal and over-refusal)
+        specs = as_list(cfg.data.pa)
+        sizes, take = [len(load_pairs(s)) for s in specs], [0] * len(specs)
+        while sum(take) < pairs and any(t < n for t, n in zip(take, sizes)):
+            for i in range(len(specs)):
+                if take[i] < sizes[i] and sum(take) < pairs:
+                    take[i] += 1
+        kept = [{**_raw(s), "limit": n} for s, n in zip(specs, take) if n]
         out.append(f"data.pa={json.dumps(kept)}")
     return out
 
