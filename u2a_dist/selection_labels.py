@@ -16,10 +16,10 @@ def label_stats(scores: Sequence[float], labels: Sequence[str | None],
     among ``selected``, positions into ``scores``) and ``selector/auc@L`` (ROC AUC of ``scores``
     for L against every other row, ties counting one half; only where both exist). Empty when
     no row has a label."""
-    from sklearn.metrics import roc_auc_score
-
     if all(label is None for label in labels):
         return {}
+    from sklearn.metrics import roc_auc_score
+
     pool = Counter(str(label) for label in labels if label is not None)
     chosen = Counter(str(labels[i]) for i in selected if labels[i] is not None)
     out: dict[str, float] = {}
