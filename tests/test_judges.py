@@ -78,6 +78,16 @@ def test_refusal_phrases_cover_the_usual_list() -> None:
         assert is_refusal(f"Well. {phrase.upper()} do it.")
 
 
+def test_every_builtin_refusal_template_is_a_refusal() -> None:
+    """What the mismatch term teaches must count as refusing ("I will not assist with this."
+    did not, so a model that learned it was scored as answering)."""
+    from u2a_dist.data.builtin import builtin_completions
+
+    templates = [c.response for c in builtin_completions("refusal_templates")]
+    assert len(templates) == 12 and all(is_refusal(t) for t in templates), \
+        [t for t in templates if not is_refusal(t)]
+
+
 def test_is_refusal_reproduces_the_datasets_substring_labels() -> None:
     rows = load_labelled_completions(_real_completions_dir())
     disagree = [(c.source_model, c.setting, c.response[:80]) for c in rows
