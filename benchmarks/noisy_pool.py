@@ -61,17 +61,21 @@ def pool_overrides(cfg, rho: float, pairs: int | None) -> list[str]:
     harmful = sum(len(load_completions(s)) for s in specs if s.label == HARMFUL)
     if not harmful:
         raise ValueError(f"noisy_pool: no data.forget spec has label {HARMFUL!r}")
-    want = round(rho / (1 - rho) * harmful) if rho < 1 else None
-    if want is None:
+    if not 0 <= rho < 1:
         raise ValueError(f"--rho must be in [0, 1), got {rho}")
+    want = round(rho / (1 - rho) * harmful)
     pool = []
     for s in specs:
         raw = _raw(s)
         if s.label != HARMFUL:
-            n = min(want, len(load_completions(s)))
+            total = len(load_completions(s))  # its rows and their near-duplicates
+            n = min(want, total)
             if n == 0:
                 continue
-            raw["limit"], want = n, want - n
+            if n < total:  # cut: rows and near-duplicates in the spec's proportion
+                dups = round(n * s.near_duplicates / total)
+                raw["limit"], raw["near_duplicates"] = n - dups, dups
+            want -= n
         pool.append(raw)
     if want:
         raise ValueError(f"noisy_pool: ρ={rho} needs {want} more false positives than the "

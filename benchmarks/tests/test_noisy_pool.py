@@ -17,7 +17,8 @@ from u2a_dist.data_spec import DataSpec
 
 HARMFUL = {"path": "builtin:harmful", "schema": "completions", "split": "train",
            "label": "harmful"}
-BENIGN = {"path": "builtin:harmless", "schema": "completions", "label": "benign"}
+BENIGN = {"path": "builtin:harmless", "schema": "completions", "label": "benign",
+          "near_duplicates": 6}
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -35,8 +36,11 @@ def test_pool_overrides_make_the_false_positives_a_share_rho(tmp_path: Path) -> 
     n_harmful = len(load_completions(DataSpec(**HARMFUL)))
     for rho, benign in ((0.0, 0), (0.25, round(n_harmful / 3)), (0.5, n_harmful)):
         pooled = load_config(config, noisy_pool.pool_overrides(cfg, rho, pairs=8))
-        labels = [x.attrs["label"] for x in load_completions(pooled.data.forget)]
+        pool = load_completions(pooled.data.forget)
+        labels = [x.attrs["label"] for x in pool]
         assert labels.count("harmful") == n_harmful and labels.count("benign") == benign
+        dups = sum("~dup" in x.id for x in pool)  # cut in the spec's own proportion (6 of 66)
+        assert dups == round(benign * 6 / 66)
         assert len(load_pairs(pooled.data.pa)) == 8
     with pytest.raises(ValueError, match="more false positives"):
         noisy_pool.pool_overrides(cfg, 0.9, pairs=None)  # builtin:harmless has too few
