@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, stamp  # noqa: E402
 from benchmarks.reports import table  # noqa: E402
 from benchmarks.time_to_target import METHODS as TTT  # noqa: E402
-from benchmarks.time_to_target import fmt, run_one  # noqa: E402
+from benchmarks.time_to_target import fmt, read_metrics, run_one  # noqa: E402
 
 #: The true negatives' label; every other label is a false positive.
 HARMFUL = "harmful"
@@ -112,9 +112,7 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
     if summary.is_file() and "stats" in (doc := json.loads(summary.read_text())):
         stats = doc["stats"]
     else:
-        metrics = run_dir / "metrics.jsonl"
-        records = [json.loads(x) for x in metrics.read_text().splitlines()] if \
-            metrics.is_file() else []
+        records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
         stats = next((r for r in records if "selector/J" in r or "selector/pool@harmful" in r),
                      {})
     scores = run_dir / "scores.jsonl"
