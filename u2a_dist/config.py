@@ -166,6 +166,10 @@ class RuntimeConfig:
     device: str = field(default="auto", metadata={
         "help": "auto | cpu | cuda: auto trains each rank on its GPU (LOCAL_RANK) when CUDA is "
                 "available, else on the CPU; cuda fails without one; cpu ignores GPUs."})
+    theta0_cache: str | None = field(default=None, metadata={
+        "help": "Directory keeping θ0's work between runs of the same model and data (retain "
+                "answers, reference log-probs, step-0 evaluation answers; u2a_dist/theta0_cache"
+                ".py), e.g. ~/.cache/u2a_dist; None = recompute each run."})
     allocator: str = field(default="auto", metadata={"help": "auto | jemalloc | system: the "
         "ranks' malloc; auto: jemalloc where installed (less memory; u2a_dist/allocator.py)."})
     report_to: Union[str, list[str]] = field(default="none", metadata={

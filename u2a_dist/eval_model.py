@@ -25,6 +25,7 @@ from u2a_dist.evaluate import (
 from u2a_dist.fsio import atomic_write, claim_dir
 from u2a_dist.judges import is_refusal
 from u2a_dist.sharded import world
+from u2a_dist.theta0_cache import Theta0Cache, for_run
 
 
 def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None = None
@@ -41,7 +42,9 @@ def evaluate_model(cfg: RunConfig, model_path: str, out_dir: str | Path | None =
     if cfg.data.pa_eval is not None:
         with progress.phase("evaluation", what="held-out pairs"):
             result.update(_pa(cfg, model, reference, tokenizer, same))
-    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg))
+    cache = _theta0_cache(cfg, reference)
+    gen = GenerationEval(cfg, tokenizer, judge=judge, exclude=training_prompt_keys(cfg),
+                         theta0_cache=cache)
     if gen.enabled:
         t0 = time.perf_counter()
         with progress.phase("evaluation", what="prompts"):
@@ -77,6 +80,16 @@ def _load(cfg: RunConfig, model_path: str) -> tuple[Any, dict[str, Any], Any, An
     result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
                               "reference_is_model": same, "device": str(device)}
     return judge, result, model, reference, tokenizer, same
+
+
+def _theta0_cache(cfg: RunConfig, reference) -> Theta0Cache:
+    """``runtime.theta0_cache``: the reference's answers, as a training run keeps them."""
+    from u2a_dist.device import model_device
+    from u2a_dist.models import resolve_model_dir
+
+    if not cfg.runtime.theta0_cache:
+        return Theta0Cache(None, {})
+    return for_run(cfg, resolve_model_dir(cfg.model), world()[1], model_device(reference))
 
 
 def _pa(cfg: RunConfig, model, reference, tokenizer, same: bool) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from u2a_dist.config import ConfigError, RunConfig
 from u2a_dist.data.examples import Pair, load_completions, load_pairs, load_prompts
@@ -40,7 +39,8 @@ from u2a_dist.eval_sources import (
 )
 from u2a_dist.generation import Share, answer_items, encode_prompts, generate
 from u2a_dist.judges import is_degenerate, is_refusal
-from u2a_dist.sharded import dataset_logps, world
+from u2a_dist.sharded import broadcast_object, dataset_logps
+from u2a_dist.theta0_cache import Theta0Cache
 
 
 @dataclass
@@ -278,16 +278,6 @@ def training_prompt_keys(cfg: RunConfig, always: bool = False) -> set[str]:
     return {prompt_key(x.prompt) for x in items}
 
 
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's object on every rank (identity on one process)."""
-    rank, size = world()
-    if size == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class GenerationEval:
     """Generation-based metrics for one run: prompts, judge and retain set loaded once.
 
@@ -298,9 +288,11 @@ class GenerationEval:
     """
 
     def __init__(self, cfg: RunConfig, tokenizer, rank: int = 0, judge=None,
-                 exclude: set[str] | None = None) -> None:
+                 exclude: set[str] | None = None, theta0_cache: Theta0Cache | None = None
+                 ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.theta0_cache = theta0_cache or Theta0Cache(None, {})
         ec = cfg.eval
         max_len = cfg.data.max_length
         # Held out means held out: prompts the training data contains are not evaluated on
@@ -323,7 +315,7 @@ class GenerationEval:
         self.judge = judge
         if self.judge is None and ec.judge is not None and rank == 0:
             self.judge = load_eval_judge(ec.judge)
-        self.has_judge = _broadcast(self.judge is not None)
+        self.has_judge = broadcast_object(self.judge is not None)
         self.retain: list[dict[str, list[int]]] = []
         if ec.retain is not None:
             self.retain = [encode(tokenizer, c.prompt, c.response, c.history, max_len)
@@ -349,7 +341,7 @@ class GenerationEval:
         t0 = time.perf_counter()
         reused = answers is not None
         if answers is None:
-            answers = self._generate(reference_model, self.harmless_ids)
+            answers = self._generate(reference_model, self.harmless_ids, theta0="harmless")
         self.reference_answers = answers.texts
         self.retain = answer_items(self.harmless_ids, answers)
         if not reused:  # else the caller scores the reference model itself right after
@@ -361,9 +353,18 @@ class GenerationEval:
                                    self.cfg.eval.batch_size)
         return perplexity(logp, ntok)
 
-    def _generate(self, model, prompt_ids: list[list[int]]) -> Share:
-        return generate(model, self.tokenizer, prompt_ids, self.cfg.eval.batch_size,
-                        self.cfg.eval.max_new_tokens)
+    def _generate(self, model, prompt_ids: list[list[int]], theta0: str | None = None) -> Share:
+        """Greedy answers; ``theta0`` names the prompts when ``model`` is θ0 (then cached)."""
+        bs, new = self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens
+
+        def compute() -> Share:
+            return generate(model, self.tokenizer, prompt_ids, bs, new)
+
+        if theta0 is None:
+            return compute()
+        return self.theta0_cache.generations(
+            f"evaluation answers at θ0 ({len(prompt_ids)} {theta0} prompts)", prompt_ids,
+            {"batch_size": bs, "max_new_tokens": new}, compute)
 
     def needs_reference(self) -> bool:
         """True until the reference answers that retain_ppl scores exist."""
@@ -390,7 +391,8 @@ class GenerationEval:
              is_reference: bool) -> None:
         if self.harmful:
             t0 = time.perf_counter()
-            texts = self._generate(model, self.harmful_ids).texts
+            texts = self._generate(model, self.harmful_ids,
+                                   theta0="harmful" if is_reference else None).texts
             timing["timing/eval_generate_harmful_s"] = time.perf_counter() - t0
             prompts = [p.prompt for p in self.harmful]
             refused, degenerate = response_flags(prompts, texts)
@@ -401,7 +403,7 @@ class GenerationEval:
                 t0 = time.perf_counter()
                 judged = (_judged(self.judge, prompts, texts) if self.judge is not None
                           else None)
-                judged_metrics, flags["eval/harmful_rate"] = _broadcast(judged)
+                judged_metrics, flags["eval/harmful_rate"] = broadcast_object(judged)
                 out.update(judged_metrics)
                 timing["timing/eval_judge_s"] = time.perf_counter() - t0
             out.update(rates_by_source(self.sources["harmful"], flags))
@@ -409,7 +411,8 @@ class GenerationEval:
             self.last_judged = flags.get("eval/harmful_rate")  # per prompt, when judged
         if self.harmless:
             t0 = time.perf_counter()
-            answers = self._generate(model, self.harmless_ids)
+            answers = self._generate(model, self.harmless_ids,
+                                     theta0="harmless" if is_reference else None)
             timing["timing/eval_generate_harmless_s"] = time.perf_counter() - t0
             refused, degenerate = response_flags([p.prompt for p in self.harmless],
                                                  answers.texts)

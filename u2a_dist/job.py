@@ -58,6 +58,7 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
         with progress.phase("export"):
             trainer.export(run_dir.path / "model")
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
+                   "theta0_cached": trainer.theta0_cache.hits,  # θ0's work read, not redone
                    "memory": peak_memory_gb(), "before": before, "after": after,
                    "samples": {"before": samples_before, "after": _samples(trainer)}}
         if rank == 0:

@@ -22,6 +22,7 @@ from u2a_dist.evaluate import (
     training_prompt_keys,
 )
 from u2a_dist.rundir import RunDir
+from u2a_dist.theta0_cache import Theta0Cache
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class RunEvaluation:
 
     def __init__(self, cfg: RunConfig, tokenizer, pad_id: int, rank: int,
                  run_dir: RunDir | None, pa_eval: EncodedPairs | None,
-                 ref_cache: dict[str, torch.Tensor]) -> None:
+                 ref_cache: dict[str, torch.Tensor],
+                 theta0_cache: Theta0Cache | None = None) -> None:
         self.cfg = cfg
         self.pad_id = pad_id
         self.rank = rank
@@ -44,7 +46,8 @@ class RunEvaluation:
         self.gen: GenerationEval | None = None
         ec = cfg.eval
         if ec.harmful_prompts is not None or ec.harmless_prompts is not None:
-            self.gen = GenerationEval(cfg, tokenizer, rank, exclude=training_prompt_keys(cfg))
+            self.gen = GenerationEval(cfg, tokenizer, rank, exclude=training_prompt_keys(cfg),
+                                      theta0_cache=theta0_cache)
             if self.gen.excluded and rank == 0:
                 log.info("evaluation leaves out %d prompts that the training data contains",
                          self.gen.excluded)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -27,6 +29,7 @@ from u2a_dist.models import load_tokenizer, resolve_model_dir
 from u2a_dist.retain_terms import refusal_items
 from u2a_dist.sampling import outer_pairs_used
 from u2a_dist.sharded import dataset_logps
+from u2a_dist.theta0_cache import Theta0Cache
 
 Item = dict[str, list[int]]
 
@@ -97,14 +100,16 @@ class RunInputs:
             return None
         return encode_pairs(self.tokenizer, load_pairs(spec), self.cfg.data.max_length)
 
-    def load_retain(self, reference: torch.nn.Module | None) -> tuple[list[Item], float]:
+    def load_retain(self, reference: torch.nn.Module | None,
+                    theta0_cache: Theta0Cache | None = None) -> tuple[list[Item], float]:
         """The retain set D_r and the seconds spent generating it. A ``prompts`` spec means
         θ0's (``reference``'s) own greedy answers to those prompts (sharded over the ranks;
-        deterministic, so a resumed run makes the same ones): the retain KL then holds the
-        model to what it answered before."""
+        deterministic, so a resumed run makes the same ones, and ``theta0_cache`` may hold
+        them): the retain KL then holds the model to what it answered before."""
         spec = self.cfg.data.retain
         if spec is None:
             return [], 0.0
+        theta0_cache = theta0_cache or Theta0Cache(None, {})
         items: list[Item] = []
         seconds = 0.0
         for one in spec if isinstance(spec, list) else [spec]:
@@ -115,41 +120,55 @@ class RunInputs:
             t0 = time.perf_counter()
             prompt_ids = encode_prompts(self.tokenizer, load_prompts(one),
                                         self.cfg.data.max_length)
-            with progress.phase("retain answers", what=f"{len(prompt_ids)} prompts of "
-                                f"{one.path}"):
-                answers = generate(reference, self.tokenizer, prompt_ids,
-                                   self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
+            bs, new = self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens
+            what = f"{len(prompt_ids)} prompts of {one.path}"
+            with progress.phase("retain answers", what=what):
+                answers = theta0_cache.generations(
+                    f"retain answers ({what})", prompt_ids,
+                    {"batch_size": bs, "max_new_tokens": new},
+                    partial(generate, reference, self.tokenizer, prompt_ids, bs, new))
             seconds += time.perf_counter() - t0
             items += answer_items(prompt_ids, answers)
         return items, seconds
 
-    def reference_logps(self, model: torch.nn.Module,
-                        forget: bool) -> dict[str, torch.Tensor]:
-        """Scalar log-probs at θ0 (``model``, before any checkpoint is loaded), computed once:
-        the forget set's when the loss needs them, the held-out pairs', J's pairs'."""
-        with progress.phase("reference log-probs"):
-            return self._reference_logps(model, forget)
-
-    def _reference_logps(self, model: torch.nn.Module, forget: bool) -> dict[str, torch.Tensor]:
+    def reference_logps(self, model: torch.nn.Module, forget: bool,
+                        theta0_cache: Theta0Cache | None = None) -> dict[str, torch.Tensor]:
+        """Scalar log-probs at θ0 (``model``, before any checkpoint is loaded), computed once
+        (or read from ``theta0_cache``, each part by what it depends on): the forget set's when
+        the loss needs them, the held-out pairs', J's pairs'."""
+        theta0_cache = theta0_cache or Theta0Cache(None, {})
         cache: dict[str, torch.Tensor] = {}
         bs = self.cfg.eval.batch_size
         was_training = model.training
         model.eval()
-        if forget:
-            cache["forget"], _ = dataset_logps(model, self.forget.items, self.pad_id, bs)
-        if self.pa_eval is not None:
-            cache["pa_eval/chosen"], cache["pa_eval/rejected"] = pair_logps(
-                model, self.pa_eval, self.pad_id, bs)
-        if self.pa is not None and self.cfg.selector.enabled:
-            cache["pa/chosen"], cache["pa/rejected"] = self._pa_reference(model, bs)
+
+        def part(what: str, inputs: Any, compute) -> None:
+            cache.update(theta0_cache.tensors(f"reference log-probs of {what}",
+                                              {"part": what, "batch_size": bs, **inputs},
+                                              compute))
+
+        with progress.phase("reference log-probs"):
+            if forget:
+                part("the forget set", {"items": self.forget.items}, lambda: {
+                    "forget": dataset_logps(model, self.forget.items, self.pad_id, bs)[0]})
+            if self.pa_eval is not None:
+                part("the held-out pairs", {"pairs": _pair_tokens(self.pa_eval)},
+                     lambda: dict(zip(["pa_eval/chosen", "pa_eval/rejected"],
+                                      pair_logps(model, self.pa_eval, self.pad_id, bs))))
+            if self.pa is not None and self.cfg.selector.enabled:
+                used = outer_pairs_used(len(self.pa), self.cfg)
+                part("J's pairs", {"pairs": _pair_tokens(self.pa, used), "used": used,
+                                   "n": len(self.pa)},
+                     lambda: dict(zip(["pa/chosen", "pa/rejected"],
+                                      self._pa_reference(model, used, bs))))
         model.train(was_training)
         return cache
 
-    def _pa_reference(self, model, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs of the pairs J will draw (selector.outer_sample): NaN for the
-        rest, so a pair outside every round's sample cannot be used by mistake. On SmolLM2 all
-        663 pairs took ~5 min of start-up where 3 rounds of 64 draw under 200."""
-        used = outer_pairs_used(len(self.pa), self.cfg)
+    def _pa_reference(self, model, used: list[int],
+                      bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of the pairs J will draw (``used``, selector.outer_sample): NaN
+        for the rest, so a pair outside every round's sample cannot be used by mistake. On
+        SmolLM2 all 663 pairs took ~5 min of start-up where 3 rounds of 64 draw under 200."""
         subset = EncodedPairs([self.pa.ids[i] for i in used], [self.pa.chosen[i] for i in used],
                               [self.pa.rejected[i] for i in used])
 
@@ -159,3 +178,9 @@ class RunInputs:
 
         chosen, rejected = pair_logps(model, subset, self.pad_id, bs)
         return spread(chosen), spread(rejected)
+
+
+def _pair_tokens(pairs: EncodedPairs, used: list[int] | None = None) -> list:
+    """What a pair set's reference log-probs depend on: the tokens of its pairs (those used)."""
+    keep = range(len(pairs)) if used is None else used
+    return [[pairs.chosen[i], pairs.rejected[i]] for i in keep]

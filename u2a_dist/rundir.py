@@ -27,6 +27,7 @@ RESUMABLE_KEYS = {"unlearn.steps": "+", "unlearn.time_budget_s": "+", "selector.
                   "runtime.max_failures": "", "runtime.timeout_s": "", "runtime.launcher": "",
                   "runtime.ray_address": "", "runtime.checkpoint_every": "",
                   "runtime.report_to": "",  # what is watched, not what is computed
+                  "runtime.theta0_cache": "",  # where θ0's results are kept, not what they are
                   "runtime.micro_batches": "",  # the same gradient in more or fewer passes
                   "runtime.gradient_checkpointing": "",  # the same gradient, recomputed
                   "out": ""}  # a run directory may be moved or copied

@@ -9,6 +9,7 @@ results are dropped after the all-gather.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,16 @@ def all_reduce_sum(value: float | torch.Tensor) -> float:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return float(t)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's object on every rank (identity on one process)."""
+    rank, size = world()
+    if size == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
@@ -109,3 +120,10 @@ def dataset_logps(model, items: Sequence[dict[str, list[int]]], pad_id: int,
             if i >= 0:
                 out[i] = gathered[r][j]
     return out[:, 0], out[:, 1]
+
+
+def response_nll(model, items: Sequence[dict[str, list[int]]], pad_id: int,
+                 batch_size: int = 8) -> torch.Tensor:
+    """Mean-token NLL of each item (used by scripts and tests to check forgetting)."""
+    logp, ntok = dataset_logps(model, items, pad_id, batch_size)
+    return -logp / ntok.clamp(min=1)

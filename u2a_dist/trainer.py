@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from u2a_dist import progress
+from u2a_dist import progress, theta0_cache
 from u2a_dist.checkpoint import (
     CheckpointStore,
     crash_point,
@@ -53,7 +53,7 @@ from u2a_dist.run_eval import RunEvaluation
 from u2a_dist.run_inputs import ForgetSet, RunInputs
 from u2a_dist.rundir import RunDir
 from u2a_dist.sampling import BatchSampler, seed_everything
-from u2a_dist.sharded import all_reduce_sum, barrier, dataset_logps, world
+from u2a_dist.sharded import all_reduce_sum, barrier, response_nll, world
 from u2a_dist.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,15 @@ class Trainer:
         with progress.phase("setup", 3, unit="stage", what="data and tokenizer") as ph:
             self._build(cfg, ph)
         # θ0's own answers to the retain prompts and θ0's log-probs: phases of their own
-        self.retain, self.setup_time = self.inputs.load_retain(self.reference)
+        self.retain, self.setup_time = self.inputs.load_retain(self.reference, self.theta0_cache)
         self.retain_terms = RetainTerms(cfg.unlearn, self.reference, self.retain,
                                         self.inputs.retain_refusals(self.retain), self.world_size)
         # The ZeRO-3 module itself, not the whole-parameter evaluation copy: with reference
         # log-probs from the copy, the selector test's directional scores stopped matching the
         # per-example ones (tests/test_selector.py); the cause is not yet understood.
         self.ref_cache = self.inputs.reference_logps(self.engine.module,
-                                                     forget=self.objective.loss.needs_reference)
+                                                     self.objective.loss.needs_reference,
+                                                     self.theta0_cache)
         with progress.phase("setup", what="evaluation sets"):
             self._finish(cfg, run_dir)
         if self.retain_terms.cache_reference(self.pad_id, self.packed, self.device,
@@ -97,6 +98,7 @@ class Trainer:
         model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
         self.engine = Engine(cfg, model, self.world_size)
         self.device = self.engine.device  # batches go here; data and caches stay on the CPU
+        self.theta0_cache = theta0_cache.for_run(cfg, resolved, self.world_size, self.device)
         self.packed = packing_ok(self.engine.module, self.forget.items, self.pad_id,
                                  self.device)
         if not self.packed:
@@ -129,7 +131,7 @@ class Trainer:
         self.round = 0
         self.resumed_from: int | None = None
         self.evaluation = RunEvaluation(cfg, self.tokenizer, self.pad_id, self.rank, run_dir,
-                                        self.pa_eval, self.ref_cache)
+                                        self.pa_eval, self.ref_cache, self.theta0_cache)
         resume = run_dir.latest_checkpoint() if run_dir is not None else None
         if resume is not None:  # θ0's reference answers first: the checkpoint replaces θ0
             self.evaluation.prepare_resume(lambda: self.reference if self.reference is not None
@@ -489,12 +491,6 @@ class Trainer:
             fresh.load_state_dict(state, strict=True)
             write_model_dir(fresh, self.tokenizer, Path(out_dir))
         barrier()
-
-
-def response_nll(model, items, pad_id: int, batch_size: int = 8) -> torch.Tensor:
-    """Mean-token NLL of each item (used by scripts and tests to check forgetting)."""
-    logp, ntok = dataset_logps(model, items, pad_id, batch_size)
-    return -logp / ntok.clamp(min=1)
 
 
 __all__ = ["BatchSampler", "ForgetSet", "Trainer", "response_nll", "token_logps"]
