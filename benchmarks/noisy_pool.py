@@ -122,6 +122,9 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
     mass = sum(r["weight"] for r in support)
     fp = [r for r in support if r.get("label") not in (None, HARMFUL)]
     return {"auc_harmful": stats.get(f"selector/auc@{HARMFUL}"),
+            # each term of the inner objective alone (u2a_loop.term_scores), where both are on
+            **{f"auc_harmful_{t}": stats[f"selector/auc@{HARMFUL}/{t}"]
+               for t in ("forget", "mismatch") if f"selector/auc@{HARMFUL}/{t}" in stats},
             "support": len(support),
             "fp_share_support": len(fp) / len(support) if support else None,
             "fp_share_weight": sum(r["weight"] for r in fp) / mass if mass else None}
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
             print(f"[noisy_pool] ρ={rho:g} {m}: " + json.dumps(
                 {k: row.get(k) for k in ("target_met", "time_to_target_s", "auc_harmful",
+                                         "auc_harmful_forget", "auc_harmful_mismatch",
                                          "fp_share_support", "error")}), flush=True)
     write_markdown(result, path.with_suffix(".md"))
     return 0

@@ -157,8 +157,10 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
     config = config_from_dict(cfg)
     trainer = Trainer(config, None)
     hg = select_round0(trainer)
+    from u2a_dist.u2a_loop import term_scores
+
     return {"scores": hg.scores, "stats": hg.stats, "support": trainer.sampler.support,
-            "weights": trainer.weights}
+            "weights": trainer.weights, "terms": term_scores(trainer, hg)}
 
 
 def group_delta_j(cfg: dict, group: list[int], steps: int) -> dict[str, float]:

@@ -74,6 +74,10 @@ def test_label_stats_against_a_hand_count():
     assert label_line(stats) == ("[u2a] by ground-truth label: benign: 1 of 2 selected, ROC AUC "
                                  "0.562; harmful: 2 of 3 selected, ROC AUC 0.722")
     assert label_line({"selector/alpha": 1.0}) is None
+    stats.update({"selector/auc@benign/forget": 0.5, "selector/auc@benign/mismatch": 0.25})
+    assert label_line(stats).startswith("[u2a] by ground-truth label: benign: 1 of 2 selected, "
+                                        "ROC AUC 0.562 (forget alone 0.500, mismatch alone "
+                                        "0.250); harmful")
 
 
 @pytest.mark.slow
@@ -144,3 +148,39 @@ def test_round0_ranks_harmful_above_benign_and_the_top_group_lowers_j_more(tmp_p
     # measured: top −0.20, bottom −0.01 (GA on any text moves J a little)
     assert delta["top"] < min(0.0, delta["bottom"]), delta
     assert torch.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
+    """s_i = c_f⟨v, ∇ℓ_i⟩ + c_m⟨v, ∇m_i⟩ split from one scoring's passes (u2a_loop.term_scores)
+    equals the scores of the same pool with the other term switched off (with the identity iHVP
+    v = ∇J/γ does not depend on the inner objective), and each part's AUC is reported."""
+    import torch
+
+    pool = [{"path": "builtin:harmful", "schema": "completions", "split": "eval",
+             "label": "harmful"},
+            {"path": "builtin:harmless", "schema": "completions", "split": "eval",
+             "label": "benign"}]
+
+    def round0(name: str, **weights) -> dict:
+        cfg = tiny_config(tmp_path / name, data={
+            "forget": pool, "mismatch": {"path": "builtin:refusal_templates",
+                                         "schema": "completions"}},
+            unlearn={"forget_weight": 1.0, "mismatch_weight": 2.0, **weights},
+            selector={"enabled": True, "top_k": 8, "ihvp": "identity"},
+            runtime={"world_size": 1})
+        return run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg})[0]
+
+    both = round0("both")
+    terms = both["terms"]
+    harmful = [x.attrs["label"] == "harmful"
+               for x in load_completions([DataSpec(**s) for s in pool])]
+    assert set(terms) == {"forget", "mismatch"}
+    torch.testing.assert_close(terms["forget"] + terms["mismatch"], both["scores"])
+    for name, alone in (("forget", round0("forget", mismatch_weight=0.0)),
+                        ("mismatch", round0("mismatch", forget_weight=0.0))):
+        assert alone["terms"] == {}  # one term on: nothing to split
+        err = (terms[name] - alone["scores"]).norm() / alone["scores"].norm()
+        assert float(err) < 1e-3, (name, float(err))
+        assert both["stats"][f"selector/auc@harmful/{name}"] == pytest.approx(
+            _hand_auc(terms[name].tolist(), harmful))

@@ -203,10 +203,16 @@ def label_line(stats: dict[str, Any]) -> str | None:
     labels = sorted(k.partition("@")[2] for k in stats if k.startswith("selector/pool@"))
     if not labels:
         return None
+
+    def auc(lab: str) -> str:
+        terms = [f"{term} alone {stats[f'selector/auc@{lab}/{term}']:.3f}"
+                 for term in ("forget", "mismatch") if f"selector/auc@{lab}/{term}" in stats]
+        return (f", ROC AUC {stats[f'selector/auc@{lab}']:.3f}" if f"selector/auc@{lab}" in stats
+                else "") + (f" ({', '.join(terms)})" if terms else "")
+
     return "[u2a] by ground-truth label: " + "; ".join(
         f"{lab}: {stats[f'selector/support@{lab}']} of {stats[f'selector/pool@{lab}']} selected"
-        + (f", ROC AUC {stats[f'selector/auc@{lab}']:.3f}" if f"selector/auc@{lab}" in stats
-           else "") for lab in labels)
+        + auc(lab) for lab in labels)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

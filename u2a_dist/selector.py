@@ -74,6 +74,9 @@ class Hypergradient:
     scores: torch.Tensor  # s_i = −g_i
     losses: torch.Tensor  # ℓ_i at the θ where it was scored
     stats: dict[str, float] = field(default_factory=dict)
+    #: ⟨v, ∇ℓ_i⟩, the unlearning loss's own directional derivative (directional scoring only):
+    #: s_i − c_f·loss_scores_i is the mismatch term's part of s_i
+    loss_scores: torch.Tensor | None = None
 
     @property
     def grads(self) -> torch.Tensor:
@@ -128,8 +131,12 @@ SCORE_FORWARD_PASSES = 2
 
 
 def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
-                       eps: float | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float | str = "auto", terms: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """s_i = ⟨v, ∇f_i⟩ = [f_i(θ+εv) − f_i(θ−εv)] / 2ε for all idx: two forward passes.
+
+    ``terms``, when given, receives ``loss``: ⟨v, ∇ℓ_i⟩ from the same passes (f_i = c_f ℓ_i +
+    c_m m_i, so the two terms' parts of s_i cost nothing more).
 
     θ is restored bit-exactly from a saved copy. Also returns ℓ_i at θ for scores.jsonl, as the
     midpoint [ℓ_i(θ+εv) + ℓ_i(θ−εv)] / 2 = ℓ_i(θ) + (ε²/2)·vᵀ∇²ℓ_i v + O(ε⁴) of the same two
@@ -140,6 +147,8 @@ def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
     v_norm = v.norm()
     if v_norm == 0:
         _, ell = problem.example_losses(idx)
+        if terms is not None:
+            terms["loss"] = torch.zeros(len(idx), dtype=torch.float64)
         return torch.zeros(len(idx), dtype=torch.float64), ell
     if eps == "auto":
         step = fd_epsilon(sharded_rms([p.detach() for p in params], v.group, v.replicated,
@@ -161,6 +170,8 @@ def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
             for p, s in zip(params, saved):
                 p.data.copy_(s)
     ell = (ell_plus.double() + ell_minus.double()) / 2
+    if terms is not None:
+        terms["loss"] = (ell_plus.double() - ell_minus.double()) / (2 * step)
     return (f_plus.double() - f_minus.double()) / (2 * step), ell
 
 
@@ -182,9 +193,10 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
     stats["selector/J"] = j_value
     stats["selector/grad_J_norm"] = grad_j.norm()
     t1 = time.perf_counter()
+    terms: dict[str, torch.Tensor] = {}
     with progress.phase("scores", what=f"{len(idx)} negatives"):
         if cfg.score == "directional":
-            scores, ell = directional_scores(problem, v, idx, cfg.fd_eps)
+            scores, ell = directional_scores(problem, v, idx, cfg.fd_eps, terms)
         else:
             scores, ell = per_example_scores(problem, v, idx)
     bad = ~torch.isfinite(scores)
@@ -194,7 +206,7 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
                                  + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
     stats["timing/ihvp_s"] = t1 - t0
     stats["timing/score_s"] = time.perf_counter() - t1
-    return Hypergradient(list(idx), scores, ell, stats)
+    return Hypergradient(list(idx), scores, ell, stats, terms.get("loss"))
 
 
 def select_top_k(scores: torch.Tensor, k: int) -> list[int]:

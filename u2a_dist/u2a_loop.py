@@ -26,15 +26,28 @@ from u2a_dist.selector import (
 from u2a_dist.trainer_problem import TrainerProblem
 
 
+def term_scores(trainer, hg: Hypergradient) -> dict[str, torch.Tensor]:
+    """s_i split by the inner objective's terms, ``forget`` (c_f·⟨v, ∇ℓ_i⟩) and ``mismatch``
+    (the rest, c_m·⟨v, ∇m_i⟩), where both are on and the scoring measured ⟨v, ∇ℓ_i⟩: which term
+    tells harmful from benign negatives apart (issue 22)."""
+    objective = trainer.objective
+    if hg.loss_scores is None or not objective.uses_mismatch or objective.forget_weight == 0:
+        return {}  # one term: nothing to split
+    forget = objective.forget_weight * hg.loss_scores
+    return {"forget": forget, "mismatch": hg.scores - forget}
+
+
 def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
     if trainer.rank != 0 or trainer.run_dir is None:
         return
     examples = trainer.forget.examples
+    terms = term_scores(trainer, hg)
     for k, i in enumerate(hg.index):
         label = examples[i].attrs.get("label")  # ground truth, for reports (DataSpec.label)
         trainer.run_dir.append("scores.jsonl", {
             "round": trainer.round, "index": i, "id": examples[i].id,
             "score": float(hg.scores[k]), "weight": float(weights[i]),
+            **{f"score_{name}": float(t[k]) for name, t in terms.items()},
             "loss": float(hg.losses[k]) if torch.isfinite(hg.losses[k]) else None,
             **({"label": label} if label is not None else {})})
 
@@ -62,8 +75,12 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     trainer.set_support(support, weights)
     # a pool with ground-truth labels: how well the scores separate them (reports only);
     # round 0 scores every negative in order, so support positions are indices
-    hg.stats.update(label_stats(hg.scores.tolist(),
-                                [e.attrs.get("label") for e in trainer.forget.examples], support))
+    labels = [e.attrs.get("label") for e in trainer.forget.examples]
+    hg.stats.update(label_stats(hg.scores.tolist(), labels, support))
+    for name, part in term_scores(trainer, hg).items():  # how well each term alone separates
+        hg.stats.update({f"{k}/{name}": v for k, v in label_stats(part.tolist(), labels,
+                                                                     support).items()
+                         if k.startswith("selector/auc@")})
     _log_scores(trainer, hg, weights)
     return hg
 
