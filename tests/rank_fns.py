@@ -163,6 +163,11 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
             "weights": trainer.weights, "terms": term_scores(trainer, hg)}
 
 
+def round0_scores_each(cfgs: list[dict]) -> list[dict[str, Any]]:
+    """:func:`round0_scores` for several configs in one process (one start-up, not several)."""
+    return [round0_scores(cfg) for cfg in cfgs]
+
+
 def group_delta_j(cfg: dict, group: list[int], steps: int) -> dict[str, float]:
     """J (the selector's outer objective) at θ0 and after ``steps`` steps on ``group`` alone
     (uniform weights on it): the measured effect a group's scores predict."""

@@ -162,23 +162,23 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
             {"path": "builtin:harmless", "schema": "completions", "split": "eval",
              "label": "benign"}]
 
-    def round0(name: str, **weights) -> dict:
-        cfg = tiny_config(tmp_path / name, data={
+    def cfg(name: str, **weights) -> dict:
+        return tiny_config(tmp_path / name, data={
             "forget": pool, "mismatch": {"path": "builtin:refusal_templates",
                                          "schema": "completions"}},
             unlearn={"forget_weight": 1.0, "mismatch_weight": 2.0, **weights},
             selector={"enabled": True, "top_k": 8, "ihvp": "identity"},
             runtime={"world_size": 1})
-        return run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg})[0]
 
-    both = round0("both")
+    both, forget_only, mismatch_only = run_ranks(1, "tests.rank_fns:round0_scores_each", {
+        "cfgs": [cfg("both"), cfg("forget", mismatch_weight=0.0),
+                 cfg("mismatch", forget_weight=0.0)]})[0]
     terms = both["terms"]
     harmful = [x.attrs["label"] == "harmful"
                for x in load_completions([DataSpec(**s) for s in pool])]
     assert set(terms) == {"forget", "mismatch"}
     torch.testing.assert_close(terms["forget"] + terms["mismatch"], both["scores"])
-    for name, alone in (("forget", round0("forget", mismatch_weight=0.0)),
-                        ("mismatch", round0("mismatch", forget_weight=0.0))):
+    for name, alone in (("forget", forget_only), ("mismatch", mismatch_only)):
         assert alone["terms"] == {}  # one term on: nothing to split
         err = (terms[name] - alone["scores"]).norm() / alone["scores"].norm()
         assert float(err) < 1e-3, (name, float(err))
