@@ -28,7 +28,10 @@ class ModelConfig:
         "help": "tiny-gpt2 | smollm2-135m-instruct | local HF dir | hub id | path/to/file.gguf"
                 " | random:smollm2-135m|360m|1.7b (random weights: cost benchmarks only)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
-    attn_implementation: str = field(default="eager", metadata={"help": "eager | sdpa"})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa | eager: the same attention; sdpa's fused kernels ran SmolLM2's recipe step "
+                "at 1.08 of the plain forward+backward ceiling where eager ran at 0.79 "
+                "(BENCHMARKS.md); eager only for double-backward checks (tiny-gpt2 is eager)."})
     pad_token: str | None = field(default=None, metadata={
         "help": "Token to use as pad when the tokenizer has none (else that is an error)."})
 
