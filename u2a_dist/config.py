@@ -23,6 +23,19 @@ from u2a_dist.typed import ConfigError, build_dataclass
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (built by peft) in place of full fine-tuning: the optimizer, the prox term
+    and the selector see the adapters only, and the base weights stay θ0's."""
+    r: int = field(default=16, metadata={"help": "Adapter rank."})
+    alpha: float = field(default=32.0, metadata={"help": "Scale: the update is (alpha/r)·BA."})
+    dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the adapters' input; 0 with the selector (finite differences need "
+                "the same function at θ ± εv)."})
+    target_modules: Union[str, list[str]] = field(default="all-linear", metadata={
+        "help": "peft's all-linear (every linear layer but the output head) or module names."})
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = field(default="tiny-gpt2", metadata={
         "help": "tiny-gpt2 | smollm2-135m-instruct | local HF dir | hub id | path/to/file.gguf"
@@ -34,6 +47,8 @@ class ModelConfig:
                 "(BENCHMARKS.md); eager only for double-backward checks (tiny-gpt2 is eager)."})
     pad_token: str | None = field(default=None, metadata={
         "help": "Token to use as pad when the tokenizer has none (else that is an error)."})
+    lora: LoraConfig | None = field(default=None, metadata={
+        "help": "LoRA adapters, e.g. {r: 16, alpha: 32}; None = every parameter trains."})
 
 
 @dataclass
@@ -230,6 +245,13 @@ class RunConfig:
         """Check cross-field constraints; raise ConfigError naming the key."""
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.attn_implementation", self.model.attn_implementation, ("eager", "sdpa"))
+        if (lora := self.model.lora) is not None:
+            if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+                raise ConfigError(f"model.lora {dataclasses.asdict(lora)}: needs r >= 1, "
+                                  "alpha > 0 and 0 <= dropout < 1")
+            if lora.dropout and self.selector.enabled:
+                raise ConfigError("model.lora.dropout must be 0 with selector.enabled: the "
+                                  "selector's finite differences compare passes at θ ± εv")
         _choice("unlearn.loss", self.unlearn.loss, tuple(sorted(LOSSES)))
         if (why := LOSSES[self.unlearn.loss].check_args(self.unlearn.loss_args)) is not None:
             raise ConfigError(f"unlearn.loss_args {self.unlearn.loss_args!r} do not fit "

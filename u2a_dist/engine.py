@@ -409,11 +409,19 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @property
+    def adapters_only(self) -> bool:
+        """LoRA (``model.lora``): checkpoints hold the adapters and their optimizer state; the
+        frozen base is θ0's, rebuilt from the model at load."""
+        return self.cfg.model.lora is not None
+
     def save(self, directory: Path, tag: str) -> None:
-        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
+        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False,
+                                exclude_frozen_parameters=self.adapters_only)
 
     def load(self, directory: Path, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+        path, _ = self.ds.load_checkpoint(str(directory), tag=tag,
+                                          load_module_strict=not self.adapters_only,
                                           load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
         if path is None:

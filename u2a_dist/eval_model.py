@@ -74,9 +74,11 @@ def _load(cfg: RunConfig, model_path: str) -> tuple[Any, dict[str, Any], Any, An
     tokenizer = load_tokenizer(model_cfg, model_dir)
     # runtime.device on one process; inside a process group, the group's device (NCCL: GPU)
     device = comm_device() if dist.is_initialized() else resolve_device(cfg.runtime.device)
-    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed).eval().to(device)
+    # an exported model/ is whole (a LoRA run's adapters merged into it); θ0 has none
+    model = load_model(model_cfg, model_dir, seed=cfg.runtime.seed,
+                       adapters=False).eval().to(device)
     reference = model if same else \
-        load_model(cfg.model, ref_dir, seed=cfg.runtime.seed).eval().to(device)
+        load_model(cfg.model, ref_dir, seed=cfg.runtime.seed, adapters=False).eval().to(device)
     result: dict[str, Any] = {"model": str(model_path), "reference": cfg.model.name_or_path,
                               "reference_is_model": same, "device": str(device)}
     return judge, result, model, reference, tokenizer, same

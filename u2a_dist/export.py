@@ -21,6 +21,9 @@ from u2a_dist.config import ConfigError, RunConfig, load_config
 from u2a_dist.fsio import atomic_write, check_disjoint, is_marked, mark
 from u2a_dist.model_card import build_model_card
 
+#: Where a LoRA run's adapters go inside its exported model directory.
+ADAPTER_DIR = "adapter"
+
 
 def _locate(checkpoint: str | Path) -> tuple[Path, Path, str]:
     """(run dir, checkpoints dir, tag) from a run directory or a checkpoints/<tag> path."""
@@ -60,13 +63,18 @@ def write_model_dir(model: torch.nn.Module, tokenizer, out: Path,
                     card: str | None = None) -> Path:
     """``model/``-style directory (safetensors + config + tokenizer, and ``card`` as its
     README.md when given), replacing ``out`` only when it is empty or an earlier u2a export;
-    written under a temporary name first."""
+    written under a temporary name first. A peft model (``model.lora``) is written twice: its
+    adapters as ``adapter/`` (``PeftModel.from_pretrained(base, out / "adapter")``) and, at the
+    top, the base with the adapters merged in, for ``AutoModelForCausalLM.from_pretrained``."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_marked(out))):
         raise ConfigError(f"{out} exists and is not a u2a export (no marker): not replacing it; "
                           "choose a new or empty directory")
     tmp = out.with_name(f".{out.name}.u2a-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):  # peft: the adapters, then merged (in place)
+        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if card is not None:

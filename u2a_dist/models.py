@@ -19,7 +19,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoTokenizer
@@ -213,8 +213,10 @@ def load_tokenizer(cfg: ModelConfig, resolved: str | None = None):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, resolved: str | None = None, seed: int = 0) -> PreTrainedModel:
-    """Build or load the causal LM in the configured dtype and attention implementation."""
+def load_model(cfg: ModelConfig, resolved: str | None = None, seed: int = 0,
+               adapters: bool = True) -> PreTrainedModel:
+    """Build or load the causal LM in the configured dtype and attention implementation, with
+    ``model.lora``'s adapters unless ``adapters`` is False (θ0 itself: fresh adapters add 0)."""
     resolved = resolved or resolve_model_dir(cfg)
     dtype = DTYPES[cfg.dtype]
     if resolved == TINY:
@@ -228,4 +230,23 @@ def load_model(cfg: ModelConfig, resolved: str | None = None, seed: int = 0) -> 
         model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
+    if cfg.lora is not None and adapters:
+        model = add_lora(model, cfg.lora, seed)
     return model
+
+
+def add_lora(model: PreTrainedModel, lora: Any, seed: int) -> PreTrainedModel:
+    """``model`` with peft LoRA adapters (``model.lora``), the base weights frozen. A is drawn
+    from ``seed`` alone, so every rank and every copy (evaluation, export) builds the same
+    adapters; B starts at 0, so the adapted model computes θ0's function."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, spec)
+    finally:
+        torch.random.set_rng_state(state)

@@ -113,7 +113,8 @@ class Trainer:
         self.reference: torch.nn.Module | None = None
         ph.advance(what="reference model")
         if cfg.data.retain is not None:
-            self.reference = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
+            self.reference = load_model(cfg.model, resolved, seed=cfg.runtime.seed,
+                                        adapters=False)  # θ0: fresh adapters add nothing
             self.reference.eval().requires_grad_(False).to(self.device)
         ph.advance()
 

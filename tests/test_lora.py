@@ -1,0 +1,108 @@
+"""LoRA (``model.lora``, peft) on real ZeRO-3 ranks: 2 ranks give the 1-rank losses, only the
+adapters train (the base stays θ0 bit for bit), checkpoints hold the adapters and resume the same
+trajectory, and the export loads both as a merged model and as a peft adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import tiny_config
+from tests.distributed import run_ranks
+from u2a_dist.config import ConfigError, config_from_dict
+
+LORA = {"name_or_path": "tiny-gpt2", "lora": {"r": 4, "alpha": 8}}
+SGD = {"optimizer": "sgd", "lr": 0.5, "steps": 4}  # SGD: see test_engine (Adam amplifies noise)
+TOL = 1e-5
+IDS = torch.tensor([[5, 17, 99, 120, 33, 2, 250]])
+
+
+def _cfg(out: Path, **runtime) -> dict:
+    return tiny_config(out, model=LORA, unlearn=SGD, runtime={"checkpoint_every": 0, **runtime})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    one = run_ranks(1, "tests.rank_fns:train_report",
+                    {"cfg": _cfg(root / "w1", world_size=1), "steps": 4})
+    two = run_ranks(2, "tests.rank_fns:train_report",
+                    {"cfg": _cfg(root / "w2"), "steps": 4, "export": str(root / "model")})
+    split = _cfg(root / "split")
+    first = run_ranks(2, "tests.rank_fns:train_report", {"cfg": split, "steps": 2, "save": True})
+    second = run_ranks(2, "tests.rank_fns:train_report",
+                       {"cfg": split, "steps": 2, "prepare": False})
+    return {"one": one[0], "two": two, "first": first[0], "second": second[0], "root": root}
+
+
+def _theta0() -> dict[str, torch.Tensor]:
+    from u2a_dist.models import load_model
+
+    cfg = config_from_dict(tiny_config("unused", model=LORA))
+    return {k: v.float() for k, v in load_model(cfg.model, seed=0).state_dict().items()}
+
+
+def test_two_ranks_give_the_one_rank_losses_and_only_the_adapters_train(runs) -> None:
+    one, two = runs["one"], runs["two"]
+    assert two[0]["losses"] == two[1]["losses"]
+    torch.testing.assert_close(torch.tensor(two[0]["losses"]), torch.tensor(one["losses"]),
+                               rtol=TOL, atol=TOL)
+    assert one["losses"][-1] < one["losses"][0]
+    # the engine partitions the adapters only: 2 × (r × d) per adapted layer of the tiny model
+    trainable = sum(full for _, full, _ in two[0]["partitions"])
+    theta0 = _theta0()
+    assert trainable == sum(v.numel() for k, v in theta0.items() if "lora_" in k) < 10_000
+    adapters = [k for k in theta0 if "lora_" in k]
+    assert adapters and len(adapters) == 2 * 8  # A and B of c_attn, c_proj, c_fc, mlp.c_proj × 2
+    for key, value in theta0.items():
+        after = two[0]["state"][key]
+        if "lora_" in key:  # every adapter matrix moved
+            assert not torch.equal(after, value), key
+            torch.testing.assert_close(after, one["state"][key], rtol=1e-4, atol=1e-5)
+        else:  # the base is θ0's, bit for bit
+            assert torch.equal(after, value), key
+
+
+def test_checkpoints_hold_the_adapters_and_resume_the_same_trajectory(runs) -> None:
+    first, second, two = runs["first"], runs["second"], runs["two"][0]
+    assert second["resumed_from"] == 2
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]),
+                               torch.tensor(two["losses"]), rtol=1e-6, atol=1e-6)
+    for key, value in two["state"].items():
+        torch.testing.assert_close(second["state"][key], value, rtol=1e-6, atol=1e-6)
+    # what a checkpoint weighs: well under the frozen base's fp32 bytes (it is θ0, rebuilt)
+    theta0 = _theta0()
+    base_bytes = 4 * sum(v.numel() for k, v in theta0.items() if "lora_" not in k)
+    tags = [p for p in (runs["root"] / "split" / "checkpoints").iterdir() if p.is_dir()]
+    assert tags
+    for tag in tags:
+        size = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file())
+        assert size < base_bytes / 2, (tag, size, base_bytes)
+
+
+def test_the_export_loads_merged_and_as_a_peft_adapter(runs) -> None:
+    from peft import PeftModel
+
+    from u2a_dist.models import build_tiny_model
+
+    out, engine_logits = runs["root"] / "model", runs["two"][0]["logits"]
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    adapted = PeftModel.from_pretrained(build_tiny_model(0), out / "adapter").eval()
+    with torch.no_grad():
+        for model in (merged, adapted):
+            torch.testing.assert_close(model(input_ids=IDS).logits, engine_logits,
+                                       rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(build_tiny_model(0).eval()(input_ids=IDS).logits,
+                                  engine_logits, atol=1e-4)  # trained, not θ0
+
+
+def test_lora_settings_are_checked_by_name() -> None:
+    with pytest.raises(ConfigError, match="model.lora"):
+        config_from_dict(tiny_config("x", model={**LORA, "lora": {"r": 0}}))
+    with pytest.raises(ConfigError, match="model.lora.dropout must be 0 with selector"):
+        config_from_dict(tiny_config("x", model={**LORA, "lora": {"dropout": 0.1}},
+                                     selector={"enabled": True}))
