@@ -100,6 +100,22 @@ def test_the_export_loads_merged_and_as_a_peft_adapter(runs) -> None:
                                   engine_logits, atol=1e-4)  # trained, not θ0
 
 
+def test_u2a_export_of_an_adapter_checkpoint(runs, tmp_path) -> None:
+    """``u2a export`` of the split run (its step-2 checkpoint holds the adapters only): the base
+    comes from θ0, and the merged model computes what the run's weights at step 2 compute."""
+    from u2a_dist.export import export_checkpoint
+    from u2a_dist.models import load_model
+
+    out = export_checkpoint(runs["root"] / "split", tmp_path / "exported")
+    model = load_model(config_from_dict(tiny_config("x", model=LORA)).model, seed=0)
+    model.load_state_dict(runs["first"]["state"])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits,
+                                   model.eval()(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
 def test_lora_settings_are_checked_by_name() -> None:
     with pytest.raises(ConfigError, match="model.lora"):
         config_from_dict(tiny_config("x", model={**LORA, "lora": {"r": 0}}))

@@ -107,6 +107,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     model = load_model(cfg.model, resolved, seed=cfg.runtime.seed)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k} if model.config.tie_word_embeddings else set()
+    # a LoRA run's checkpoint holds the adapters only: the frozen base is θ0's, loaded above
+    tied |= {k for k, p in model.named_parameters() if not p.requires_grad} \
+        if cfg.model.lora is not None else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"{ckpt_dir / tag}: checkpoint does not match the model "
                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected "
