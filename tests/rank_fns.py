@@ -163,6 +163,23 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
             "weights": trainer.weights, "terms": term_scores(trainer, hg)}
 
 
+def round0_with_inputs(cfg: dict) -> dict[str, Any]:
+    """Round-0 scores and what an exact reference needs: θ (whole), the forget items, J's
+    sampled pairs with their θ0 log-probs, the resolved damping and α."""
+    from u2a_dist.trainer_problem import TrainerProblem
+    from u2a_dist.u2a_loop import select_round0
+
+    config = config_from_dict(cfg)
+    trainer = Trainer(config, None)
+    theta = trainer.engine.full_state_dict()
+    sample = TrainerProblem(trainer, config.selector.hessian_batch).outer_indices()
+    hg = select_round0(trainer)
+    return {"scores": hg.scores, "stats": hg.stats, "theta": theta, "pad_id": trainer.pad_id,
+            "items": trainer.forget.items,
+            "chosen": [trainer.pa.chosen[i] for i in sample],
+            "rejected": [trainer.pa.rejected[i] for i in sample]}
+
+
 def round0_scores_each(cfgs: list[dict]) -> list[dict[str, Any]]:
     """:func:`round0_scores` for several configs in one process (one start-up, not several)."""
     return [round0_scores(cfg) for cfg in cfgs]
