@@ -316,7 +316,8 @@ def test_training_evaluates_tracks_best_and_stops_at_a_floor(tmp_path: Path) -> 
 
 # ------------------------------------------------------------------ recipes
 
-@pytest.mark.parametrize("name", ["refusal_smollm2.yaml", "hh_smollm2.yaml"])
+@pytest.mark.parametrize("name", ["refusal_smollm2.yaml", "hh_smollm2.yaml",
+                                  "refusal_smollm2_lora.yaml"])
 def test_recipes_load_and_pass_preflight(name: str, shared_data: Path, monkeypatch) -> None:
     from u2a_dist.models import smollm2_available
     from u2a_dist.preflight import preflight
