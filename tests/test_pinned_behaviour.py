@@ -82,7 +82,11 @@ def test_recipe_metrics_and_round0_scores_are_the_pinned_ones(tmp_path):
     _close(got["metrics"], pinned["metrics"], "tiny_recipe.metrics")
     scale = max(abs(s["score"]) for s in pinned["scores"])
     for i, (g, p) in enumerate(zip(got["scores"], pinned["scores"], strict=True)):
-        _close({k: v for k, v in g.items() if k != "score"},
+        # the per-term parts (2026-12-06 (6)) came after the pins: added, not changed; they
+        # split the pinned score exactly
+        parts = ("score_forget", "score_mismatch")
+        assert g[parts[0]] + g[parts[1]] == pytest.approx(g["score"], rel=1e-9, abs=1e-12)
+        _close({k: v for k, v in g.items() if k != "score" and k not in parts},
                {k: v for k, v in p.items() if k != "score"}, f"tiny_recipe.scores[{i}]")
         _close(g["score"], p["score"], f"tiny_recipe.scores[{i}].score", SCORE_SHARE * scale)
 
