@@ -89,8 +89,6 @@ def _theta0_cache(cfg: RunConfig, reference) -> Theta0Cache:
     from u2a_dist.device import model_device
     from u2a_dist.models import resolve_model_dir
 
-    if not cfg.runtime.theta0_cache:
-        return Theta0Cache(None, {})
     return for_run(cfg, resolve_model_dir(cfg.model), world()[1], model_device(reference))
 
 

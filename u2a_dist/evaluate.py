@@ -292,7 +292,7 @@ class GenerationEval:
                  ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.theta0_cache = theta0_cache or Theta0Cache(None, {})
+        self.theta0_cache = theta0_cache or Theta0Cache.off()
         ec = cfg.eval
         max_len = cfg.data.max_length
         # Held out means held out: prompts the training data contains are not evaluated on

@@ -109,7 +109,7 @@ class RunInputs:
         spec = self.cfg.data.retain
         if spec is None:
             return [], 0.0
-        theta0_cache = theta0_cache or Theta0Cache(None, {})
+        theta0_cache = theta0_cache or Theta0Cache.off()
         items: list[Item] = []
         seconds = 0.0
         for one in spec if isinstance(spec, list) else [spec]:
@@ -136,7 +136,7 @@ class RunInputs:
         """Scalar log-probs at θ0 (``model``, before any checkpoint is loaded), computed once
         (or read from ``theta0_cache``, each part by what it depends on): the forget set's when
         the loss needs them, the held-out pairs', J's pairs'."""
-        theta0_cache = theta0_cache or Theta0Cache(None, {})
+        theta0_cache = theta0_cache or Theta0Cache.off()
         cache: dict[str, torch.Tensor] = {}
         bs = self.cfg.eval.batch_size
         was_training = model.training

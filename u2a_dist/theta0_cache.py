@@ -87,7 +87,8 @@ def run_context(cfg: RunConfig, resolved: str, world_size: int,
 def for_run(cfg: RunConfig, resolved: str, world_size: int, device: torch.device) -> Theta0Cache:
     """The cache ``runtime.theta0_cache`` names for this run (a no-op one when unset)."""
     root = cfg.runtime.theta0_cache
-    return Theta0Cache(root, run_context(cfg, resolved, world_size, device) if root else {})
+    return Theta0Cache(root, run_context(cfg, resolved, world_size, device)) if root \
+        else Theta0Cache.off()
 
 
 class Theta0Cache:
@@ -101,6 +102,11 @@ class Theta0Cache:
         self.root = Path(root).expanduser() / "theta0" if root else None
         self.context = context
         self.hits: list[str] = []  # what was read, in order (reported by the run)
+
+    @classmethod
+    def off(cls) -> Theta0Cache:
+        """A cache that keeps nothing: every call computes."""
+        return cls(None, {})
 
     def generations(self, what: str, prompt_ids: Sequence[list[int]], settings: dict[str, Any],
                     compute: Callable[[], Share]) -> Share:
