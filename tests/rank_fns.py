@@ -163,9 +163,12 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
             "weights": trainer.weights, "terms": term_scores(trainer, hg)}
 
 
-def round0_with_inputs(cfg: dict) -> dict[str, Any]:
+def round0_with_inputs(cfg: dict, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """Round-0 scores and what an exact reference needs: θ (whole), the forget items, J's
-    sampled pairs with their θ0 log-probs, the resolved damping and α."""
+    sampled pairs with their θ0 log-probs, the resolved damping and α. ``also``: other
+    ``selector.score`` modes scored at the same θ (``scores_<mode>``)."""
+    from dataclasses import replace
+
     from u2a_dist.trainer_problem import TrainerProblem
     from u2a_dist.u2a_loop import select_round0
 
@@ -174,7 +177,12 @@ def round0_with_inputs(cfg: dict) -> dict[str, Any]:
     theta = trainer.engine.full_state_dict()
     sample = TrainerProblem(trainer, config.selector.hessian_batch).outer_indices()
     hg = select_round0(trainer)
-    return {"scores": hg.scores, "stats": hg.stats, "theta": theta, "pad_id": trainer.pad_id,
+    extra = {}
+    for mode in also:
+        trainer.cfg = replace(config, selector=replace(config.selector, score=mode))
+        extra[f"scores_{mode}"] = select_round0(trainer).scores
+    return {**extra, "scores": hg.scores, "stats": hg.stats, "theta": theta,
+            "pad_id": trainer.pad_id,
             "items": trainer.forget.items,
             "chosen": [trainer.pa.chosen[i] for i in sample],
             "rejected": [trainer.pa.rejected[i] for i in sample]}

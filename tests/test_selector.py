@@ -172,6 +172,7 @@ class ToyProblem:
         self.w = torch.full((n,), 1.0 / n, dtype=torch.float64)
         self.theta = self.theta0.clone()
         self.ids = [f"toy:{i}" for i in range(n)]
+        self.adapters_only = False
         self.param = torch.zeros(dim, dtype=torch.float32)  # what the selector perturbs
 
     def nll(self, theta, x, y):

@@ -128,6 +128,10 @@ class SelectorConfig:
     lanczos_steps: int = field(default=20, metadata={"help": "HVPs of the Lanczos estimate of "
         "H's λ_min and λ_max for `auto` damping and alpha (`power_iters`, its old name, read)."})
     fd_eps: Union[float, str] = "auto"
+    fd_rel_step: Union[float, str] = field(default="auto", metadata={
+        "help": "With fd_eps auto, the finite-difference perturbation ||eps*v|| as a share of the "
+                "trainable parameters' RMS; auto: 0.02 (full model), 0.2 with model.lora "
+                "(u2a_dist/linalg/hvp.py has the measurements)."})
     hessian_batch: int = 32
     outer_sample: int = field(default=0, metadata={
         "help": "Preference pairs of data.pa drawn (seeded, afresh each round) for ∇J; 0 = all. "
@@ -268,7 +272,8 @@ class RunConfig:
         _choice("runtime.allocator", self.runtime.allocator, ALLOCATORS)
         report_backends(self.runtime.report_to)
         _check_numbers(self)
-        for key in ("selector.alpha", "selector.damping", "selector.fd_eps"):
+        for key in ("selector.alpha", "selector.damping", "selector.fd_eps",
+                    "selector.fd_rel_step"):
             value = _get(self, key)
             if isinstance(value, str) and value != "auto":
                 raise ConfigError(f"{key} must be a number or 'auto', got {value!r}")

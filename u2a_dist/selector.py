@@ -29,6 +29,8 @@ import torch
 from u2a_dist import progress
 from u2a_dist.config import SelectorConfig
 from u2a_dist.linalg import (
+    FD_REL_STEP,
+    FD_REL_STEP_ADAPTERS,
     ShardedVector,
     extreme_eigenvalues,
     fd_epsilon,
@@ -45,6 +47,8 @@ class HyperProblem(Protocol):
     """What the selector needs from a model + data, on this rank."""
 
     ids: list[str]
+    #: the trainable parameters are LoRA adapters (B = 0 at θ0): a larger finite-difference step
+    adapters_only: bool
 
     def parts(self) -> list[torch.Tensor]:
         """Local parameter storage read by the forward pass (perturbed in place, restored)."""
@@ -108,7 +112,7 @@ def _neumann(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed:
         cache["hvps"] = cache.get("hvps", 0) + 1
         ph.advance()
         return finite_difference_hvp(problem.parts(), grad_fn, x, eps=cfg.fd_eps,
-                                     extra_diag=lam)
+                                     extra_diag=lam, rel_step=fd_rel_step(problem, cfg))
 
     stats: dict[str, float] = {}
     if auto:
@@ -130,9 +134,16 @@ def _neumann(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed:
 SCORE_FORWARD_PASSES = 2
 
 
+def fd_rel_step(problem: HyperProblem, cfg: SelectorConfig) -> float:
+    """``selector.fd_rel_step``, its ``auto`` resolved for full parameters or adapters."""
+    if cfg.fd_rel_step != "auto":
+        return float(cfg.fd_rel_step)
+    return FD_REL_STEP_ADAPTERS if problem.adapters_only else FD_REL_STEP
+
+
 def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
-                       eps: float | str = "auto", terms: dict[str, torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float | str = "auto", terms: dict[str, torch.Tensor] | None = None,
+                       rel_step: float = FD_REL_STEP) -> tuple[torch.Tensor, torch.Tensor]:
     """s_i = ⟨v, ∇f_i⟩ = [f_i(θ+εv) − f_i(θ−εv)] / 2ε for all idx: two forward passes.
 
     ``terms``, when given, receives ``loss``: ⟨v, ∇ℓ_i⟩ from the same passes (f_i = c_f ℓ_i +
@@ -152,7 +163,7 @@ def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
         return torch.zeros(len(idx), dtype=torch.float64), ell
     if eps == "auto":
         step = fd_epsilon(sharded_rms([p.detach() for p in params], v.group, v.replicated,
-                                      v.valid_numel), v_norm)
+                                      v.valid_numel), v_norm, rel_step)
     else:
         step = float(eps)
     saved = [p.detach().clone() for p in params]
@@ -196,7 +207,8 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
     terms: dict[str, torch.Tensor] = {}
     with progress.phase("scores", what=f"{len(idx)} negatives"):
         if cfg.score == "directional":
-            scores, ell = directional_scores(problem, v, idx, cfg.fd_eps, terms)
+            scores, ell = directional_scores(problem, v, idx, cfg.fd_eps, terms,
+                                             fd_rel_step(problem, cfg))
         else:
             scores, ell = per_example_scores(problem, v, idx)
     bad = ~torch.isfinite(scores)

@@ -33,6 +33,7 @@ class TrainerProblem:
         self.engine = trainer.selector_engine()
         self.cfg = trainer.cfg
         self.ids = trainer.forget.ids
+        self.adapters_only = self.engine.adapters_only
         self.hessian_batch = hessian_batch
 
     # ---- layout

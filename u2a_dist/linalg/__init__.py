@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from u2a_dist.linalg.hvp import (
     FD_REL_STEP,
+    FD_REL_STEP_ADAPTERS,
     FD_RMS_FLOOR,
     exact_hvp,
     fd_epsilon,
@@ -48,6 +49,7 @@ from u2a_dist.linalg.spectrum import (
 __all__ = [
     "DEFAULT_DAMPING_MARGIN",
     "FD_REL_STEP",
+    "FD_REL_STEP_ADAPTERS",
     "FD_RMS_FLOOR",
     "NEUMANN_STATE_VECTORS",
     "IHVPResult",

@@ -25,6 +25,18 @@ from u2a_dist.linalg.sharded import ShardedVector, sharded_rms
 # a ~ 2-4e-3 fits both models: rel_step 2e-2 of an RMS of 0.1-0.2.
 FD_REL_STEP = 2e-2
 
+# The same for LoRA adapters (``model.lora``): there the loss bends far less per unit of parameter
+# (B starts at 0, so the loss feels A only through B, and B only through A's small init), fp32
+# rounding dominates down to steps ~10x larger, and the RMS of the adapters (A's init, B = 0) is no
+# measure of the curvature's scale. Measured on tiny-gpt2 with adapters (rank 2 on c_attn, 1,024
+# parameters, rms 0.038 / rank 8 on every linear layer, 16,384, rms 0.036), against float64
+# exact references, relative error by ||eps*v|| (a): directional scores of 16 negatives along
+# grad J  a = 7e-4: 3.5e-2 / 2.0e-3;  3e-3: 1.1e-2 / 4.6e-4;  1e-2: 3.2e-3 / 1.5e-4;
+# 3e-2: 1.1e-3 / 2.9e-4;  1e-1: 2.7e-4 / 3.2e-3;  HVP of the data term along grad J  a = 1e-3:
+# 1.3e-4 / 3.1e-4;  3e-3: 3.8e-5 / 1.1e-4;  1e-2: 1.3e-5 / 9.7e-5;  3e-2: 2.0e-5 / 8.2e-4.
+# FD_REL_STEP gave a ~ 7e-4 there (the first row); 0.2 gives a ~ 7e-3, inside both optima.
+FD_REL_STEP_ADAPTERS = 2e-1
+
 # Smallest parameter RMS the automatic step is scaled by (a model with near-zero weights).
 FD_RMS_FLOOR = 1e-2
 
