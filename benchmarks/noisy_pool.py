@@ -38,7 +38,8 @@ from benchmarks.time_to_target import fmt, read_metrics, run_one  # noqa: E402
 #: The true negatives' label; every other label is a false positive.
 HARMFUL = "harmful"
 METHODS = {
-    **{m: TTT[m] for m in ("uniform", "random_k", "u2a_identity", "u2a", "u2a_recipe")},
+    **{m: TTT[m] for m in ("uniform", "random_k", "u2a_identity", "u2a", "u2a_cg",
+                                 "u2a_recipe")},
     "simnpo": ("SimNPO as the inner loss (open-unlearning's), selector off: uniform weights",
                ["selector.enabled=false", "unlearn.loss=simnpo"]),
     **{m: TTT[m] for m in ("kto", "dpo_sft")},

@@ -1,7 +1,7 @@
 """Time to the joint target: U2A against uniform unlearning, GA, NPO, DPO and RLHF (issue 6).
 
     python benchmarks/time_to_target.py [--config configs/refusal_smollm2.yaml]
-        [--methods u2a,u2a_identity,u2a_recipe,uniform,ga,npo,dpo,dpo_sft,rlhf]
+        [--methods u2a,u2a_cg,u2a_identity,u2a_recipe,uniform,ga,npo,dpo,dpo_sft,rlhf]
         [--runs-dir runs/time_to_target] [--reuse] [--out FILE] [section.key=value ...]
 
 Every method (``METHODS``) runs the config (model, seed, data, held-out evaluation every
@@ -80,6 +80,8 @@ ALONE = ["unlearn.mismatch_weight=0", "unlearn.retain_kl_weight=0"]  # the forge
 METHODS: Table = {
     "u2a": ("U2A: top-k by hypergradient (Neumann iHVP, directional scores), then reweighting",
             ["selector.enabled=true", "selector.ihvp=neumann", "selector.score=directional"]),
+    "u2a_cg": ("U2A with conjugate gradients for the iHVP (selector.ihvp=cg), directional scores",
+               ["selector.enabled=true", "selector.ihvp=cg", "selector.score=directional"]),
     "u2a_identity": ("U2A with the identity iHVP and per-example gradients (the paper's code)",
                      ["selector.enabled=true", "selector.ihvp=identity",
                       "selector.score=per_example_grad"]),

@@ -119,9 +119,13 @@ class UnlearnConfig:
 class SelectorConfig:
     enabled: bool = True
     dpo_beta: float = 0.1
-    ihvp: str = field(default="neumann", metadata={"help": "neumann | identity"})
+    ihvp: str = field(default="neumann", metadata={
+        "help": "neumann | cg (conjugate gradients: ~sqrt(κ) HVPs where Neumann needs ~κ) | "
+                "identity"})
     neumann_terms: int = 20
     neumann_tol: float = 1e-3
+    cg_iters: int = field(default=20, metadata={"help": "at most this many CG iterations (HVPs)"})
+    cg_tol: float = field(default=1e-3, metadata={"help": "CG stops at ‖r‖/‖∇J‖ ≤ cg_tol"})
     identity_gamma: float = 1.0
     alpha: Union[float, str] = "auto"
     damping: Union[float, str] = "auto"
@@ -261,7 +265,7 @@ class RunConfig:
             raise ConfigError(f"unlearn.loss_args {self.unlearn.loss_args!r} do not fit "
                               f"unlearn.loss={self.unlearn.loss!r}: {why}")
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
-        _choice("selector.ihvp", self.selector.ihvp, ("neumann", "identity"))
+        _choice("selector.ihvp", self.selector.ihvp, ("neumann", "cg", "identity"))
         _choice("selector.score", self.selector.score, ("directional", "per_example_grad",
                                                               "random"))
         _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))
@@ -327,7 +331,7 @@ class RunConfig:
 #: which ``typed.build_dataclass`` checks), except those in _SIGNED.
 _POSITIVE = {
     "unlearn.lr", "unlearn.npo_beta", "unlearn.steps", "unlearn.batch_size",
-    "selector.dpo_beta", "selector.eta", "selector.neumann_terms",
+    "selector.dpo_beta", "selector.eta", "selector.neumann_terms", "selector.cg_iters",
     "selector.identity_gamma", "selector.lanczos_steps", "selector.top_k",
     "selector.hessian_batch", "runtime.world_size", "runtime.timeout_s", "data.max_length",
     "eval.batch_size", "eval.max_new_tokens", "unlearn.max_param_abs", "runtime.micro_batches",

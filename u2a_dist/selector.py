@@ -32,6 +32,7 @@ from u2a_dist.linalg import (
     FD_REL_STEP,
     FD_REL_STEP_ADAPTERS,
     ShardedVector,
+    cg_ihvp,
     extreme_eigenvalues,
     fd_epsilon,
     finite_difference_hvp,
@@ -93,16 +94,18 @@ def solve_ihvp(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector,
     if cfg.ihvp == "identity":
         return identity_ihvp(b, cfg.identity_gamma), {"selector/ihvp_terms": 0}
     lam = problem.analytic_curvature()
-    auto = cfg.damping == "auto" or cfg.alpha == "auto"
-    # at most this many HVPs: the Lanczos spectrum estimate, then the Neumann terms
-    with progress.phase("inverse HVP", (cfg.lanczos_steps if auto else 0) + cfg.neumann_terms,
+    # CG needs the damping alone, Neumann its step α too
+    auto = cfg.damping == "auto" or (cfg.ihvp == "neumann" and cfg.alpha == "auto")
+    iters = cfg.cg_iters if cfg.ihvp == "cg" else cfg.neumann_terms
+    # at most this many HVPs: the Lanczos spectrum estimate, then the solver's
+    with progress.phase("inverse HVP", (cfg.lanczos_steps if auto else 0) + iters,
                         unit="HVP") as ph:
-        return _neumann(problem, cfg, b, seed, lam, auto, ph)
+        return _solve(problem, cfg, b, seed, lam, auto, ph)
 
 
-def _neumann(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed: int,
-             lam: float, auto: bool, ph: progress.Phase
-             ) -> tuple[ShardedVector, dict[str, float]]:
+def _solve(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed: int,
+           lam: float, auto: bool, ph: progress.Phase
+           ) -> tuple[ShardedVector, dict[str, float]]:
     cache: dict[str, Any] = {}
 
     def grad_fn() -> list[torch.Tensor]:
@@ -118,11 +121,17 @@ def _neumann(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed:
     if auto:
         lam_min, lam_max = extreme_eigenvalues(matvec, b, iters=cfg.lanczos_steps, seed=seed)
         stats.update({"selector/lambda_min": lam_min, "selector/lambda_max": lam_max})
-        delta, alpha = resolve_damping_and_alpha(lam_min, lam_max, cfg.damping, cfg.alpha)
-    else:  # both given: honoured as they are (a bad α shows up as a divergence error)
-        delta, alpha = float(cfg.damping), float(cfg.alpha)
-    result = neumann_ihvp(matvec, b, cfg.neumann_terms, alpha, delta, tol=cfg.neumann_tol)
-    stats.update({"selector/damping": delta, "selector/alpha": alpha,
+        delta, alpha = resolve_damping_and_alpha(lam_min, lam_max, cfg.damping,
+                                                 "auto" if cfg.ihvp == "cg" else cfg.alpha)
+    else:  # given: honoured as they are (a bad α shows up as a divergence error)
+        delta, alpha = float(cfg.damping), cfg.alpha
+    if cfg.ihvp == "cg":  # no step size
+        result = cg_ihvp(matvec, b, cfg.cg_iters, delta, tol=cfg.cg_tol)
+    else:
+        result = neumann_ihvp(matvec, b, cfg.neumann_terms, float(alpha), delta,
+                              tol=cfg.neumann_tol)
+        stats["selector/alpha"] = float(alpha)
+    stats.update({"selector/damping": delta,
                   "selector/ihvp_residual": result.residual,
                   "selector/ihvp_terms": result.terms_used, "selector/hvps": cache.get("hvps", 0),
                   # ‖(H+δI)v_k − ∇J‖/‖∇J‖ of the partial sums, from the recurrence (no HVPs)

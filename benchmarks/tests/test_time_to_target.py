@@ -238,7 +238,7 @@ def test_a_missing_judge_names_the_key_and_the_command(
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit):
         time_to_target.main(["--config", str(config), "--methods", "sft"])
-    assert set(time_to_target.METHODS) == {"u2a", "u2a_identity", "u2a_recipe", "uniform",
+    assert set(time_to_target.METHODS) == {"u2a", "u2a_cg", "u2a_identity", "u2a_recipe", "uniform",
                                            "random_k", "ga", "npo", "dpo", "dpo_sft", "kto",
                                            "rlhf"}
 

@@ -15,8 +15,8 @@ what lets the tests run the same code on one process and on real 2-process gloo 
 
 Modules: ``sharded`` (:class:`ShardedVector`, the sharded reductions), ``hvp`` (finite-difference
 and exact HVPs, the finite-difference step), ``spectrum`` (power iteration, Lanczos, damping and
-step), ``ihvp`` (Neumann series, identity baseline). Every public name is importable from
-``u2a_dist.linalg`` itself.
+step), ``ihvp`` (Neumann series, conjugate gradients, identity baseline). Every public name is
+importable from ``u2a_dist.linalg`` itself.
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ from u2a_dist.linalg.hvp import (
     trainable_parameters,
 )
 from u2a_dist.linalg.ihvp import (
+    CG_STATE_VECTORS,
     NEUMANN_STATE_VECTORS,
+    CGBreakdownError,
     IHVPResult,
     NeumannDivergenceError,
+    cg_ihvp,
     identity_ihvp,
     neumann_ihvp,
 )
@@ -47,6 +50,8 @@ from u2a_dist.linalg.spectrum import (
 )
 
 __all__ = [
+    "CG_STATE_VECTORS",
+    "CGBreakdownError",
     "DEFAULT_DAMPING_MARGIN",
     "FD_REL_STEP",
     "FD_REL_STEP_ADAPTERS",
@@ -55,6 +60,7 @@ __all__ = [
     "IHVPResult",
     "NeumannDivergenceError",
     "ShardedVector",
+    "cg_ihvp",
     "exact_hvp",
     "extreme_eigenvalues",
     "fd_epsilon",
