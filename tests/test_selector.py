@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from tests.conftest import tiny_config
 from tests.distributed import run_ranks
 from u2a_dist.config import SelectorConfig
-from u2a_dist.linalg import NeumannDivergenceError, ShardedVector, exact_hvp
+from u2a_dist.linalg import CGBreakdownError, NeumannDivergenceError, ShardedVector, exact_hvp
 from u2a_dist.selector import (
     effective_eta,
     exponentiated_gradient,
@@ -266,6 +267,29 @@ def test_cg_hypergradient_equals_the_neumann_one_in_far_fewer_hvps():
                                                damping=0.0), idx)
     assert "selector/lambda_min" not in fixed.stats
     assert fixed.stats["selector/hvps"] == fixed.stats["selector/ihvp_terms"] + 1
+
+
+def test_cg_meeting_negative_curvature_raises_auto_damping_and_restarts():
+    """Lanczos's λ_min errs inward, so auto damping can leave H + δI indefinite (here: GA with a
+    weak prox, 3 Lanczos steps). CG's breakdown direction is a Rayleigh quotient of H below the
+    estimate: the damping follows it and CG restarts, and the answer is the solve at the final
+    damping. A given damping is not changed: the breakdown is the error."""
+    toy = ToyProblem(seed=0, lam=0.05)
+    toy.w = torch.ones_like(toy.w)
+    toy.set_theta(toy.theta0 + 0.5)
+    h = torch.autograd.functional.hessian(lambda t: toy.inner(t, toy.w), toy._theta())
+    lam_min = float(torch.linalg.eigvalsh(h)[0])
+    b, _ = toy.outer_grad()
+    cfg = SelectorConfig(ihvp="cg", cg_iters=50, cg_tol=1e-8, lanczos_steps=3)
+    v, stats = solve_ihvp(toy, cfg, b)
+    delta = stats["selector/damping"]
+    assert stats["selector/cg_restarts"] == 1 and delta > -lam_min
+    assert lam_min <= stats["selector/lambda_min"] < lam_min + 0.1
+    exact = torch.linalg.solve(h + delta * torch.eye(len(h), dtype=torch.float64),
+                               b.parts[0].double())
+    assert float((v.parts[0].double() - exact).norm() / exact.norm()) < 1e-2
+    with pytest.raises(CGBreakdownError, match="raise selector.damping"):
+        solve_ihvp(toy, replace(cfg, damping=-lam_min / 2), b)
 
 
 def test_weight_update_along_the_hypergradient_lowers_the_true_outer_loss():

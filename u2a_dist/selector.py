@@ -31,6 +31,8 @@ from u2a_dist.config import SelectorConfig
 from u2a_dist.linalg import (
     FD_REL_STEP,
     FD_REL_STEP_ADAPTERS,
+    CGBreakdownError,
+    IHVPResult,
     ShardedVector,
     cg_ihvp,
     extreme_eigenvalues,
@@ -126,7 +128,7 @@ def _solve(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed: i
     else:  # given: honoured as they are (a bad α shows up as a divergence error)
         delta, alpha = float(cfg.damping), cfg.alpha
     if cfg.ihvp == "cg":  # no step size
-        result = cg_ihvp(matvec, b, cfg.cg_iters, delta, tol=cfg.cg_tol)
+        result, delta = _cg(matvec, b, cfg, delta, stats, ph)
     else:
         result = neumann_ihvp(matvec, b, cfg.neumann_terms, float(alpha), delta,
                               tol=cfg.neumann_tol)
@@ -137,6 +139,31 @@ def _solve(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed: i
                   # ‖(H+δI)v_k − ∇J‖/‖∇J‖ of the partial sums, from the recurrence (no HVPs)
                   "selector/ihvp_term_norms": [round(x, 6) for x in result.term_norms]})
     return result.v, stats
+
+
+#: CG restarts with a larger damping after meeting negative curvature (``damping: auto``).
+CG_RESTARTS = 3
+
+
+def _cg(matvec, b: ShardedVector, cfg: SelectorConfig, delta: float,
+        stats: dict[str, Any], ph: progress.Phase) -> tuple[IHVPResult, float]:
+    """CG with ``damping: auto`` mended: Lanczos's λ_min errs inward, so H + δI can still be
+    indefinite; the direction CG breaks down on is a Rayleigh quotient of H below it, which
+    becomes the new λ_min estimate and damping, and CG restarts (at most CG_RESTARTS times)."""
+    for restart in range(CG_RESTARTS + 1):
+        try:
+            result = cg_ihvp(matvec, b, cfg.cg_iters, delta, tol=cfg.cg_tol)
+            stats["selector/cg_restarts"] = restart
+            return result, delta
+        except CGBreakdownError as exc:
+            if cfg.damping != "auto" or restart == CG_RESTARTS:
+                raise
+            lam_min = min(stats["selector/lambda_min"], exc.rayleigh - delta)
+            stats["selector/lambda_min"] = lam_min
+            delta, _ = resolve_damping_and_alpha(lam_min, stats["selector/lambda_max"])
+            if ph.total is not None:  # the restart's HVPs, so the bar does not pass 100 %
+                ph.total = ph.done + cfg.cg_iters
+    raise AssertionError("unreachable")
 
 
 #: Forward passes over the N negatives that :func:`directional_scores` makes (θ ± εv).

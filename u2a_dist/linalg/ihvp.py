@@ -142,12 +142,16 @@ class CGBreakdownError(RuntimeError):
     """Conjugate gradients met a direction of non-positive curvature: H + damping I is not
     positive definite (or the Hessian-vector products are too noisy to tell)."""
 
-    def __init__(self, damping: float, iteration: int, curvature: float) -> None:
+    def __init__(self, damping: float, iteration: int, curvature: float,
+                 rayleigh: float = math.nan) -> None:
         self.damping, self.iteration, self.curvature = damping, iteration, curvature
+        #: p^T (H + damping I) p / p^T p of the direction found: rayleigh - damping is a
+        #: Rayleigh quotient of H, so an upper bound on its smallest eigenvalue
+        self.rayleigh = rayleigh
         super().__init__(
             f"conjugate gradients broke down at iteration {iteration}: p^T (H + damping I) p = "
             f"{curvature:.4g} <= 0 with damping={damping:.6g}, so H + damping I is not positive "
-            "definite; raise selector.damping (or set it to 'auto')."
+            "definite; raise selector.damping (with damping 'auto': more selector.lanczos_steps)."
         )
 
 
@@ -197,7 +201,8 @@ def cg_ihvp(
         w = apply_a(p)
         curvature = p.dot(w)
         if not (curvature > 0 and math.isfinite(curvature)):
-            raise CGBreakdownError(damping, k, curvature)
+            p_norm = p.norm()
+            raise CGBreakdownError(damping, k, curvature, curvature / (p_norm * p_norm))
         step = rr / curvature
         v.axpy(step, p)
         r.axpy(-step, w)
