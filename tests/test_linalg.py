@@ -594,6 +594,14 @@ def gpt2_problem():
     return _tiny_gpt2()
 
 
+@pytest.fixture(scope="module")
+def gpt2_hessian(gpt2_problem) -> tuple[Tensor, Tensor]:
+    """Dense float64 Hessian of tiny GPT-2's GA-style loss and ∇J: computed once (4080 HVPs)."""
+    model, loss_fn, outer_fn = gpt2_problem
+    h = _dense_hessian(model, loss_fn)
+    return h, _flat(torch.autograd.grad(outer_fn(model), trainable_parameters(model)))
+
+
 def test_fd_hvp_matches_exact_on_tiny_gpt2(gpt2_problem) -> None:
     model, loss_fn, outer_fn = gpt2_problem
     params = trainable_parameters(model)
@@ -728,12 +736,10 @@ def test_neumann_auto_pipeline_matches_solve_on_mlp(mlp_hessian) -> None:
     assert _rel(short.v.parts[0], x) > 0.1  # the truncation is real: K matters
 
 
-def test_neumann_auto_pipeline_matches_solve_on_tiny_gpt2(gpt2_problem) -> None:
+def test_neumann_auto_pipeline_matches_solve_on_tiny_gpt2(gpt2_hessian) -> None:
     """Tiny GPT-2 (4080 params): dense float64 Hessian of the GA-style loss, spectrum by
     Lanczos on it, auto damping/alpha, Neumann with early stop vs torch.linalg.solve."""
-    model, loss_fn, outer_fn = gpt2_problem
-    h = _dense_hessian(model, loss_fn)
-    b = _flat(torch.autograd.grad(outer_fn(model), trainable_parameters(model)))
+    h, b = gpt2_hessian
     mv = _dense_matvec(h)
     bv = ShardedVector([b.float()])
     lo, hi = extreme_eigenvalues(mv, bv, iters=80, tol=1e-6)
@@ -748,13 +754,10 @@ def test_neumann_auto_pipeline_matches_solve_on_tiny_gpt2(gpt2_problem) -> None:
 GPT2_TERMS = 3000
 
 
-def test_cg_auto_pipeline_matches_solve_on_mlp_and_tiny_gpt2(mlp_hessian, gpt2_problem) -> None:
+def test_cg_auto_pipeline_matches_solve_on_mlp_and_tiny_gpt2(mlp_hessian, gpt2_hessian) -> None:
     """Conjugate gradients on the problems Neumann needs ~1000 and 3000 terms for (condition
     number ~180 and more after auto damping): a 1e-3 solve in under 60 matvecs."""
-    model, loss_fn, outer_fn = gpt2_problem
-    h_gpt2 = _dense_hessian(model, loss_fn)
-    b_gpt2 = _flat(torch.autograd.grad(outer_fn(model), trainable_parameters(model)))
-    for h, b in (mlp_hessian, (h_gpt2, b_gpt2)):
+    for h, b in (mlp_hessian, gpt2_hessian):
         mv, bv = _dense_matvec(h), ShardedVector([b.float()])
         lo, hi = extreme_eigenvalues(mv, bv, iters=50, tol=1e-6)
         delta, _ = resolve_damping_and_alpha(lo, hi)
