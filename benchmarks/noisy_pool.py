@@ -40,6 +40,8 @@ HARMFUL = "harmful"
 METHODS = {
     **{m: TTT[m] for m in ("uniform", "random_k", "u2a_identity", "u2a", "u2a_cg",
                                  "u2a_recipe")},
+    "u2a_forget": ("the recipe's selector ranking and reweighting by the forget term's part of "
+                   "the score alone", ["selector.enabled=true", "selector.score_on=forget"]),
     "simnpo": ("SimNPO as the inner loss (open-unlearning's), selector off: uniform weights",
                ["selector.enabled=false", "unlearn.loss=simnpo"]),
     **{m: TTT[m] for m in ("kto", "dpo_sft")},

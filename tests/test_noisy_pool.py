@@ -170,9 +170,12 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
             selector={"enabled": True, "top_k": 8, "ihvp": "identity"},
             runtime={"world_size": 1})
 
-    both, forget_only, mismatch_only = run_ranks(1, "tests.rank_fns:round0_scores_each", {
-        "cfgs": [cfg("both"), cfg("forget", mismatch_weight=0.0),
-                 cfg("mismatch", forget_weight=0.0)]})[0]
+    on_forget = cfg("on_forget")
+    on_forget["selector"]["score_on"] = "forget"
+    both, forget_only, mismatch_only, ranked = run_ranks(
+        1, "tests.rank_fns:round0_scores_each",
+        {"cfgs": [cfg("both"), cfg("forget", mismatch_weight=0.0),
+                  cfg("mismatch", forget_weight=0.0), on_forget]})[0]
     terms = both["terms"]
     harmful = [x.attrs["label"] == "harmful"
                for x in load_completions([DataSpec(**s) for s in pool])]
@@ -184,3 +187,8 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
         assert float(err) < 1e-3, (name, float(err))
         assert both["stats"][f"selector/auc@harmful/{name}"] == pytest.approx(
             _hand_auc(terms[name].tolist(), harmful))
+    # selector.score_on=forget: the same scores, the support is the top-k of the forget part
+    torch.testing.assert_close(ranked["scores"], both["scores"])
+    top = sorted(range(len(harmful)), key=lambda i: (-float(terms["forget"][i]), i))[:8]
+    assert sorted(ranked["support"]) == sorted(top)
+    assert sorted(both["support"]) != sorted(top)  # the total ranks otherwise here

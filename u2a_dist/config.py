@@ -143,6 +143,10 @@ class SelectorConfig:
     score: str = field(default="directional", metadata={
         "help": "directional | per_example_grad | random: random-k, a seeded random support of "
                 "top_k with uniform weights and no reweighting (the peer selection must beat)"})
+    score_on: str = field(default="total", metadata={
+        "help": "total | forget: rank (top-k) and reweight by the forget term's part of the "
+                "score, c_f⟨v, ∇ℓ_i⟩, alone (directional scoring; issue 22: on a noisy pool the "
+                "mismatch part ranked benign negatives above harmful ones)"})
     top_k: int = 64
     eta: float = 1.0
     eta_scale: str = field(default="raw", metadata={
@@ -266,6 +270,11 @@ class RunConfig:
                               f"unlearn.loss={self.unlearn.loss!r}: {why}")
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "cg", "identity"))
+        _choice("selector.score_on", self.selector.score_on, ("total", "forget"))
+        if self.selector.score_on == "forget" and (self.selector.score != "directional"
+                                                   or self.unlearn.forget_weight == 0):
+            raise ConfigError("selector.score_on=forget needs selector.score=directional (the "
+                              "scoring that splits the terms) and unlearn.forget_weight > 0")
         _choice("selector.score", self.selector.score, ("directional", "per_example_grad",
                                                               "random"))
         _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))

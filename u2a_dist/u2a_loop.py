@@ -37,6 +37,14 @@ def term_scores(trainer, hg: Hypergradient) -> dict[str, torch.Tensor]:
     return {"forget": forget, "mismatch": hg.scores - forget}
 
 
+def ranking_scores(trainer, hg: Hypergradient) -> torch.Tensor:
+    """What top-k and the reweighting use: s_i, or with ``selector.score_on: forget`` its
+    forget part alone (the whole score where there is no mismatch term to leave out)."""
+    if trainer.cfg.selector.score_on == "forget":
+        return term_scores(trainer, hg).get("forget", hg.scores)
+    return hg.scores
+
+
 def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
     if trainer.rank != 0 or trainer.run_dir is None:
         return
@@ -69,7 +77,7 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     else:
         problem = TrainerProblem(trainer, hessian_batch or cfg.hessian_batch)
         hg = hypergradients(problem, cfg, everything, seed=trainer.cfg.runtime.seed)
-    support = select_top_k(hg.scores, cfg.top_k)
+    support = select_top_k(ranking_scores(trainer, hg), cfg.top_k)
     weights = torch.zeros(len(trainer.forget), dtype=torch.float64)
     weights[support] = 1.0 / len(support)
     trainer.set_support(support, weights)
@@ -93,9 +101,10 @@ def reweight(trainer) -> Hypergradient:
     problem = TrainerProblem(trainer, cfg.hessian_batch)
     support = list(trainer.sampler.support)
     hg = hypergradients(problem, cfg, support, seed=trainer.cfg.runtime.seed + trainer.round)
-    eta = effective_eta(hg.grads, cfg.eta, cfg.eta_scale)
+    grads = -ranking_scores(trainer, hg)
+    eta = effective_eta(grads, cfg.eta, cfg.eta_scale)
     hg.stats["selector/eta"] = eta
-    new = exponentiated_gradient(trainer.weights[support], hg.grads, eta)
+    new = exponentiated_gradient(trainer.weights[support], grads, eta)
     weights = torch.zeros_like(trainer.weights)
     weights[support] = new
     trainer.set_support(support, weights)
