@@ -124,8 +124,9 @@ class SelectorConfig:
                 "identity"})
     neumann_terms: int = 20
     neumann_tol: float = 1e-3
-    cg_iters: int = field(default=20, metadata={"help": "at most this many CG iterations (HVPs)"})
-    cg_tol: float = field(default=1e-3, metadata={"help": "CG stops at ‖r‖/‖∇J‖ ≤ cg_tol"})
+    cg_iters: int = field(default=20, metadata={"help": "CG: at most this many HVPs; it stops "
+                                                "at ‖r‖/‖∇J‖ ≤ cg_tol"})
+    cg_tol: float = 1e-3
     identity_gamma: float = 1.0
     alpha: Union[float, str] = "auto"
     damping: Union[float, str] = "auto"
@@ -143,10 +144,8 @@ class SelectorConfig:
     score: str = field(default="directional", metadata={
         "help": "directional | per_example_grad | random: random-k, a seeded random support of "
                 "top_k with uniform weights and no reweighting (the peer selection must beat)"})
-    score_on: str = field(default="total", metadata={
-        "help": "total | forget: rank (top-k) and reweight by the forget term's part of the "
-                "score, c_f⟨v, ∇ℓ_i⟩, alone (directional scoring; issue 22: on a noisy pool the "
-                "mismatch part ranked benign negatives above harmful ones)"})
+    score_on: str = field(default="total", metadata={"help": "total | forget: top-k and "
+        "reweighting by the score's forget part c_f⟨v, ∇ℓ_i⟩ alone (BENCHMARKS, Noisy pools)"})
     top_k: int = 64
     eta: float = 1.0
     eta_scale: str = field(default="raw", metadata={
@@ -271,10 +270,8 @@ class RunConfig:
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "cg", "identity"))
         _choice("selector.score_on", self.selector.score_on, ("total", "forget"))
-        if self.selector.score_on == "forget" and (self.selector.score != "directional"
-                                                   or self.unlearn.forget_weight == 0):
-            raise ConfigError("selector.score_on=forget needs selector.score=directional (the "
-                              "scoring that splits the terms) and unlearn.forget_weight > 0")
+        if self.selector.score_on == "forget" and self.selector.score != "directional":
+            raise ConfigError("selector.score_on=forget needs selector.score=directional")
         _choice("selector.score", self.selector.score, ("directional", "per_example_grad",
                                                               "random"))
         _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))
