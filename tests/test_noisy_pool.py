@@ -192,3 +192,27 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
     top = sorted(range(len(harmful)), key=lambda i: (-float(terms["forget"][i]), i))[:8]
     assert sorted(ranked["support"]) == sorted(top)
     assert sorted(both["support"]) != sorted(top)  # the total ranks otherwise here
+
+
+def test_ranking_scores_are_the_forget_part_only_when_asked_and_when_there_is_one():
+    """u2a_loop.ranking_scores, what top-k and the reweighting step use (selector.score_on)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from u2a_dist.selector import Hypergradient
+    from u2a_dist.u2a_loop import ranking_scores
+
+    hg = Hypergradient([0, 1, 2], torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64),
+                       torch.zeros(3), loss_scores=torch.tensor([-1.0, 2.0, 0.5],
+                                                                dtype=torch.float64))
+
+    def trainer(score_on: str, mismatch: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(cfg=SimpleNamespace(selector=SimpleNamespace(score_on=score_on)),
+                               objective=SimpleNamespace(uses_mismatch=mismatch,
+                                                         forget_weight=2.0))
+
+    assert torch.equal(ranking_scores(trainer("total"), hg), hg.scores)
+    assert ranking_scores(trainer("forget"), hg).tolist() == [-2.0, 4.0, 1.0]  # c_f⟨v, ∇ℓ_i⟩
+    # no mismatch term: the score is the forget part already
+    assert torch.equal(ranking_scores(trainer("forget", mismatch=False), hg), hg.scores)
