@@ -159,6 +159,22 @@ def _count_live_vectors() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is ShardedVector)
 
 
+def _peak_counting(matvec: Callable[[ShardedVector], ShardedVector]
+                   ) -> tuple[Callable[[ShardedVector], ShardedVector], dict[str, int]]:
+    """``matvec`` that records in ``peak["n"]`` the most ShardedVectors alive beyond those
+    alive now (the caller's b) at any of its calls: a solver's state."""
+    gc.collect()
+    baseline = _count_live_vectors()
+    peak = {"n": 0}
+
+    def counting(x: ShardedVector) -> ShardedVector:
+        out = matvec(x)
+        peak["n"] = max(peak["n"], _count_live_vectors() - baseline)
+        return out
+
+    return counting, peak
+
+
 def _tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -775,15 +791,7 @@ def test_cg_keeps_four_vectors_stops_on_tolerance_and_breaks_down_loudly(mlp_hes
     ev = torch.linalg.eigvalsh(h)
     delta, _ = resolve_damping_and_alpha(float(ev[0]), float(ev[-1]))
     bv, dense = ShardedVector([b.float()]), _dense_matvec(h)
-    gc.collect()
-    baseline = _count_live_vectors()
-    peak = {"n": 0}
-
-    def counting(x: ShardedVector) -> ShardedVector:
-        out = dense(x)
-        peak["n"] = max(peak["n"], _count_live_vectors() - baseline)
-        return out
-
+    counting, peak = _peak_counting(dense)
     res = cg_ihvp(counting, bv, iters=4, damping=delta, compute_residual=False)
     assert res.state_vectors == CG_STATE_VECTORS == peak["n"] == 4, peak
     assert res.terms_used == 4 and math.isnan(res.residual)
@@ -807,15 +815,7 @@ def test_neumann_keeps_three_vectors_of_state(mlp_hessian) -> None:
     delta, alpha = resolve_damping_and_alpha(float(ev[0]), float(ev[-1]))
     bv = ShardedVector([b.float()])
     dense = _dense_matvec(h)
-    gc.collect()
-    baseline = _count_live_vectors()  # b (and nothing else of ours)
-    peak = {"n": 0}
-
-    def counting(x: ShardedVector) -> ShardedVector:
-        out = dense(x)
-        peak["n"] = max(peak["n"], _count_live_vectors() - baseline)
-        return out
-
+    counting, peak = _peak_counting(dense)
     res = neumann_ihvp(counting, bv, terms=4, alpha=alpha, damping=delta)
     assert res.state_vectors == NEUMANN_STATE_VECTORS == 3
     assert peak["n"] == NEUMANN_STATE_VECTORS, peak

@@ -65,6 +65,27 @@ class IHVPResult:
     state_vectors: int = NEUMANN_STATE_VECTORS
 
 
+def _rhs_norm(name: str, b: ShardedVector, damping: float) -> float:
+    """``||b||``, after the checks both solvers make on damping and b."""
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    b_norm = b.norm()
+    if not math.isfinite(b_norm):
+        raise ValueError(f"{name}: the right-hand side b has non-finite entries")
+    return b_norm
+
+
+def _damped(matvec: Matvec, damping: float) -> Matvec:
+    """x -> (H + damping I) x, the damping added exactly."""
+    def apply_a(x: ShardedVector) -> ShardedVector:
+        w = matvec(x)
+        if damping:
+            w.axpy(damping, x)
+        return w
+
+    return apply_a
+
+
 def neumann_ihvp(
     matvec: Matvec,
     b: ShardedVector,
@@ -96,19 +117,10 @@ def neumann_ihvp(
     alpha, damping = float(alpha), float(damping)
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be finite and > 0, got {alpha}")
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be finite and >= 0, got {damping}")
-    b_norm = b.norm()
-    if not math.isfinite(b_norm):
-        raise ValueError("neumann_ihvp: the right-hand side b has non-finite entries")
+    b_norm = _rhs_norm("neumann_ihvp", b, damping)
     if b_norm == 0.0:
         return IHVPResult(ShardedVector.zeros_like(b), 0.0, 0, [])
-
-    def apply_a(x: ShardedVector) -> ShardedVector:
-        w = matvec(x)
-        if damping:
-            w.axpy(damping, x)
-        return w
+    apply_a = _damped(matvec, damping)
 
     t = b.clone().scale_(alpha)
     v = t.clone()
@@ -177,19 +189,10 @@ def cg_ihvp(
     if iters < 1:
         raise ValueError(f"cg_ihvp needs iters >= 1, got {iters}")
     damping = float(damping)
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be finite and >= 0, got {damping}")
-    b_norm = b.norm()
-    if not math.isfinite(b_norm):
-        raise ValueError("cg_ihvp: the right-hand side b has non-finite entries")
+    b_norm = _rhs_norm("cg_ihvp", b, damping)
     if b_norm == 0.0:
         return IHVPResult(ShardedVector.zeros_like(b), 0.0, 0, [], CG_STATE_VECTORS)
-
-    def apply_a(x: ShardedVector) -> ShardedVector:
-        w = matvec(x)
-        if damping:
-            w.axpy(damping, x)
-        return w
+    apply_a = _damped(matvec, damping)
 
     v = ShardedVector.zeros_like(b)
     r = b.clone()
