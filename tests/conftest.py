@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,24 @@ def tiny_config(out: str | Path, **sections) -> dict:
         else:
             cfg[section] = values
     return cfg
+
+
+@pytest.fixture
+def netns():
+    """A network namespace with only loopback: the `deepspeed` launcher's rendezvous store
+    listens on every interface (torch's TCPStore), which then means this namespace only."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2's `ip` (make apt) for a network namespace")
+    name = f"u2ads{os.getpid() % 100000}"
+    res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {res.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

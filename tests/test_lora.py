@@ -102,18 +102,28 @@ def test_the_export_loads_merged_and_as_a_peft_adapter(runs) -> None:
 
 def test_u2a_export_of_an_adapter_checkpoint(runs, tmp_path) -> None:
     """``u2a export`` of the split run (its step-2 checkpoint holds the adapters only): the base
-    comes from θ0, and the merged model computes what the run's weights at step 2 compute."""
-    from u2a_dist.export import export_checkpoint
-    from u2a_dist.models import load_model
+    comes from θ0. By default the export is the peft adapter directory, with ``--merge`` a plain
+    model; each computes what the run's weights at step 2 compute."""
+    from peft import PeftModel
 
-    out = export_checkpoint(runs["root"] / "split", tmp_path / "exported")
+    from u2a_dist.cli import main
+    from u2a_dist.models import build_tiny_model, load_model
+
+    adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    assert main(["export", "--checkpoint", str(runs["root"] / "split"), "--out", str(adapter)]) == 0
+    assert main(["export", "--checkpoint", str(runs["root"] / "split"), "--out", str(merged_dir),
+                 "--merge"]) == 0
     model = load_model(config_from_dict(tiny_config("x", model=LORA)).model, seed=0)
     model.load_state_dict(runs["first"]["state"])
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "README.md").is_file()
+    assert not (adapter / "model.safetensors").exists()
+    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter").exists()
+    assert not (merged_dir / "adapter_config.json").exists()
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=IDS).logits,
-                                   model.eval()(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
-    assert (out / "adapter" / "adapter_config.json").is_file()
+        want = model.eval()(input_ids=IDS).logits
+        for got in (AutoModelForCausalLM.from_pretrained(merged_dir).eval(),
+                    PeftModel.from_pretrained(build_tiny_model(0), adapter).eval()):
+            torch.testing.assert_close(got(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_settings_are_checked_by_name() -> None:

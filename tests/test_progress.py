@@ -1,21 +1,16 @@
 """The live view (issue 24): rank-side progress events, the driver's display, and the
-`deepspeed` launcher's rank 0 drawing it (the local and Ray launchers: tests/test_ray.py)."""
+`deepspeed` launcher's rank 0 drawing it (tests/test_lora_launchers.py, on a LoRA run; the local
+and Ray launchers: tests/test_ray.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROGRESS_LINE, REPO, tiny_config
+from tests.conftest import PROGRESS_LINE
 from u2a_dist import progress
-from u2a_dist.allocator import find_jemalloc
 from u2a_dist.runtime.display import HEARTBEAT_S, ProgressView, clock_text, resolve_mode
 
 
@@ -191,55 +186,3 @@ def test_mode_from_flag_env_and_terminal(monkeypatch):
     assert resolve_mode("bar", io.StringIO()) == "bar"
     with pytest.raises(ValueError, match="progress mode 'loud'"):
         resolve_mode("loud")
-
-
-# ----------------------------------------------------------------------------- deepspeed
-
-
-@pytest.fixture
-def netns():
-    """A network namespace with only loopback: the `deepspeed` launcher's rendezvous store
-    listens on every interface (torch's TCPStore), which then means this namespace only."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2's `ip` (make apt) for a network namespace")
-    name = f"u2ads{os.getpid() % 100000}"
-    res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {res.stderr.strip()}")
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                              text=True).stdout.split()
-        for pid in pids:
-            subprocess.run(["kill", "-9", pid], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
-def test_deepspeed_launcher_rank0_draws_the_view(tmp_path, netns):
-    """`deepspeed launcher/ds_launch.py`: two rank processes from DeepSpeed's own launcher;
-    rank 0 prints the progress lines (there is no other driver) and the run finishes."""
-    import yaml
-
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", unlearn={"steps": 4})))
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "U2A_PROGRESS": "plain"}
-    res = subprocess.run(
-        ["ip", "netns", "exec", netns, str(deepspeed), "--num_nodes", "1", "--num_gpus", "2",
-         "--master_addr", "127.0.0.1", "--master_port", "29511",
-         str(REPO / "launcher" / "ds_launch.py"), "--config", str(cfg)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-5000:]
-    assert PROGRESS_LINE.search(res.stdout), out[-5000:]
-    assert "| preflight: config, model and data" in res.stdout
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["step"] == 4
-    # each rank ran on the malloc runtime.allocator=auto picks (jemalloc where installed):
-    # ds_launch.py re-executed itself with it
-    assert summary["memory"]["allocator"] == [
-        "jemalloc" if find_jemalloc() else "system"] * 2, summary["memory"]
-

@@ -236,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from u2a_dist.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out)
+    out = export_checkpoint(args.checkpoint, args.out, merge=args.merge)
     print(f"[u2a] exported {args.checkpoint} -> {out}")
     return 0
 
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint directory -> model/ for from_pretrained")
     p.add_argument("--checkpoint", required=True, help="a run directory or checkpoints/<tag>")
     p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="a LoRA run: write the base with the "
+                   "adapters merged in (a plain model) instead of the peft adapter directory")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("judge-train", help="train the harmfulness judge on labelled completions")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -23,6 +23,10 @@ from u2a_dist.model_card import build_model_card
 
 #: Where a LoRA run's adapters go inside its exported model directory.
 ADAPTER_DIR = "adapter"
+#: What an export of a LoRA model holds: adapters and merged model (a run's ``model/``), the
+#: peft adapter directory only (``u2a export``), or the merged model only (``u2a export --merge``).
+LoraLayout = Literal["both", "adapter", "merged"]
+LORA_LAYOUTS: tuple[str, ...] = get_args(LoraLayout)
 
 
 def _locate(checkpoint: str | Path) -> tuple[Path, Path, str]:
@@ -60,12 +64,17 @@ def write_model_card(model_dir: Path, cfg: RunConfig, summary: dict[str, Any],
 
 
 def write_model_dir(model: torch.nn.Module, tokenizer, out: Path,
-                    card: str | None = None) -> Path:
+                    card: str | None = None, lora_layout: LoraLayout = "both") -> Path:
     """``model/``-style directory (safetensors + config + tokenizer, and ``card`` as its
     README.md when given), replacing ``out`` only when it is empty or an earlier u2a export;
-    written under a temporary name first. A peft model (``model.lora``) is written twice: its
-    adapters as ``adapter/`` (``PeftModel.from_pretrained(base, out / "adapter")``) and, at the
-    top, the base with the adapters merged in, for ``AutoModelForCausalLM.from_pretrained``."""
+    written under a temporary name first. A peft model (``model.lora``) is written as
+    ``lora_layout`` says: ``"both"`` (a run's ``model/``) its adapters as ``adapter/``
+    (``PeftModel.from_pretrained(base, out / "adapter")``) and, at the top, the base with the
+    adapters merged in, for ``AutoModelForCausalLM.from_pretrained``; ``"adapter"`` the adapter
+    directory only, at the top (``PeftModel.from_pretrained(base, out)``); ``"merged"`` the
+    merged model only. A model without adapters is a plain model whatever the layout."""
+    if lora_layout not in LORA_LAYOUTS:
+        raise ValueError(f"lora_layout must be one of {LORA_LAYOUTS}, not {lora_layout!r}")
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_marked(out))):
         raise ConfigError(f"{out} exists and is not a u2a export (no marker): not replacing it; "
@@ -73,9 +82,13 @@ def write_model_dir(model: torch.nn.Module, tokenizer, out: Path,
     tmp = out.with_name(f".{out.name}.u2a-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # peft: the adapters, then merged (in place)
-        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+        if lora_layout != "merged":
+            model.save_pretrained(tmp / ADAPTER_DIR if lora_layout == "both" else tmp,
+                                  safe_serialization=True)
+        if lora_layout != "adapter":
+            model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if card is not None:
         atomic_write(tmp / "README.md", card)
@@ -92,7 +105,12 @@ def write_model_dir(model: torch.nn.Module, tokenizer, out: Path,
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = False) -> Path:
+    """``out`` from a run's latest complete checkpoint (or the ``checkpoints/<tag>`` given). A
+    LoRA run's export is its peft adapter directory (``PeftModel.from_pretrained(base, out)``),
+    or with ``merge`` the base with the adapters merged in, a plain model for
+    ``AutoModelForCausalLM.from_pretrained``; a full fine-tuning run's is a plain model either
+    way."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from u2a_dist.models import load_model, load_tokenizer, resolve_model_dir
@@ -119,4 +137,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     card = build_model_card(cfg, summary, run_dir=str(run))
-    return write_model_dir(model, load_tokenizer(cfg.model, resolved), Path(out), card=card)
+    return write_model_dir(model, load_tokenizer(cfg.model, resolved), Path(out), card=card,
+                           lora_layout="merged" if merge else "adapter")
