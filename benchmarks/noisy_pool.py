@@ -42,6 +42,9 @@ METHODS = {
                                  "u2a_recipe")},
     "u2a_forget": ("the recipe's selector ranking and reweighting by the forget term's part of "
                    "the score alone", ["selector.enabled=true", "selector.score_on=forget"]),
+    "u2a_cosine": ("as u2a_forget, the forget part divided by ‖∇ℓ_i‖ (a cosine, as LESS)",
+                   ["selector.enabled=true", "selector.score_on=forget",
+                    "selector.normalize=cosine"]),
     "simnpo": ("SimNPO as the inner loss (open-unlearning's), selector off: uniform weights",
                ["selector.enabled=false", "unlearn.loss=simnpo"]),
     **{m: TTT[m] for m in ("kto", "dpo_sft")},
@@ -125,9 +128,9 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
     mass = sum(r["weight"] for r in support)
     fp = [r for r in support if r.get("label") not in (None, HARMFUL)]
     return {"auc_harmful": stats.get(f"selector/auc@{HARMFUL}"),
-            # each term of the inner objective alone (u2a_loop.term_scores), where both are on
-            **{f"auc_harmful_{t}": stats[f"selector/auc@{HARMFUL}/{t}"]
-               for t in ("forget", "mismatch") if f"selector/auc@{HARMFUL}/{t}" in stats},
+            # each term alone (u2a_loop.term_scores), and the ranking where it is not the total
+            **{f"auc_harmful_{t}": stats[key] for t in ("forget", "mismatch", "ranking")
+               if (key := f"selector/auc@{HARMFUL}/{t}") in stats},
             "support": len(support),
             "fp_share_support": len(fp) / len(support) if support else None,
             "fp_share_weight": sum(r["weight"] for r in fp) / mass if mass else None}
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[noisy_pool] ρ={rho:g} {m}: " + json.dumps(
                 {k: row.get(k) for k in ("target_met", "time_to_target_s", "auc_harmful",
                                          "auc_harmful_forget", "auc_harmful_mismatch",
-                                         "fp_share_support", "error")}), flush=True)
+                                         "auc_harmful_ranking", "fp_share_support", "error")}),
+                flush=True)
     write_markdown(result, path.with_suffix(".md"))
     return 0
 

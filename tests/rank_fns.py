@@ -177,12 +177,12 @@ def round0_with_inputs(cfg: dict, also: tuple[str, ...] = ()) -> dict[str, Any]:
     theta = trainer.engine.full_state_dict()
     sample = TrainerProblem(trainer, config.selector.hessian_batch).outer_indices()
     hg = select_round0(trainer)
-    extra = {}
+    extra = {"support": list(trainer.sampler.support)}  # before any other mode reselects
     for mode in also:
         trainer.cfg = replace(config, selector=replace(config.selector, score=mode))
         extra[f"scores_{mode}"] = select_round0(trainer).scores
     return {**extra, "scores": hg.scores, "stats": hg.stats, "theta": theta,
-            "pad_id": trainer.pad_id,
+            "pad_id": trainer.pad_id, "grad_norms": hg.grad_norms,
             "items": trainer.forget.items,
             "chosen": [trainer.pa.chosen[i] for i in sample],
             "rejected": [trainer.pa.rejected[i] for i in sample]}

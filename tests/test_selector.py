@@ -13,6 +13,7 @@ from tests.distributed import run_ranks
 from u2a_dist.config import SelectorConfig
 from u2a_dist.linalg import CGBreakdownError, NeumannDivergenceError, ShardedVector, exact_hvp
 from u2a_dist.selector import (
+    cosine,
     effective_eta,
     exponentiated_gradient,
     hypergradients,
@@ -227,7 +228,7 @@ class ToyProblem:
         f = -self.nll(self._theta(), self.x[idx], self.y[idx])
         return f, f
 
-    def example_grad(self, i):
+    def example_grad(self, i, term="total"):  # f_i = ℓ_i here: one term
         t = self._theta().requires_grad_(True)
         (g,) = torch.autograd.grad(-self.nll(t, self.x[i:i + 1], self.y[i:i + 1]).sum(), t)
         return ShardedVector([g.float()])
@@ -305,6 +306,55 @@ def test_weight_update_along_the_hypergradient_lowers_the_true_outer_loss():
     # Top-k keeps the highest scores.
     top = select_top_k(hg.scores, 3)
     assert sorted(top) == sorted(hg.scores.argsort(descending=True)[:3].tolist())
+
+
+def test_cosine_normalisation_divides_by_each_examples_exact_gradient_norm():
+    """selector.normalize=cosine: the ranking is s_i/‖∇f_i‖, the norms from one backward pass
+    each; here against the closed form ‖∇nll_i‖ = |σ(x_iᵀθ) − y_i|·‖x_i‖ of the logistic toy."""
+    toy = ToyProblem()
+    toy.set_theta(toy.solve(toy.w))
+    idx = list(range(len(toy.w)))
+    plain = hypergradients(toy, SelectorConfig(ihvp="identity"), idx)
+    hg = hypergradients(toy, SelectorConfig(ihvp="identity", normalize="cosine"), idx)
+    assert plain.grad_norms is None and torch.equal(hg.scores, plain.scores)  # scores unchanged
+    theta = toy.param.double()
+    exact = (torch.sigmoid(toy.x @ theta) - toy.y).abs() * toy.x.norm(dim=1)
+    torch.testing.assert_close(hg.grad_norms, exact, rtol=1e-6, atol=1e-9)
+    assert "timing/grad_norm_s" in hg.stats
+    ranked = cosine(hg.scores, hg.grad_norms)
+    torch.testing.assert_close(ranked, hg.scores / exact, rtol=1e-6, atol=1e-9)
+    # a zero gradient has a zero score: its cosine is 0, not NaN
+    assert cosine(torch.tensor([0.0, 2.0], dtype=torch.float64),
+                  torch.tensor([0.0, 4.0], dtype=torch.float64)).tolist() == [0.0, 0.5]
+
+
+@pytest.mark.slow
+def test_cosine_ranking_on_two_zero3_ranks_uses_the_exact_per_example_gradient_norms(tmp_path):
+    """The per-example gradient norms behind selector.normalize=cosine, taken on 2 ZeRO-3 ranks
+    (partitioned gradients, all-reduced norms), against plain autograd on one process in float64
+    at the same θ; the support is the top-k of s_i/‖∇f_i‖ (here f_i = ℓ_i, GA)."""
+    from u2a_dist.config import config_from_dict
+    from u2a_dist.data.tokenize import collate
+    from u2a_dist.losses import ga_loss, sequence_logps
+    from u2a_dist.models import load_model
+
+    cfg = _selector_cfg(tmp_path, ihvp="identity", normalize="cosine")
+    r = run_ranks(2, "tests.rank_fns:round0_with_inputs", {"cfg": cfg})
+    assert torch.equal(r[0]["grad_norms"], r[1]["grad_norms"])
+    model = load_model(config_from_dict(cfg).model, seed=0).double().eval()
+    model.load_state_dict({k: v.double() for k, v in r[0]["theta"].items()})
+    params = [p for p in model.parameters() if p.requires_grad]
+    exact = []
+    for item in r[0]["items"]:
+        loss = ga_loss(*sequence_logps(model, collate([item], r[0]["pad_id"]))).sum()
+        exact.append(float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+                           .norm()))
+    exact = torch.tensor(exact, dtype=torch.float64)
+    torch.testing.assert_close(r[0]["grad_norms"], exact, rtol=1e-4, atol=0.0)
+    ranked = r[0]["scores"] / exact
+    assert sorted(r[0]["support"]) == sorted(ranked.argsort(descending=True)[:8].tolist())
+    assert sorted(r[0]["support"]) != sorted(r[0]["scores"].argsort(descending=True)[:8]
+                                             .tolist())  # the norms change the support here
 
 
 def test_identity_ihvp_is_the_paper_code_baseline():

@@ -21,6 +21,7 @@ that tests can solve exactly. The loop that uses them is :mod:`u2a_dist.u2a_loop
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,8 +72,8 @@ class HyperProblem(Protocol):
     def example_losses(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(f_i, ℓ_i) for the examples idx, no grad, identical on every rank."""
 
-    def example_grad(self, i: int) -> ShardedVector:
-        """∇f_i (the reference path: one backward pass per example)."""
+    def example_grad(self, i: int, term: str = "total") -> ShardedVector:
+        """∇f_i, or ∇ℓ_i for ``term="forget"`` (one backward pass per example)."""
 
 
 @dataclass
@@ -84,6 +85,9 @@ class Hypergradient:
     #: ⟨v, ∇ℓ_i⟩, the unlearning loss's own directional derivative (directional scoring only):
     #: s_i − c_f·loss_scores_i is the mismatch term's part of s_i
     loss_scores: torch.Tensor | None = None
+    #: ``selector.normalize: cosine``: ‖∇f_i‖ (‖∇ℓ_i‖ with ``score_on: forget``), what the
+    #: ranking divides by
+    grad_norms: torch.Tensor | None = None
 
     @property
     def grads(self) -> torch.Tensor:
@@ -254,7 +258,33 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
                                  + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
     stats["timing/ihvp_s"] = t1 - t0
     stats["timing/score_s"] = time.perf_counter() - t1
-    return Hypergradient(list(idx), scores, ell, stats, terms.get("loss"))
+    norms = None
+    if cfg.normalize == "cosine":
+        t2 = time.perf_counter()
+        term = "forget" if cfg.score_on == "forget" else "total"
+        with progress.phase("gradient norms", len(idx), unit="negatives") as ph:
+            norms = gradient_norms(problem, idx, term, ph.advance)
+        stats["timing/grad_norm_s"] = time.perf_counter() - t2
+    return Hypergradient(list(idx), scores, ell, stats, terms.get("loss"), norms)
+
+
+def gradient_norms(problem: HyperProblem, idx: list[int], term: str = "total",
+                   advance: Callable[[], Any] | None = None) -> torch.Tensor:
+    """‖∇f_i‖ (or ‖∇ℓ_i‖) for the examples idx: one backward pass each (a norm is not linear
+    in the direction, so no forward-only trick gives it), identical on every rank."""
+    out = []
+    for i in idx:
+        out.append(problem.example_grad(i, term).norm())
+        if advance is not None:
+            advance()
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def cosine(scores: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``scores / norms`` (‖v‖·cos(v, ∇f_i): LESS's cosine up to the common ‖v‖), 0 where the
+    gradient is 0 (its score is 0 too)."""
+    return torch.where(norms > 0, scores / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                       torch.zeros_like(scores))
 
 
 def select_top_k(scores: torch.Tensor, k: int) -> list[int]:

@@ -182,11 +182,12 @@ class TrainerProblem:
         check_finite(f, "per-example inner loss", [self.ids[i] for i in idx])
         return f, ell
 
-    def example_grad(self, i: int) -> ShardedVector:
+    def example_grad(self, i: int, term: str = "total") -> ShardedVector:
         t = self.trainer
+        which = {"total": 0, "forget": 1}[term]  # (c_f ℓ_i + c_m m_i, ℓ_i)
 
         def closure() -> torch.Tensor:
-            total = t.per_example_inner(self.engine.ds, [i])[0]
-            return total.sum()  # same example on every rank: the rank average is ∇f_i
+            # same example on every rank: the rank average is its gradient
+            return t.per_example_inner(self.engine.ds, [i])[which].sum()
 
         return self._as_vector(self._accumulated_grad([closure]))

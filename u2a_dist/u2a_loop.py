@@ -18,6 +18,7 @@ from u2a_dist.fsio import atomic_write
 from u2a_dist.selection_labels import label_stats
 from u2a_dist.selector import (
     Hypergradient,
+    cosine,
     effective_eta,
     exponentiated_gradient,
     hypergradients,
@@ -40,9 +41,10 @@ def term_scores(trainer, hg: Hypergradient) -> dict[str, torch.Tensor]:
 def ranking_scores(trainer, hg: Hypergradient) -> torch.Tensor:
     """What top-k and the reweighting use: s_i, or with ``selector.score_on: forget`` its
     forget part alone (the whole score where there is no mismatch term to leave out)."""
+    scores = hg.scores
     if trainer.cfg.selector.score_on == "forget":
-        return term_scores(trainer, hg).get("forget", hg.scores)
-    return hg.scores
+        scores = term_scores(trainer, hg).get("forget", hg.scores)
+    return scores if hg.grad_norms is None else cosine(scores, hg.grad_norms)
 
 
 def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
@@ -56,6 +58,7 @@ def _log_scores(trainer, hg: Hypergradient, weights: torch.Tensor) -> None:
             "round": trainer.round, "index": i, "id": examples[i].id,
             "score": float(hg.scores[k]), "weight": float(weights[i]),
             **{f"score_{name}": float(t[k]) for name, t in terms.items()},
+            **({"grad_norm": float(hg.grad_norms[k])} if hg.grad_norms is not None else {}),
             "loss": float(hg.losses[k]) if torch.isfinite(hg.losses[k]) else None,
             **({"label": label} if label is not None else {})})
 
@@ -85,7 +88,10 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     # round 0 scores every negative in order, so support positions are indices
     labels = [e.attrs.get("label") for e in trainer.forget.examples]
     hg.stats.update(label_stats(hg.scores.tolist(), labels, support))
-    for name, part in term_scores(trainer, hg).items():  # how well each term alone separates
+    parts = term_scores(trainer, hg)
+    if hg.grad_norms is not None or cfg.score_on != "total":  # and what the top-k ranked by
+        parts["ranking"] = ranking_scores(trainer, hg)
+    for name, part in parts.items():  # how well each term alone separates
         hg.stats.update({f"{k}/{name}": v for k, v in label_stats(part.tolist(), labels,
                                                                      support).items()
                          if k.startswith("selector/auc@")})
