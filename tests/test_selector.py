@@ -16,6 +16,7 @@ from u2a_dist.selector import (
     cosine,
     effective_eta,
     exponentiated_gradient,
+    gradient_norms,
     hypergradients,
     select_top_k,
     solve_ihvp,
@@ -227,6 +228,9 @@ class ToyProblem:
     def example_losses(self, idx):
         f = -self.nll(self._theta(), self.x[idx], self.y[idx])
         return f, f
+
+    def example_grad_norms(self, idx, term="total", advance=None):
+        return gradient_norms(self, idx, term, advance)
 
     def example_grad(self, i, term="total"):  # f_i = ℓ_i here: one term
         t = self._theta().requires_grad_(True)

@@ -75,6 +75,11 @@ class HyperProblem(Protocol):
     def example_grad(self, i: int, term: str = "total") -> ShardedVector:
         """∇f_i, or ∇ℓ_i for ``term="forget"`` (one backward pass per example)."""
 
+    def example_grad_norms(self, idx: list[int], term: str = "total",
+                           advance: Callable[[], Any] | None = None) -> torch.Tensor:
+        """‖∇f_i‖ (or ‖∇ℓ_i‖) for the examples idx, identical on every rank (float64);
+        ``advance()`` once per example. :func:`gradient_norms` is the reference."""
+
 
 @dataclass
 class Hypergradient:
@@ -263,15 +268,15 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
         t2 = time.perf_counter()
         term = "forget" if cfg.score_on == "forget" else "total"
         with progress.phase("gradient norms", len(idx), unit="negatives") as ph:
-            norms = gradient_norms(problem, idx, term, ph.advance)
+            norms = problem.example_grad_norms(idx, term, ph.advance)
         stats["timing/grad_norm_s"] = time.perf_counter() - t2
     return Hypergradient(list(idx), scores, ell, stats, terms.get("loss"), norms)
 
 
 def gradient_norms(problem: HyperProblem, idx: list[int], term: str = "total",
                    advance: Callable[[], Any] | None = None) -> torch.Tensor:
-    """‖∇f_i‖ (or ‖∇ℓ_i‖) for the examples idx: one backward pass each (a norm is not linear
-    in the direction, so no forward-only trick gives it), identical on every rank."""
+    """‖∇f_i‖ (or ‖∇ℓ_i‖) for the examples idx from :meth:`HyperProblem.example_grad`: one
+    backward pass each (a norm is not linear in the direction: no forward-only trick gives it)."""
     out = []
     for i in idx:
         out.append(problem.example_grad(i, term).norm())

@@ -127,9 +127,7 @@ class Trainer:
         self.retain_sampler = (BatchSampler(list(range(len(self.retain))), retain_batch,
                                             cfg.runtime.seed + 1)
                                if self.retain else None)
-        self.step = 0
-        self.train_time = 0.0
-        self.round = 0
+        self.step, self.train_time, self.round = 0, 0.0, 0
         self.resumed_from: int | None = None
         self.evaluation = RunEvaluation(cfg, self.tokenizer, self.pad_id, self.rank, run_dir,
                                         self.pa_eval, self.ref_cache, self.theta0_cache)
@@ -332,8 +330,12 @@ class Trainer:
         with progress.phase("evaluation", what=f"step {self.step}"):
             try:
                 return self.evaluation.evaluate(self.eval_model, self.step, at_theta0=fresh)
-            finally:  # not held through training: 4 bytes a parameter (issue 23)
-                self._eval_copy = None
+            finally:
+                self.release_eval_copy()
+
+    def release_eval_copy(self) -> None:
+        """Drop eval_model()'s copy: not held through training, 4 bytes a parameter (issue 23)."""
+        self._eval_copy = None
 
     def target_met(self, metrics: dict[str, float]) -> bool:
         """The eval.target metric reached its value (max: ≥, min: ≤) and every

@@ -8,6 +8,9 @@ and ``Trainer.objective``), so the selector differentiates exactly what the step
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from u2a_dist import progress
@@ -16,7 +19,13 @@ from u2a_dist.device import to_device
 from u2a_dist.linalg import ShardedVector
 from u2a_dist.losses import check_finite, dpo_loss, sequence_logps
 from u2a_dist.sampling import outer_sample_indices
-from u2a_dist.sharded import all_reduce_sum, dataset_logps, padded_shares
+from u2a_dist.sharded import (
+    all_gather_rows,
+    all_reduce_sum,
+    dataset_logps,
+    padded_shares,
+    world,
+)
 
 
 class TrainerProblem:
@@ -181,6 +190,51 @@ class TrainerProblem:
         model.train(was_training)
         check_finite(f, "per-example inner loss", [self.ids[i] for i in idx])
         return f, ell
+
+    def example_grad_norms(self, idx: list[int], term: str = "total",
+                           advance: Callable[[], Any] | None = None) -> torch.Tensor:
+        """‖∇f_i‖ (‖∇ℓ_i‖ for ``term="forget"``) for idx, identical on every rank. On a whole,
+        unpartitioned fp32 copy of θ (``Trainer.eval_model``) each rank takes every W-th example
+        with plain autograd and no collective, then one all-reduce: a backward pass through
+        ZeRO-3 per example reduce-scatters every gradient (SmolLM2, 2 CPU ranks: ~6 s each).
+        Unpartitioned or in half precision, the engine's (or fp32 twin's) per-example backward
+        (:meth:`example_grad`) instead."""
+        t = self.trainer
+        which = {"total": 0, "forget": 1}[term]  # (c_f ℓ_i + c_m m_i, ℓ_i)
+        # unpartitioned (ZeRO 0-2), eval_model() is the engine's own module, whose gradient
+        # hooks autograd.grad would bypass: the engine's path there
+        model = t.eval_model() if t.engine.partitioned else None
+        if model is None or next(model.parameters()).dtype != torch.float32:
+            t.release_eval_copy()
+            norms = []
+            for i in idx:
+                norms.append(self.example_grad(i, term).norm())
+                if advance is not None:
+                    advance()
+            return torch.tensor(norms, dtype=torch.float64)
+        trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        params = [p for n, p in model.named_parameters() if n in trainable]
+        flags = [p.requires_grad for p in params]
+        rank, size = world()
+        norms = torch.zeros(len(idx), dtype=torch.float64)
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for k in range(len(idx)):
+                if k % size == rank:
+                    loss = t.per_example_inner(model, [idx[k]])[which].sum()
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    norms[k] = sum(float(g.double().pow(2).sum()) for g in grads
+                                   if g is not None) ** 0.5
+                if advance is not None:
+                    advance()
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            t.release_eval_copy()
+        norms = torch.stack(all_gather_rows(norms)).sum(0)  # each position: one rank's
+        check_finite(norms, "per-example gradient norm", [self.ids[i] for i in idx])
+        return norms
 
     def example_grad(self, i: int, term: str = "total") -> ShardedVector:
         t = self.trainer
