@@ -42,9 +42,8 @@ METHODS = {
                                  "u2a_recipe")},
     "u2a_forget": ("the recipe's selector ranking and reweighting by the forget term's part of "
                    "the score alone", ["selector.enabled=true", "selector.score_on=forget"]),
-    "u2a_cosine": ("as u2a_forget, the forget part divided by ‖∇ℓ_i‖ (a cosine, as LESS)",
-                   ["selector.enabled=true", "selector.score_on=forget",
-                    "selector.normalize=cosine"]),
+    "u2a_mismatch": ("the recipe's selector ranking and reweighting by the mismatch part alone",
+                     ["selector.enabled=true", "selector.score_on=mismatch"]),
     "simnpo": ("SimNPO as the inner loss (open-unlearning's), selector off: uniform weights",
                ["selector.enabled=false", "unlearn.loss=simnpo"]),
     **{m: TTT[m] for m in ("kto", "dpo_sft")},

@@ -216,3 +216,47 @@ def test_ranking_scores_are_the_forget_part_only_when_asked_and_when_there_is_on
     assert ranking_scores(trainer("forget"), hg).tolist() == [-2.0, 4.0, 1.0]  # c_f⟨v, ∇ℓ_i⟩
     # no mismatch term: the score is the forget part already
     assert torch.equal(ranking_scores(trainer("forget", mismatch=False), hg), hg.scores)
+    # score_on=mismatch: the rest of the score
+    assert ranking_scores(trainer("mismatch"), hg).tolist() == [5.0, -5.0, 1.0]
+
+
+def test_pa_refusals_replace_the_rejected_side_of_the_over_refusal_pairs_only(tmp_path):
+    """data.pa_refusals: J's over-refusal pairs (helpful ≻ refusal on a harmless prompt) reject
+    the given refusals in turn, the refusal pairs and the held-out pairs are as they were, and
+    the option is validated by name (issue 22: J that penalises what the mismatch term teaches)."""
+    from u2a_dist.data.builtin import builtin_pairs
+    from u2a_dist.data.examples import with_rejected_refusals
+    from u2a_dist.data.readers import DataError
+    from u2a_dist.run_inputs import RunInputs
+
+    templates = [c.response for c in load_completions(
+        DataSpec(path="builtin:refusal_templates", schema="completions"))]
+    pairs = builtin_pairs("all")
+    swapped = with_rejected_refusals(pairs, templates, "t")
+    over = [i for i, p in enumerate(pairs) if p.id.startswith("builtin:over_refusal:")]
+    assert over and len(over) < len(pairs)
+    for k, i in enumerate(over):  # by hand: the k-th over-refusal pair, template k mod 12
+        assert swapped[i].rejected == templates[k % len(templates)] != pairs[i].rejected
+        assert (swapped[i].prompt, swapped[i].chosen) == (pairs[i].prompt, pairs[i].chosen)
+    for i in set(range(len(pairs))) - set(over):
+        assert swapped[i] == pairs[i]
+    with pytest.raises(DataError, match="no over-refusal pairs"):
+        with_rejected_refusals(builtin_pairs("refusal"), templates, "t")
+    with pytest.raises(DataError, match="holds no refusals"):
+        with_rejected_refusals(pairs, [], "t")
+
+    raw = tiny_config(tmp_path / "run", data={
+        "pa_refusals": {"path": "builtin:refusal_templates", "schema": "completions"},
+        "pa_eval": {"path": "builtin:all", "schema": "pairs", "split": "eval"}})
+    inputs, plain = RunInputs(config_from_dict(raw)), RunInputs(config_from_dict(
+        {**raw, "data": {k: v for k, v in raw["data"].items() if k != "pa_refusals"}}))
+    tok = inputs.tokenizer
+    rejected = [tok.decode(x["input_ids"]) for x in inputs.pa.rejected]
+    assert sum(any(t in r for t in templates) for r in rejected) > 0
+    assert inputs.pa.chosen == plain.pa.chosen and inputs.pa.rejected != plain.pa.rejected
+    assert inputs.pa_eval.rejected == plain.pa_eval.rejected  # the real preference, held out
+    with pytest.raises(ConfigError, match="data.pa_refusals needs data.pa"):
+        config_from_dict({**raw, "data": {**raw["data"], "pa": None},
+                          "selector": {"enabled": False}})
+    with pytest.raises(ConfigError, match="score_on=mismatch needs both terms"):
+        config_from_dict(tiny_config(tmp_path / "x", selector={"score_on": "mismatch"}))

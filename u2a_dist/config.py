@@ -71,6 +71,11 @@ class DataConfig:
     refusals: DataSpec | list[DataSpec] | None = field(default=None, metadata={
         "help": "Refusals (responses; prompts ignored) the over-refusal contrast lowers on "
                 "retain prompts, e.g. the model's own; default: data.mismatch's prompt-less."})
+    pa_refusals: DataSpec | list[DataSpec] | None = field(default=None, metadata={
+        "help": "Refusals (responses; prompts ignored) that J's over-refusal pairs (helpful ≻ "
+                "refusal on a harmless prompt, from labelled completions) reject instead of "
+                "their own, in turn: the mismatch term's targets (builtin:refusal_templates) "
+                "make J penalise the refusal that term teaches (BENCHMARKS, Noisy pools)."})
     max_length: int = field(default=256, metadata={"help": "Max tokens (prompt + response)."})
     hold_out_sources: list[str] = field(default_factory=list, metadata={
         "help": "Evaluation sources (names in eval.harmful_prompts/harmless_prompts) that "
@@ -229,10 +234,15 @@ class RunConfig:
                               f"unlearn.loss={self.unlearn.loss!r}: {why}")
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "cg", "identity"))
-        _choice("selector.score_on", self.selector.score_on, ("total", "forget"))
+        _choice("selector.score_on", self.selector.score_on, ("total", "forget", "mismatch"))
         _choice("selector.normalize", self.selector.normalize, ("none", "cosine"))
-        if self.selector.score_on == "forget" and self.selector.score != "directional":
-            raise ConfigError("selector.score_on=forget needs selector.score=directional")
+        if self.selector.score_on != "total" and self.selector.score != "directional":
+            raise ConfigError(f"selector.score_on={self.selector.score_on} needs "
+                              "selector.score=directional")
+        if self.selector.score_on != "total" and not (self.unlearn.forget_weight > 0
+                                                      and self.unlearn.mismatch_weight > 0):
+            raise ConfigError(f"selector.score_on={self.selector.score_on} needs both terms on: "
+                              "unlearn.forget_weight > 0 and unlearn.mismatch_weight > 0")
         _choice("selector.score", self.selector.score, ("directional", "per_example_grad",
                                                               "random"))
         _choice("selector.eta_scale", self.selector.eta_scale, ("raw", "max_abs"))
@@ -270,11 +280,14 @@ class RunConfig:
                               "data.mismatch (refusals)")
         if self.selector.enabled and self.data.pa is None:
             raise ConfigError("selector.enabled needs data.pa (the preference pairs of J)")
+        if self.data.pa_refusals is not None and self.data.pa is None:
+            raise ConfigError("data.pa_refusals needs data.pa (the pairs whose rejected side "
+                              "they replace)")
         if self.eval.target is not None:
             _choice("eval.target.mode", self.eval.target.mode, ("max", "min"))
         for key in ("data.forget", "data.pa", "data.pa_eval", "data.retain", "data.mismatch",
-                    "data.refusals", "eval.harmful_prompts", "eval.harmless_prompts",
-                    "eval.retain"):
+                    "data.refusals", "data.pa_refusals", "eval.harmful_prompts",
+                    "eval.harmless_prompts", "eval.retain"):
             specs = _get(self, key)
             for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
                 if spec is not None:

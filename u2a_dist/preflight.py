@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from u2a_dist.config import RunConfig
-from u2a_dist.data.examples import load_completions, load_pairs, mismatch_answers
+from u2a_dist.data.examples import (
+    load_completions,
+    load_pairs,
+    mismatch_answers,
+    with_rejected_refusals,
+)
 from u2a_dist.data_spec import as_list, spec_paths
 from u2a_dist.engine import build_ds_config, resolve_ds_config_path
 from u2a_dist.evaluate import check_eval_inputs, training_prompt_keys
@@ -28,7 +33,11 @@ def preflight(cfg: RunConfig) -> None:
         mismatch_answers(forget, load_completions(cfg.data.mismatch),
                          spec_paths(cfg.data.mismatch))
     if cfg.data.pa is not None:
-        load_pairs(cfg.data.pa)
+        pairs = load_pairs(cfg.data.pa)
+        if cfg.data.pa_refusals is not None:  # bad input fails here, before any rank starts
+            with_rejected_refusals(pairs, [c.response for c in
+                                           load_completions(cfg.data.pa_refusals)],
+                                   spec_paths(cfg.data.pa_refusals))
     training_prompt_keys(cfg, always=True)  # reads the retain specs too (prompts or completions)
     check_eval_inputs(cfg)  # held-out pairs, prompt sets (held out?), eval.retain and eval.judge
 
@@ -36,7 +45,8 @@ def preflight(cfg: RunConfig) -> None:
 def input_paths(cfg: RunConfig) -> list[Path]:
     """The local files and directories a run reads (data specs, model, DeepSpeed JSON, judge):
     its output directory may overlap none of them."""
-    specs = [s for name in ("forget", "pa", "pa_eval", "retain", "mismatch")
+    specs = [s for name in ("forget", "pa", "pa_eval", "retain", "mismatch", "refusals",
+                            "pa_refusals")
              for s in as_list(getattr(cfg.data, name))]
     specs += [s for name in ("harmful_prompts", "harmless_prompts", "retain")
               for s in as_list(getattr(cfg.eval, name))]

@@ -19,6 +19,7 @@ from u2a_dist.data.examples import (
     load_pairs,
     load_prompts,
     mismatch_answers,
+    with_rejected_refusals,
 )
 from u2a_dist.data.readers import DataError
 from u2a_dist.data.tokenize import encode
@@ -57,8 +58,8 @@ class RunInputs:
         self.tokenizer = load_tokenizer(cfg.model, self.resolved)
         self.pad_id = self.tokenizer.pad_token_id
         self.forget = self._load_forget()
-        self.pa = self._pairs(cfg.data.pa)
-        self.pa_eval = self._pairs(cfg.data.pa_eval)
+        self.pa = self._pairs(cfg.data.pa, cfg.data.pa_refusals)
+        self.pa_eval = self._pairs(cfg.data.pa_eval)  # the real preference, as it is
 
     def encode(self, prompt: str, response: str, history=None) -> Item:
         return encode(self.tokenizer, prompt, response, history, self.cfg.data.max_length)
@@ -95,10 +96,14 @@ class RunInputs:
                             "builtin:refusal_templates)")
         return refusal_items(retain, self.refusals, self.cfg.data.max_length)
 
-    def _pairs(self, spec) -> EncodedPairs | None:
+    def _pairs(self, spec, refusals=None) -> EncodedPairs | None:
         if spec is None:
             return None
-        return encode_pairs(self.tokenizer, load_pairs(spec), self.cfg.data.max_length)
+        pairs = load_pairs(spec)
+        if refusals is not None:
+            pairs = with_rejected_refusals(pairs, [c.response for c in load_completions(refusals)],
+                                           spec_paths(refusals))
+        return encode_pairs(self.tokenizer, pairs, self.cfg.data.max_length)
 
     def load_retain(self, reference: torch.nn.Module | None,
                     theta0_cache: Theta0Cache | None = None) -> tuple[list[Item], float]:

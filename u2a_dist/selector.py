@@ -73,7 +73,7 @@ class HyperProblem(Protocol):
         """(f_i, ℓ_i) for the examples idx, no grad, identical on every rank."""
 
     def example_grad(self, i: int, term: str = "total") -> ShardedVector:
-        """∇f_i, or ∇ℓ_i for ``term="forget"`` (one backward pass per example)."""
+        """∇f_i, ∇ℓ_i (``term="forget"``) or ∇(f_i − c_f ℓ_i) (``"mismatch"``): one backward."""
 
     def example_grad_norms(self, idx: list[int], term: str = "total",
                            advance: Callable[[], Any] | None = None) -> torch.Tensor:
@@ -90,7 +90,7 @@ class Hypergradient:
     #: ⟨v, ∇ℓ_i⟩, the unlearning loss's own directional derivative (directional scoring only):
     #: s_i − c_f·loss_scores_i is the mismatch term's part of s_i
     loss_scores: torch.Tensor | None = None
-    #: ``selector.normalize: cosine``: ‖∇f_i‖ (‖∇ℓ_i‖ with ``score_on: forget``), what the
+    #: ``selector.normalize: cosine``: ‖∇f_i‖ (of the part with ``score_on``), what the
     #: ranking divides by
     grad_norms: torch.Tensor | None = None
 
@@ -266,7 +266,7 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
     norms = None
     if cfg.normalize == "cosine":
         t2 = time.perf_counter()
-        term = "forget" if cfg.score_on == "forget" else "total"
+        term = cfg.score_on  # the norm of the gradient the ranked part is taken against
         with progress.phase("gradient norms", len(idx), unit="negatives") as ph:
             norms = problem.example_grad_norms(idx, term, ph.advance)
         stats["timing/grad_norm_s"] = time.perf_counter() - t2

@@ -36,12 +36,14 @@ class SelectorConfig:
     score: str = field(default="directional", metadata={
         "help": "directional | per_example_grad | random: random-k, a seeded random support of "
                 "top_k with uniform weights and no reweighting (the peer selection must beat)"})
-    score_on: str = field(default="total", metadata={"help": "total | forget: top-k and "
-        "reweighting by the score's forget part c_f⟨v, ∇ℓ_i⟩ alone (BENCHMARKS, Noisy pools)"})
+    score_on: str = field(default="total", metadata={"help": "total | forget | mismatch: top-k "
+        "and reweighting by the score's forget part c_f⟨v, ∇ℓ_i⟩ or its mismatch part "
+        "c_m⟨v, ∇m_i⟩ alone (BENCHMARKS, Noisy pools)"})
     normalize: str = field(default="none", metadata={
-        "help": "none | cosine: top-k and reweighting by s_i/‖∇f_i‖ (‖∇ℓ_i‖ with score_on "
-                "forget), LESS's cosine up to the common ‖v‖, so a negative does not rank high "
-                "for the size of its gradient alone; one backward pass per scored negative."})
+        "help": "none | cosine: top-k and reweighting by s_i/‖∇f_i‖ (the ranked part's own "
+                "gradient with score_on), LESS's cosine up to the common ‖v‖, so a negative does "
+                "not rank high for the size of its gradient alone; one backward pass per scored "
+                "negative."})
     top_k: int = 64
     eta: float = 1.0
     eta_scale: str = field(default="raw", metadata={

@@ -200,7 +200,6 @@ class TrainerProblem:
         Unpartitioned or in half precision, the engine's (or fp32 twin's) per-example backward
         (:meth:`example_grad`) instead."""
         t = self.trainer
-        which = {"total": 0, "forget": 1}[term]  # (c_f ℓ_i + c_m m_i, ℓ_i)
         # unpartitioned (ZeRO 0-2), eval_model() is the engine's own module, whose gradient
         # hooks autograd.grad would bypass: the engine's path there
         model = t.eval_model() if t.engine.partitioned else None
@@ -222,7 +221,7 @@ class TrainerProblem:
                 p.requires_grad_(True)
             for k in range(len(idx)):
                 if k % size == rank:
-                    loss = t.per_example_inner(model, [idx[k]])[which].sum()
+                    loss = self._term(t.per_example_inner(model, [idx[k]]), term).sum()
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     norms[k] = sum(float(g.double().pow(2).sum()) for g in grads
                                    if g is not None) ** 0.5
@@ -236,12 +235,19 @@ class TrainerProblem:
         check_finite(norms, "per-example gradient norm", [self.ids[i] for i in idx])
         return norms
 
+    def _term(self, out: tuple, term: str) -> torch.Tensor:
+        """Of per_example_inner's (f_i = c_f ℓ_i + c_m m_i, ℓ_i, …): f_i (``total``), ℓ_i
+        (``forget``) or the mismatch part f_i − c_f ℓ_i (``mismatch``)."""
+        f, ell = out[0], out[1]
+        if term == "total":
+            return f
+        return ell if term == "forget" else f - self.trainer.objective.forget_weight * ell
+
     def example_grad(self, i: int, term: str = "total") -> ShardedVector:
         t = self.trainer
-        which = {"total": 0, "forget": 1}[term]  # (c_f ℓ_i + c_m m_i, ℓ_i)
 
         def closure() -> torch.Tensor:
             # same example on every rank: the rank average is its gradient
-            return t.per_example_inner(self.engine.ds, [i])[which].sum()
+            return self._term(t.per_example_inner(self.engine.ds, [i]), term).sum()
 
         return self._as_vector(self._accumulated_grad([closure]))

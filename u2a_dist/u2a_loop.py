@@ -39,11 +39,12 @@ def term_scores(trainer, hg: Hypergradient) -> dict[str, torch.Tensor]:
 
 
 def ranking_scores(trainer, hg: Hypergradient) -> torch.Tensor:
-    """What top-k and the reweighting use: s_i, or with ``selector.score_on: forget`` its
-    forget part alone (the whole score where there is no mismatch term to leave out)."""
+    """What top-k and the reweighting use: s_i, or with ``selector.score_on: forget|mismatch``
+    that term's part alone (the whole score where there is no other term to leave out), over
+    ‖∇ of it‖ with ``selector.normalize: cosine``."""
     scores = hg.scores
-    if trainer.cfg.selector.score_on == "forget":
-        scores = term_scores(trainer, hg).get("forget", hg.scores)
+    if trainer.cfg.selector.score_on != "total":
+        scores = term_scores(trainer, hg).get(trainer.cfg.selector.score_on, hg.scores)
     return scores if hg.grad_norms is None else cosine(scores, hg.grad_norms)
 
 

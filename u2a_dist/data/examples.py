@@ -294,3 +294,22 @@ def mismatch_answers(examples: list[Completion], answers: list[Completion],
                             "has none and there are no prompt-less answers to fall back on)")
         out.append(own[i % len(own)])
     return out
+
+
+def with_rejected_refusals(pairs: list[Pair], refusals: list[str], where: str) -> list[Pair]:
+    """``pairs`` with each over-refusal pair's (helpful ≻ refusal on a harmless prompt: ``kind``
+    ``over_refusal`` from labelled completions, ``harmless`` from the built-in sets) rejected
+    side replaced by ``refusals`` in turn (the k-th such pair gets refusal k mod their count);
+    the other pairs as they are (``data.pa_refusals``)."""
+    if not refusals:
+        raise DataError(f"{where}: data.pa_refusals holds no refusals")
+    out, k = [], 0
+    for pair in pairs:
+        if pair.attrs.get("kind") in ("over_refusal", "harmless"):
+            pair = dataclasses.replace(pair, rejected=refusals[k % len(refusals)])
+            k += 1
+        out.append(pair)
+    if k == 0:
+        raise DataError(f"{where}: data.pa has no over-refusal pairs (labelled completions with "
+                        "helpful and refusing answers to harmless prompts) for data.pa_refusals")
+    return out
