@@ -30,7 +30,7 @@ PROGRESS_LINE = re.compile(r"^\[u2a\] \d+:\d\d(:\d\d)? \| (.* › )?train \d+/\d
 #: two workers as they free up, so starting with the longest keeps one from finishing alone.
 LONGEST_FIRST = ("test_ray.py", "test_u2a_loop.py", "test_nothing_lost.py", "test_selector.py",
                  "test_linalg.py", "test_engine.py", "test_judges.py", "test_time_to_target.py",
-                 "test_lora.py")
+                 "test_lora_launchers.py", "test_lora.py")
 
 
 def pytest_configure(config):

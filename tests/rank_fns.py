@@ -148,6 +148,8 @@ def selector_checks(cfg: dict, per_example: bool = True,
     }
     if per_example:
         out["per_example"], _ = per_example_scores(problem, ihvp, idx)
+    if config.model.dtype == "float32":  # selector.normalize=cosine's norms (the copy path)
+        out["grad_norms"] = problem.example_grad_norms(idx)
     return out
 
 

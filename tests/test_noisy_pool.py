@@ -218,6 +218,10 @@ def test_ranking_scores_are_the_forget_part_only_when_asked_and_when_there_is_on
     assert torch.equal(ranking_scores(trainer("forget", mismatch=False), hg), hg.scores)
     # score_on=mismatch: the rest of the score
     assert ranking_scores(trainer("mismatch"), hg).tolist() == [5.0, -5.0, 1.0]
+    # normalize=cosine: the ranked part over the norm of its gradient, 0 where that is 0
+    hg.grad_norms = torch.tensor([2.0, 0.0, 4.0], dtype=torch.float64)
+    assert ranking_scores(trainer("total"), hg).tolist() == [1.5, 0.0, 0.5]
+    assert ranking_scores(trainer("mismatch"), hg).tolist() == [2.5, 0.0, 0.25]
 
 
 def test_pa_refusals_replace_the_rejected_side_of_the_over_refusal_pairs_only(tmp_path):
