@@ -19,6 +19,7 @@ from u2a_dist.device import to_device
 from u2a_dist.linalg import ShardedVector
 from u2a_dist.losses import check_finite, dpo_loss, sequence_logps
 from u2a_dist.sampling import outer_sample_indices
+from u2a_dist.selector import gradient_norms
 from u2a_dist.sharded import (
     all_gather_rows,
     all_reduce_sum,
@@ -205,12 +206,7 @@ class TrainerProblem:
         model = t.eval_model() if t.engine.partitioned else None
         if model is None or next(model.parameters()).dtype != torch.float32:
             t.release_eval_copy()
-            norms = []
-            for i in idx:
-                norms.append(self.example_grad(i, term).norm())
-                if advance is not None:
-                    advance()
-            return torch.tensor(norms, dtype=torch.float64)
+            return gradient_norms(self, idx, term, advance)  # per-example engine backward
         trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
         params = [p for n, p in model.named_parameters() if n in trainable]
         flags = [p.requires_grad for p in params]
