@@ -170,12 +170,13 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
             selector={"enabled": True, "top_k": 8, "ihvp": "identity"},
             runtime={"world_size": 1})
 
-    on_forget = cfg("on_forget")
+    on_forget, on_mismatch = cfg("on_forget"), cfg("on_mismatch")
     on_forget["selector"]["score_on"] = "forget"
-    both, forget_only, mismatch_only, ranked = run_ranks(
+    on_mismatch["selector"]["score_on"] = "mismatch"
+    both, forget_only, mismatch_only, ranked, ranked_m = run_ranks(
         1, "tests.rank_fns:round0_scores_each",
         {"cfgs": [cfg("both"), cfg("forget", mismatch_weight=0.0),
-                  cfg("mismatch", forget_weight=0.0), on_forget]})[0]
+                  cfg("mismatch", forget_weight=0.0), on_forget, on_mismatch]})[0]
     terms = both["terms"]
     harmful = [x.attrs["label"] == "harmful"
                for x in load_completions([DataSpec(**s) for s in pool])]
@@ -187,8 +188,17 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
         assert float(err) < 1e-3, (name, float(err))
         assert both["stats"][f"selector/auc@harmful/{name}"] == pytest.approx(
             _hand_auc(terms[name].tolist(), harmful))
-    # selector.score_on=forget: the same scores, the support is the top-k of the forget part
-    torch.testing.assert_close(ranked["scores"], both["scores"])
+    # selector.score_on=forget|mismatch: that part alone, scored from its own passes only (the
+    # other term's skipped), the support its top-k, its AUC reported as that part's
+    for name, alone in (("forget", ranked), ("mismatch", ranked_m)):
+        assert set(alone["terms"]) == {name}
+        err = (terms[name] - alone["scores"]).norm() / terms[name].norm()
+        assert float(err) < 1e-3, (name, float(err))
+        top = sorted(range(len(harmful)), key=lambda i: (-float(alone["scores"][i]), i))[:8]
+        assert sorted(alone["support"]) == sorted(top)
+        assert "selector/auc@harmful" not in alone["stats"]  # not the total's AUC
+        assert alone["stats"][f"selector/auc@harmful/{name}"] == pytest.approx(
+            _hand_auc(alone["scores"].tolist(), harmful))
     top = sorted(range(len(harmful)), key=lambda i: (-float(terms["forget"][i]), i))[:8]
     assert sorted(ranked["support"]) == sorted(top)
     assert sorted(both["support"]) != sorted(top)  # the total ranks otherwise here

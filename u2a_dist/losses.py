@@ -268,11 +268,16 @@ class InnerObjective:
 
     def __call__(self, logp: torch.Tensor, n_tokens: torch.Tensor,
                  ref_logp: torch.Tensor | None, mismatch_logp: torch.Tensor | None = None,
-                 mismatch_tokens: torch.Tensor | None = None
+                 mismatch_tokens: torch.Tensor | None = None, part: str = "total"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c_f ℓ_i + c_m m_i, ℓ_i) from the forget (and mismatch) log-probs."""
+        """(c_f ℓ_i + c_m m_i, ℓ_i) from the forget (and mismatch) log-probs; ``part``
+        ``forget``: (c_f ℓ_i, ℓ_i) without the mismatch log-probs, ``mismatch``: (c_m m_i, NaN)
+        without the forget ones (the selector scoring one part alone, ``selector.score_on``)."""
+        if part == "mismatch":
+            m = self.mismatch_weight * nll(mismatch_logp, mismatch_tokens)
+            return m, torch.full_like(m, float("nan"))
         ell = self.loss(logp, n_tokens, ref_logp)
         total = self.forget_weight * ell
-        if self.uses_mismatch:
+        if self.uses_mismatch and part == "total":
             total = total + self.mismatch_weight * nll(mismatch_logp, mismatch_tokens)
         return total, ell

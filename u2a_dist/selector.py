@@ -69,8 +69,11 @@ class HyperProblem(Protocol):
     def analytic_curvature(self) -> float:
         """Curvature added exactly (the prox λ): H = ∇²(data terms) + λI."""
 
-    def example_losses(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f_i, ℓ_i) for the examples idx, no grad, identical on every rank."""
+    def example_losses(self, idx: list[int], part: str = "total"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_i, ℓ_i) for the examples idx, no grad, identical on every rank; ``part``
+        ``forget`` | ``mismatch``: that term's part of f_i alone (c_f ℓ_i or c_m m_i, ℓ_i NaN
+        for the latter), computed without the other term's forward passes."""
 
     def example_grad(self, i: int, term: str = "total") -> ShardedVector:
         """∇f_i, ∇ℓ_i (``term="forget"``) or ∇(f_i − c_f ℓ_i) (``"mismatch"``): one backward."""
@@ -93,6 +96,9 @@ class Hypergradient:
     #: ``selector.normalize: cosine``: ‖∇f_i‖ (of the part with ``score_on``), what the
     #: ranking divides by
     grad_norms: torch.Tensor | None = None
+    #: what ``scores`` holds: s_i (``total``), or the forget or mismatch part of it alone where
+    #: only that part was scored (``selector.score_on``: the other term's passes skipped)
+    part: str = "total"
 
     @property
     def grads(self) -> torch.Tensor:
@@ -188,11 +194,13 @@ def fd_rel_step(problem: HyperProblem, cfg: SelectorConfig) -> float:
 
 def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
                        eps: float | str = "auto", terms: dict[str, torch.Tensor] | None = None,
-                       rel_step: float = FD_REL_STEP) -> tuple[torch.Tensor, torch.Tensor]:
+                       rel_step: float = FD_REL_STEP, part: str = "total"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """s_i = ⟨v, ∇f_i⟩ = [f_i(θ+εv) − f_i(θ−εv)] / 2ε for all idx: two forward passes.
 
     ``terms``, when given, receives ``loss``: ⟨v, ∇ℓ_i⟩ from the same passes (f_i = c_f ℓ_i +
-    c_m m_i, so the two terms' parts of s_i cost nothing more).
+    c_m m_i, so the two terms' parts of s_i cost nothing more). ``part`` forget | mismatch:
+    that term's part of s_i alone, from its own passes only (:meth:`HyperProblem.example_losses`).
 
     θ is restored bit-exactly from a saved copy. Also returns ℓ_i at θ for scores.jsonl, as the
     midpoint [ℓ_i(θ+εv) + ℓ_i(θ−εv)] / 2 = ℓ_i(θ) + (ε²/2)·vᵀ∇²ℓ_i v + O(ε⁴) of the same two
@@ -202,8 +210,8 @@ def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
     params = problem.parts()
     v_norm = v.norm()
     if v_norm == 0:
-        _, ell = problem.example_losses(idx)
-        if terms is not None:
+        _, ell = problem.example_losses(idx, part)
+        if terms is not None and part == "total":
             terms["loss"] = torch.zeros(len(idx), dtype=torch.float64)
         return torch.zeros(len(idx), dtype=torch.float64), ell
     if eps == "auto":
@@ -216,17 +224,17 @@ def directional_scores(problem: HyperProblem, v: ShardedVector, idx: list[int],
         with torch.no_grad():
             for p, s, q in zip(params, saved, v.parts):
                 p.data.copy_(torch.add(s, q.to(p.dtype), alpha=step))
-        f_plus, ell_plus = problem.example_losses(idx)
+        f_plus, ell_plus = problem.example_losses(idx, part)
         with torch.no_grad():
             for p, s, q in zip(params, saved, v.parts):
                 p.data.copy_(torch.add(s, q.to(p.dtype), alpha=-step))
-        f_minus, ell_minus = problem.example_losses(idx)
+        f_minus, ell_minus = problem.example_losses(idx, part)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.data.copy_(s)
     ell = (ell_plus.double() + ell_minus.double()) / 2
-    if terms is not None:
+    if terms is not None and part == "total":
         terms["loss"] = (ell_plus.double() - ell_minus.double()) / (2 * step)
     return (f_plus.double() - f_minus.double()) / (2 * step), ell
 
@@ -250,10 +258,13 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
     stats["selector/grad_J_norm"] = grad_j.norm()
     t1 = time.perf_counter()
     terms: dict[str, torch.Tensor] = {}
+    # ranked by one term's part (score_on): only that term's forward passes (the mismatch
+    # part: prompt + refusal, not the long negative); the per-example reference scores s_i
+    part = cfg.score_on if cfg.score == "directional" else "total"
     with progress.phase("scores", what=f"{len(idx)} negatives"):
         if cfg.score == "directional":
             scores, ell = directional_scores(problem, v, idx, cfg.fd_eps, terms,
-                                             fd_rel_step(problem, cfg))
+                                             fd_rel_step(problem, cfg), part)
         else:
             scores, ell = per_example_scores(problem, v, idx)
     bad = ~torch.isfinite(scores)
@@ -270,7 +281,7 @@ def hypergradients(problem: HyperProblem, cfg: SelectorConfig, idx: list[int],
         with progress.phase("gradient norms", len(idx), unit="negatives") as ph:
             norms = problem.example_grad_norms(idx, term, ph.advance)
         stats["timing/grad_norm_s"] = time.perf_counter() - t2
-    return Hypergradient(list(idx), scores, ell, stats, terms.get("loss"), norms)
+    return Hypergradient(list(idx), scores, ell, stats, terms.get("loss"), norms, part)
 
 
 def gradient_norms(problem: HyperProblem, idx: list[int], term: str = "total",

@@ -38,7 +38,8 @@ class SelectorConfig:
                 "top_k with uniform weights and no reweighting (the peer selection must beat)"})
     score_on: str = field(default="total", metadata={"help": "total | forget | mismatch: top-k "
         "and reweighting by the score's forget part c_f⟨v, ∇ℓ_i⟩ or its mismatch part "
-        "c_m⟨v, ∇m_i⟩ alone (BENCHMARKS, Noisy pools)"})
+        "c_m⟨v, ∇m_i⟩ alone (BENCHMARKS, Noisy pools), scored from that term's forward passes "
+        "only: mismatch skips the negatives' own (long) sequences"})
     normalize: str = field(default="none", metadata={
         "help": "none | cosine: top-k and reweighting by s_i/‖∇f_i‖ (the ranked part's own "
                 "gradient with score_on), LESS's cosine up to the common ‖v‖, so a negative does "

@@ -174,20 +174,24 @@ class TrainerProblem:
 
     # ---- per-example losses
 
-    def example_losses(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def example_losses(self, idx: list[int], part: str = "total"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.trainer
         self.engine.release_gathered()  # θ may have just been written (finite differences)
         model = self.engine.module
         was_training = model.training
         model.eval()
         bs = self.cfg.eval.batch_size
-        logp, ntok = dataset_logps(model, [t.forget.items[i] for i in idx], t.pad_id, bs)
-        ref = t.ref_cache["forget"][idx] if "forget" in t.ref_cache else None
-        m_logp = m_ntok = None
-        if t.objective.uses_mismatch:
+        if not t.objective.uses_mismatch or t.objective.forget_weight == 0:
+            part = "total"  # one term: the part is the whole
+        logp = ntok = ref = m_logp = m_ntok = None
+        if part != "mismatch":  # the negatives themselves (the longer sequences)
+            logp, ntok = dataset_logps(model, [t.forget.items[i] for i in idx], t.pad_id, bs)
+            ref = t.ref_cache["forget"][idx] if "forget" in t.ref_cache else None
+        if t.objective.uses_mismatch and part != "forget":
             m_logp, m_ntok = dataset_logps(model, [t.forget.mismatch[i] for i in idx],
                                            t.pad_id, bs)
-        f, ell = t.objective(logp, ntok, ref, m_logp, m_ntok)
+        f, ell = t.objective(logp, ntok, ref, m_logp, m_ntok, part)
         model.train(was_training)
         check_finite(f, "per-example inner loss", [self.ids[i] for i in idx])
         return f, ell

@@ -32,6 +32,8 @@ def term_scores(trainer, hg: Hypergradient) -> dict[str, torch.Tensor]:
     (the rest, c_m·⟨v, ∇m_i⟩), where both are on and the scoring measured ⟨v, ∇ℓ_i⟩: which term
     tells harmful from benign negatives apart (issue 22)."""
     objective = trainer.objective
+    if hg.part != "total":  # only that part was scored (selector.score_on)
+        return {hg.part: hg.scores}
     if hg.loss_scores is None or not objective.uses_mismatch or objective.forget_weight == 0:
         return {}  # one term: nothing to split
     forget = objective.forget_weight * hg.loss_scores
@@ -88,7 +90,9 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     # a pool with ground-truth labels: how well the scores separate them (reports only);
     # round 0 scores every negative in order, so support positions are indices
     labels = [e.attrs.get("label") for e in trainer.forget.examples]
-    hg.stats.update(label_stats(hg.scores.tolist(), labels, support))
+    # AUC of the total only where the scores are the total (not one part of it alone)
+    hg.stats.update({k: v for k, v in label_stats(hg.scores.tolist(), labels, support).items()
+                     if hg.part == "total" or not k.startswith("selector/auc@")})
     parts = term_scores(trainer, hg)
     if hg.grad_norms is not None or cfg.score_on != "total":  # and what the top-k ranked by
         parts["ranking"] = ranking_scores(trainer, hg)
