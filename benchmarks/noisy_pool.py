@@ -130,6 +130,7 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
             # each term alone (u2a_loop.term_scores), and the ranking where it is not the total
             **{f"auc_harmful_{t}": stats[key] for t in ("forget", "mismatch", "ranking")
                if (key := f"selector/auc@{HARMFUL}/{t}") in stats},
+            **{k[7:]: stats[k] for k in ("timing/ihvp_s", "timing/score_s") if k in stats},
             "support": len(support),
             "fp_share_support": len(fp) / len(support) if support else None,
             "fp_share_weight": sum(r["weight"] for r in fp) / mass if mass else None}
