@@ -274,3 +274,63 @@ def test_pa_refusals_replace_the_rejected_side_of_the_over_refusal_pairs_only(tm
                           "selector": {"enabled": False}})
     with pytest.raises(ConfigError, match="score_on=mismatch needs both terms"):
         config_from_dict(tiny_config(tmp_path / "x", selector={"score_on": "mismatch"}))
+
+
+def test_kept_and_left_out_by_label_from_round0_scores():
+    """What `u2a select`/`run`/`demo` print of a labelled pool (selection_labels.
+    kept_and_left_out): per label the counts kept (weight > 0) and left out, the highest-ranked
+    kept and lowest-ranked left-out rows, ranked by score (over grad_norm where logged), round 0
+    only, prompts cut to the width."""
+    from u2a_dist.selection_labels import kept_and_left_out
+
+    def row(i, label, score, weight, rnd=0, **extra):
+        return {"round": rnd, "index": i, "id": f"r{i}", "score": score, "weight": weight,
+                "label": label, **extra}
+
+    rows = [row(0, "harmful", 5.0, 0.5), row(1, "harmful", 1.0, 0.0), row(2, "benign", 4.0, 0.5),
+            row(3, "benign", -2.0, 0.0), row(4, "benign", -9.0, 0.0), row(5, None, 9.0, 0.0),
+            row(0, "harmful", 0.0, 1.0, rnd=1)]
+    prompts = ["a  b\nc", "x" * 200, "p2", "p3", "p4", "p5"]
+    out = kept_and_left_out(rows, prompts, n=2, width=10)
+    assert set(out) == {"benign", "harmful"}
+    assert (out["harmful"]["kept"], out["harmful"]["left_out"]) == (1, 1)
+    assert (out["benign"]["kept"], out["benign"]["left_out"]) == (1, 2)
+    assert out["harmful"]["kept_examples"] == [{"id": "r0", "score": 5.0, "prompt": "a b c"}]
+    assert out["harmful"]["left_out_examples"][0]["prompt"] == "x" * 9 + "…"
+    assert [e["id"] for e in out["benign"]["left_out_examples"]] == ["r4", "r3"]  # lowest first
+    # ranked by the cosine where the run logged gradient norms
+    cos = kept_and_left_out([row(0, "b", 4.0, 0.0, grad_norm=4.0),
+                             row(1, "b", 3.0, 0.0, grad_norm=1.0)], ["p", "q"])
+    assert [e["id"] for e in cos["b"]["left_out_examples"]] == ["r0", "r1"]
+    assert kept_and_left_out([row(0, None, 1.0, 1.0)], ["p"]) == {}
+
+
+def test_the_run_summary_and_the_cli_show_what_round0_kept(tmp_path, capsys):
+    """job._selection reads round 0 back from scores.jsonl (a line a crash cut short is
+    skipped; nothing for a run without the selector or on another rank) and the CLI prints it."""
+    import json
+    from types import SimpleNamespace
+
+    from u2a_dist.cli import _print_selection
+    from u2a_dist.job import _selection
+
+    run = SimpleNamespace(path=tmp_path)
+    (tmp_path / "scores.jsonl").write_text(
+        json.dumps({"round": 0, "index": 0, "id": "a", "score": 2.0, "weight": 1.0,
+                    "label": "harmful"}) + "\n"
+        + json.dumps({"round": 0, "index": 1, "id": "b", "score": -1.0, "weight": 0.0,
+                      "label": "benign"}) + "\n" + '{"round": 0, "ind')
+
+    def trainer(rank=0, enabled=True):
+        return SimpleNamespace(rank=rank, cfg=SimpleNamespace(selector=SimpleNamespace(
+            enabled=enabled)), forget=SimpleNamespace(examples=[
+                SimpleNamespace(prompt="How to pick a lock"), SimpleNamespace(prompt="Hi")]))
+
+    summary = _selection(trainer(), run)
+    assert summary["selection"]["harmful"]["kept"] == 1
+    assert summary["selection"]["benign"]["left_out_examples"][0]["prompt"] == "Hi"
+    assert _selection(trainer(rank=1), run) == {} == _selection(trainer(enabled=False), run)
+    _print_selection(summary)
+    out = capsys.readouterr().out
+    assert "[u2a] harmful: kept 1, left out 0" in out
+    assert "[u2a]   left out: 'Hi' (score -1)" in out

@@ -116,6 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"at most {cfg.unlearn.steps} steps -> {cfg.out}", flush=True)
     t0 = time.time()
     summary = _launch(cfg, cfg.runtime.launcher, overwrite=True, progress_mode=args.progress)
+    _print_selection(summary)
     _print_before_after(summary)
     _print_joint_target(cfg, summary)
     print(f"[u2a] done in {time.time() - t0:.0f} s; run directory: {cfg.out}")
@@ -177,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     launcher = args.launcher or cfg.runtime.launcher
     summary = _launch(cfg, launcher, overwrite=args.overwrite, progress_mode=args.progress)
+    _print_selection(summary)
     _print_before_after(summary)
     _print_joint_target(cfg, summary)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("before",)}, default=str))
@@ -193,8 +195,19 @@ def cmd_select(args: argparse.Namespace) -> int:
           f"(top-{len(summary['support'])}): {top}{' ...' if len(summary['support']) > 10 else ''}")
     if line := label_line(summary["stats"]):
         print(line)
+    _print_selection(summary)
     print(json.dumps(summary["stats"], default=str))
     return 0
+
+
+def _print_selection(summary: dict[str, Any]) -> None:
+    """What round 0 kept and left out of a labelled pool (job._selection), three of each."""
+    for label, part in summary.get("selection", {}).items():
+        print(f"[u2a] {label}: kept {part['kept']}, left out {part['left_out']}")
+        for side in ("kept", "left_out"):
+            for ex in part[f"{side}_examples"]:
+                print(f"[u2a]   {side.replace('_', ' ')}: {ex['prompt']!r} "
+                      f"(score {ex['score']:.4g})")
 
 
 def label_line(stats: dict[str, Any]) -> str | None:

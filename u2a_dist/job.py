@@ -21,6 +21,7 @@ from u2a_dist.fsio import atomic_write
 from u2a_dist.model_card import metric_table
 from u2a_dist.plots import write_plots
 from u2a_dist.rundir import RunDir
+from u2a_dist.selection_labels import kept_and_left_out
 from u2a_dist.sharded import peak_memory_gb
 from u2a_dist.trainer import Trainer
 from u2a_dist.u2a_loop import run_u2a, select_round0
@@ -60,7 +61,8 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,
                    "theta0_cached": trainer.theta0_cache.hits,  # θ0's work read, not redone
                    "memory": peak_memory_gb(), "before": before, "after": after,
-                   "samples": {"before": samples_before, "after": _samples(trainer)}}
+                   "samples": {"before": samples_before, "after": _samples(trainer)},
+                   **_selection(trainer, run_dir)}
         if rank == 0:
             run_dir.write_json("summary.json", summary)
             write_report(run_dir, cfg, summary)
@@ -99,10 +101,26 @@ def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
                "support": trainer.sampler.support, "stats": hg.stats, "step": 0,
                "stopped": "select", "train_time_s": 0.0, "eval_time_s": 0.0,
                "memory": peak_memory_gb(),
-               "before": {}, "after": {}}
+               "before": {}, "after": {}, **_selection(trainer, run_dir)}
     if trainer.rank == 0:
         run_dir.write_json("summary.json", summary)
     return summary
+
+
+def _selection(trainer, run_dir: RunDir) -> dict[str, Any]:
+    """``{"selection": …}``: what round 0 kept and left out of a labelled pool, by label
+    (:func:`kept_and_left_out`, from ``scores.jsonl``: also after a resume), on rank 0."""
+    path = run_dir.path / "scores.jsonl"
+    if trainer.rank != 0 or not trainer.cfg.selector.enabled or not path.is_file():
+        return {}
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line a crash cut short
+            continue
+    by_label = kept_and_left_out(rows, [e.prompt for e in trainer.forget.examples])
+    return {"selection": by_label} if by_label else {}
 
 
 def _snapshot(trainer) -> dict[str, float]:

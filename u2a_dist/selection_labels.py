@@ -30,3 +30,32 @@ def label_stats(scores: Sequence[float], labels: Sequence[str | None],
             truth = [str(x) == label if x is not None else False for x in labels]
             out[f"selector/auc@{label}"] = float(roc_auc_score(truth, list(scores)))
     return out
+
+
+def kept_and_left_out(rows: Sequence[dict], prompts: Sequence[str], n: int = 3,
+                      width: int = 90) -> dict[str, dict]:
+    """Per ground-truth label, what round 0 kept (weight > 0) and left out, from its
+    ``scores.jsonl`` rows (``prompts``: the forget set's, by ``index``): the counts and the
+    ``n`` highest-ranked kept and ``n`` lowest-ranked left-out rows, each ``{id, prompt,
+    score}`` (prompt cut to ``width`` characters). Ranked by the logged score, over its
+    ``grad_norm`` where the run ranked by the cosine. Empty for a pool without labels."""
+    rows = [r for r in rows if r.get("round") == 0 and r.get("label") is not None]
+
+    def rank(r: dict) -> float:
+        norm = r.get("grad_norm")
+        return r["score"] / norm if norm else (0.0 if norm == 0 else r["score"])
+
+    def show(r: dict) -> dict:
+        text = " ".join(prompts[r["index"]].split())
+        return {"id": r["id"], "score": round(rank(r), 4),
+                "prompt": text if len(text) <= width else text[:width - 1] + "…"}
+
+    out: dict[str, dict] = {}
+    for label in sorted({str(r["label"]) for r in rows}):
+        mine = sorted((r for r in rows if str(r["label"]) == label), key=rank, reverse=True)
+        kept = [r for r in mine if r["weight"] > 0]
+        left = [r for r in mine if r["weight"] <= 0]
+        out[label] = {"kept": len(kept), "left_out": len(left),
+                      "kept_examples": [show(r) for r in kept[:n]],
+                      "left_out_examples": [show(r) for r in left[::-1][:n]]}
+    return out
