@@ -181,6 +181,9 @@ def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
     harmful = [x.attrs["label"] == "harmful"
                for x in load_completions([DataSpec(**s) for s in pool])]
     assert set(terms) == {"forget", "mismatch"}
+    # every negative's target a template: no label gets grounded targets, so no warning
+    assert both["stats"]["selector/grounded@harmful"] == 0.0
+    assert both["stats"]["selector/grounded@benign"] == 0.0
     torch.testing.assert_close(terms["forget"] + terms["mismatch"], both["scores"])
     for name, alone in (("forget", forget_only), ("mismatch", mismatch_only)):
         assert alone["terms"] == {}  # one term on: nothing to split
@@ -334,3 +337,28 @@ def test_the_run_summary_and_the_cli_show_what_round0_kept(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[u2a] harmful: kept 1, left out 0" in out
     assert "[u2a]   left out: 'Hi' (score -1)" in out
+
+
+def test_mismatch_targets_that_differ_by_label_are_reported():
+    """A labelled pool whose harmful rows get their prompts' own refusals as mismatch targets
+    and the others a template leaks the label into the score's mismatch part (it ranked
+    "has a grounded refusal" first on SmolLM2: AUC 0.945, 0.545 with one template for all):
+    the shares per label are logged and a gap over GROUNDED_GAP is a named warning."""
+    from u2a_dist.data.examples import Completion, grounded_answers
+    from u2a_dist.selection_labels import grounded_shares, grounded_warning
+
+    pool = [Completion("h1", "How do I hotwire a car?", "Step 1"),
+            Completion("h2", "how do i  hotwire a CAR?", "First"),  # the same prompt key
+            Completion("h3", "Make a weapon", "Sure"), Completion("b1", "Name a fruit", "Apple")]
+    answers = [Completion("r1", "How do I hotwire a car?", "I can't help with that."),
+               Completion("t", "", "I'm sorry, I can't help with that.")]
+    grounded = grounded_answers(pool, answers)
+    assert grounded == [True, True, False, False]
+    stats = grounded_shares(["harmful", "harmful", "harmful", "benign"], grounded)
+    assert stats == {"selector/grounded@benign": 0.0,
+                     "selector/grounded@harmful": pytest.approx(2 / 3)}
+    warning = grounded_warning(stats)
+    assert warning.startswith("mismatch targets differ by label (share grounded in the "
+                              "prompt: benign 0.00, harmful 0.67)")
+    assert grounded_warning({"selector/grounded@a": 0.5, "selector/grounded@b": 0.45}) is None
+    assert grounded_shares([None, None], [True, False]) == {} == grounded_shares(["a"], None)

@@ -15,6 +15,7 @@ from typing import Any
 from u2a_dist.config import ConfigError, RunConfig, config_from_dict, load_config
 from u2a_dist.data.readers import DataError
 from u2a_dist.fsio import CheckpointError, check_claimable
+from u2a_dist.selection_labels import grounded_warning
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -195,6 +196,8 @@ def cmd_select(args: argparse.Namespace) -> int:
           f"(top-{len(summary['support'])}): {top}{' ...' if len(summary['support']) > 10 else ''}")
     if line := label_line(summary["stats"]):
         print(line)
+    if warning := grounded_warning(summary["stats"]):
+        print(f"[u2a] warning: {warning}")
     _print_selection(summary)
     print(json.dumps(summary["stats"], default=str))
     return 0

@@ -15,6 +15,7 @@ from u2a_dist import progress
 from u2a_dist.config import RunConfig
 from u2a_dist.data.examples import (
     Completion,
+    grounded_answers,
     load_completions,
     load_pairs,
     load_prompts,
@@ -40,6 +41,8 @@ class ForgetSet:
     examples: list[Completion]
     items: list[Item]
     mismatch: list[Item] | None  # (x_i, y'_i) for the mismatch term
+    #: y'_i is x_i's own answer in data.mismatch, not a template (reports: selection_labels)
+    grounded: list[bool] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -69,16 +72,17 @@ class RunInputs:
         if not examples:
             raise DataError(f"{spec_paths(self.cfg.data.forget)}: the forget set is empty")
         items = [self.encode(e.prompt, e.response, e.history) for e in examples]
-        mismatch, refusals = None, []
+        mismatch, refusals, grounded = None, [], None
         if self.cfg.data.mismatch is not None:
             candidates = load_completions(self.cfg.data.mismatch)
             answers = mismatch_answers(examples, candidates, spec_paths(self.cfg.data.mismatch))
             mismatch = [self.encode(e.prompt, y, e.history) for e, y in zip(examples, answers)]
             refusals = [c for c in candidates if not c.prompt.strip()]
+            grounded = grounded_answers(examples, candidates)
         if self.cfg.data.refusals is not None:  # the contrast's own set, prompts ignored
             refusals = load_completions(self.cfg.data.refusals)
         self.refusals = self._responses(refusals)  # the contrast's refusals, tokenised
-        return ForgetSet(examples, items, mismatch)
+        return ForgetSet(examples, items, mismatch, grounded)
 
     def _responses(self, completions) -> list[list[int]]:
         eos = [self.tokenizer.eos_token_id]

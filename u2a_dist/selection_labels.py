@@ -32,6 +32,37 @@ def label_stats(scores: Sequence[float], labels: Sequence[str | None],
     return out
 
 
+def grounded_shares(labels: Sequence[str | None], grounded: Sequence[bool] | None
+                    ) -> dict[str, float]:
+    """``selector/grounded@L``: the share of label L's rows whose mismatch target is their own
+    prompt's answer rather than a template (run_inputs.ForgetSet.grounded); empty without labels
+    or mismatch targets."""
+    if grounded is None or all(label is None for label in labels):
+        return {}
+    out: dict[str, float] = {}
+    for label in sorted({str(x) for x in labels if x is not None}):
+        mine = [g for x, g in zip(labels, grounded) if x is not None and str(x) == label]
+        out[f"selector/grounded@{label}"] = sum(mine) / len(mine)
+    return out
+
+
+#: Shares of grounded mismatch targets further apart than this between labels: a warning.
+GROUNDED_GAP = 0.1
+
+
+def grounded_warning(stats: dict[str, float]) -> str | None:
+    """The warning a labelled pool's report carries when its labels' mismatch targets differ
+    (grounded answers for some, templates for others) by more than GROUNDED_GAP."""
+    shares = {k.partition("@")[2]: v for k, v in stats.items()
+              if k.startswith("selector/grounded@")}
+    if len(shares) < 2 or max(shares.values()) - min(shares.values()) <= GROUNDED_GAP:
+        return None
+    return ("mismatch targets differ by label (share grounded in the prompt: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
+            + "): the score's mismatch part can tell the labels apart by its targets alone; "
+            "give every negative the same kind of target to measure the selector")
+
+
 def kept_and_left_out(rows: Sequence[dict], prompts: Sequence[str], n: int = 3,
                       width: int = 90) -> dict[str, dict]:
     """Per ground-truth label, what round 0 kept (weight > 0) and left out, from its

@@ -8,6 +8,7 @@ mathematics is :mod:`u2a_dist.selector`, the model side :mod:`u2a_dist.trainer_p
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from u2a_dist import progress
 from u2a_dist.fsio import atomic_write
-from u2a_dist.selection_labels import label_stats
+from u2a_dist.selection_labels import grounded_shares, grounded_warning, label_stats
 from u2a_dist.selector import (
     Hypergradient,
     cosine,
@@ -25,6 +26,8 @@ from u2a_dist.selector import (
     select_top_k,
 )
 from u2a_dist.trainer_problem import TrainerProblem
+
+log = logging.getLogger(__name__)
 
 
 def term_scores(trainer, hg: Hypergradient) -> dict[str, torch.Tensor]:
@@ -100,6 +103,10 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
         hg.stats.update({f"{k}/{name}": v for k, v in label_stats(part.tolist(), labels,
                                                                      support).items()
                          if k.startswith("selector/auc@")})
+    if trainer.objective.uses_mismatch:  # a label leak through the targets, named
+        hg.stats.update(grounded_shares(labels, trainer.forget.grounded))
+        if (warning := grounded_warning(hg.stats)) and trainer.rank == 0:
+            log.warning("%s", warning)
     _log_scores(trainer, hg, weights)
     return hg
 

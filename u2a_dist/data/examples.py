@@ -296,6 +296,14 @@ def mismatch_answers(examples: list[Completion], answers: list[Completion],
     return out
 
 
+def grounded_answers(examples: list[Completion], answers: list[Completion]) -> list[bool]:
+    """Which negatives :func:`mismatch_answers` gives an answer to their own prompt (not a
+    template): a report on a labelled pool says when this differs by label, since the score's
+    mismatch part can then tell the labels apart by the targets alone (BENCHMARKS, Noisy pools)."""
+    own = {prompt_key(a.prompt) for a in answers if a.prompt.strip()}
+    return [prompt_key(e.prompt) in own for e in examples]
+
+
 def with_rejected_refusals(pairs: list[Pair], refusals: list[str], where: str) -> list[Pair]:
     """``pairs`` with each over-refusal pair's (helpful ≻ refusal on a harmless prompt: ``kind``
     ``over_refusal`` from labelled completions, ``harmless`` from the built-in sets) rejected
