@@ -316,8 +316,9 @@ def test_the_run_summary_and_the_cli_show_what_round0_kept(tmp_path, capsys):
 
     from u2a_dist.cli import _print_selection
     from u2a_dist.job import _selection
+    from u2a_dist.rundir import RunDir
 
-    run = SimpleNamespace(path=tmp_path)
+    run = RunDir(tmp_path)
     (tmp_path / "scores.jsonl").write_text(
         json.dumps({"round": 0, "index": 0, "id": "a", "score": 2.0, "weight": 1.0,
                     "label": "harmful"}) + "\n"

@@ -110,16 +110,10 @@ def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
 def _selection(trainer, run_dir: RunDir) -> dict[str, Any]:
     """``{"selection": …}``: what round 0 kept and left out of a labelled pool, by label
     (:func:`kept_and_left_out`, from ``scores.jsonl``: also after a resume), on rank 0."""
-    path = run_dir.path / "scores.jsonl"
-    if trainer.rank != 0 or not trainer.cfg.selector.enabled or not path.is_file():
+    if trainer.rank != 0 or not trainer.cfg.selector.enabled:
         return {}
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line a crash cut short
-            continue
-    by_label = kept_and_left_out(rows, [e.prompt for e in trainer.forget.examples])
+    by_label = kept_and_left_out(run_dir.read_scores(),
+                                 [e.prompt for e in trainer.forget.examples])
     return {"selection": by_label} if by_label else {}
 
 

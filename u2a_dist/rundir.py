@@ -134,6 +134,17 @@ class RunDir:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def read_scores(self) -> list[dict[str, Any]]:
+        """scores.jsonl's rows; a last line a crash cut short is skipped."""
+        path = self.path / "scores.jsonl"
+        rows = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write(self.path / name, json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -282,10 +282,7 @@ def mismatch_answers(examples: list[Completion], answers: list[Completion],
     prompt), else a prompt-less one (a templated refusal). One fixed answer per example (i mod
     the count of its candidates), so m_i is a deterministic function of θ that the selector can
     score."""
-    grounded: dict[str, list[str]] = defaultdict(list)
-    templates: list[str] = []
-    for a in answers:
-        (grounded[prompt_key(a.prompt)] if a.prompt.strip() else templates).append(a.response)
+    grounded, templates = _answers_by_prompt(answers)
     out = []
     for i, e in enumerate(examples):
         own = grounded.get(prompt_key(e.prompt)) or templates
@@ -296,12 +293,21 @@ def mismatch_answers(examples: list[Completion], answers: list[Completion],
     return out
 
 
+def _answers_by_prompt(answers: list[Completion]) -> tuple[dict[str, list[str]], list[str]]:
+    """The mismatch candidates as (answers by prompt key, prompt-less templates)."""
+    grounded: dict[str, list[str]] = defaultdict(list)
+    templates: list[str] = []
+    for a in answers:
+        (grounded[prompt_key(a.prompt)] if a.prompt.strip() else templates).append(a.response)
+    return grounded, templates
+
+
 def grounded_answers(examples: list[Completion], answers: list[Completion]) -> list[bool]:
     """Which negatives :func:`mismatch_answers` gives an answer to their own prompt (not a
     template): a report on a labelled pool says when this differs by label, since the score's
     mismatch part can then tell the labels apart by the targets alone (BENCHMARKS, Noisy pools)."""
-    own = {prompt_key(a.prompt) for a in answers if a.prompt.strip()}
-    return [prompt_key(e.prompt) in own for e in examples]
+    grounded, _ = _answers_by_prompt(answers)
+    return [prompt_key(e.prompt) in grounded for e in examples]
 
 
 def with_rejected_refusals(pairs: list[Pair], refusals: list[str], where: str) -> list[Pair]:
