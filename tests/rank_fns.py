@@ -26,12 +26,13 @@ def train_report(cfg: dict, steps: int, save: bool = False, export: str | None =
                  prepare: bool = True) -> dict[str, Any]:
     """Train `steps` steps and report losses, partition sizes and (optionally) export."""
     trainer = _trainer_in_run_dir(cfg, prepare)
-    losses = []
-    trainer.train(steps=steps, at_step=lambda m: losses.append(m["loss"]))
+    losses, lrs = [], []
+    trainer.train(steps=steps, at_step=lambda m: (losses.append(m["loss"]), lrs.append(m["lr"])))
     if save:
         trainer.save_checkpoint()
     out: dict[str, Any] = {
         "losses": losses,
+        "lrs": lrs,
         "resumed_from": trainer.resumed_from,
         "partitions": [(tuple(p.ds_shape), p.ds_numel, p.ds_tensor.numel())
                        for p in trainer.engine.params],

@@ -63,6 +63,25 @@ def test_resume_continues_the_same_trajectory(tmp_path, full):
         torch.testing.assert_close(second[0]["state"][key], value, rtol=1e-6, atol=1e-6)
 
 
+def test_a_decaying_lr_follows_transformers_schedule_and_resumes_where_it_stopped(tmp_path):
+    """unlearn.lr_scheduler_type: each step's logged lr is the one AdamW used, equal to the
+    linear warm-up-then-decay written out by hand, and a run stopped after 3 of 6 steps resumes
+    the schedule (DeepSpeed checkpoints the scheduler) and the trajectory."""
+    sched = {"lr": 1e-3, "lr_scheduler_type": "linear", "warmup_steps": 2}
+    whole = run_ranks(2, "tests.rank_fns:train_report",
+                      {"cfg": tiny_config(tmp_path / "whole", unlearn=sched), "steps": 6})[0]
+    # warm-up k/2 for k < 2, then (6 - k)/(6 - 2): transformers' get_linear_schedule_with_warmup
+    assert whole["lrs"] == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4], abs=1e-12)
+    cfg = tiny_config(tmp_path / "split", unlearn=sched)
+    first = run_ranks(2, "tests.rank_fns:train_report", {"cfg": cfg, "steps": 3, "save": True})
+    second = run_ranks(2, "tests.rank_fns:train_report",
+                       {"cfg": cfg, "steps": 3, "prepare": False})
+    assert second[0]["resumed_from"] == 3
+    assert first[0]["lrs"] + second[0]["lrs"] == pytest.approx(whole["lrs"], abs=1e-12)
+    torch.testing.assert_close(torch.tensor(first[0]["losses"] + second[0]["losses"]),
+                               torch.tensor(whole["losses"]), rtol=1e-6, atol=1e-6)
+
+
 def test_export_loads_with_from_pretrained_and_matches(full):
     res, out = full
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -115,7 +115,11 @@ class UnlearnConfig:
     optimizer: str = field(default="adamw", metadata={"help": "adamw | sgd"})
     weight_decay: float = 0.0
     grad_clip: float = field(default=1.0, metadata={"help": "Global grad-norm clip; 0 = off."})
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata={"help": "Steps of linear warm-up from 0 "
+        "to lr (transformers' convention: the first step runs at lr 0 when > 0)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant | linear | "
+        "cosine: the lr after warm-up over unlearn.steps, transformers.get_scheduler's "
+        "schedules (linear and cosine decay to 0 at the last step)."})
     max_param_abs: float = field(default=1.0e4, metadata={
         "help": "An update leaving a parameter non-finite or above this magnitude is rolled "
                 "back and stops the run (a blown-up lr): the last checkpoint stays good."})
@@ -233,6 +237,8 @@ class RunConfig:
             raise ConfigError(f"unlearn.loss_args {self.unlearn.loss_args!r} do not fit "
                               f"unlearn.loss={self.unlearn.loss!r}: {why}")
         _choice("unlearn.optimizer", self.unlearn.optimizer, ("adamw", "sgd"))
+        _choice("unlearn.lr_scheduler_type", self.unlearn.lr_scheduler_type,
+                ("constant", "linear", "cosine"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "cg", "identity"))
         _choice("selector.score_on", self.selector.score_on, ("total", "forget", "mismatch"))
         _choice("selector.normalize", self.selector.normalize, ("none", "cosine"))

@@ -101,6 +101,19 @@ def build_ds_config(cfg: RunConfig, world_size: int, train: bool = True,
     return ds
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer,
+                 unlearn: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """``unlearn.lr_scheduler_type`` after ``unlearn.warmup_steps`` over ``unlearn.steps``, by
+    transformers' own schedules (a LambdaLR whose state DeepSpeed checkpoints and restores)."""
+    from transformers import get_scheduler
+
+    name = unlearn.lr_scheduler_type
+    if name == "constant" and unlearn.warmup_steps:
+        name = "constant_with_warmup"  # transformers' "constant" ignores the warm-up
+    return get_scheduler(name, optimizer, num_warmup_steps=unlearn.warmup_steps,
+                         num_training_steps=unlearn.steps)
+
+
 class Engine:
     """A DeepSpeed engine around one causal LM, with partition-level access for the selector."""
 
@@ -133,9 +146,7 @@ class Engine:
             else:
                 optimizer = torch.optim.SGD(params, lr=cfg.unlearn.lr,
                                             weight_decay=cfg.unlearn.weight_decay)
-            warmup = cfg.unlearn.warmup_steps
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            scheduler = lr_scheduler(optimizer, cfg.unlearn)
         else:
             model.requires_grad_(False)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -246,6 +246,7 @@ class Trainer:
         retain_values = global_values(shares) if use_retain else {}
         if cfg.unlearn.prox_lambda > 0:
             self.engine.add_to_local_grads(self.prox_grads())
+        lr = self.engine.lr()  # this step's (the scheduler moves it in engine.step)
         self.engine.step()
         self._check_update()
         self.step += 1
@@ -257,7 +258,7 @@ class Trainer:
             if cfg.unlearn.loss == "ga" else float("nan")
         metrics = {"step": self.step, "time_s": round(self.train_time, 4),
                    "loss": loss + prox, "loss/unlearn": loss, "loss/prox": prox,
-                   "lr": self.engine.lr(), "grad_norm": self.engine.global_grad_norm(),
+                   "lr": lr, "grad_norm": self.engine.global_grad_norm(),
                    "timing/step_s": dt, "round": self.round}
         if cfg.unlearn.loss == "ga":
             metrics["forget/nll"] = forget_nll
