@@ -162,7 +162,8 @@ def round0_scores(cfg: dict) -> dict[str, Any]:
     hg = select_round0(trainer)
     from u2a_dist.u2a_loop import term_scores
 
-    return {"scores": hg.scores, "stats": hg.stats, "support": trainer.sampler.support,
+    return {"scores": hg.scores, "index": hg.index, "stats": hg.stats,
+            "support": trainer.sampler.support,
             "weights": trainer.weights, "terms": term_scores(trainer, hg)}
 
 

@@ -102,6 +102,38 @@ def test_random_k_trains_a_seeded_random_support_with_uniform_weights(tmp_path):
         assert float(w.sum()) == pytest.approx(1.0) and int((w > 0).sum()) == 6
 
 
+def test_a_candidate_sample_scores_only_its_negatives_and_keeps_its_top_k(tmp_path):
+    """selector.candidates: round 0 scores a seeded sample of m negatives (the same on both
+    ranks, another with another seed), each scored as in a run that scores them all (with the
+    identity iHVP v = ∇J does not depend on which negatives are scored), and the support is the
+    sample's top_k; the label counts are the sample's."""
+    import torch
+
+    pool = {"path": "builtin:harmful", "schema": "completions", "limit": 20, "label": "harmful"}
+    sel = {"enabled": True, "top_k": 3, "ihvp": "identity", "hessian_batch": 8,
+           "outer_sample": 8}
+
+    def cfg(name, seed=0, **more):
+        return tiny_config(tmp_path / name, data={"forget": pool}, runtime={"seed": seed},
+                           selector={**sel, **more})
+
+    ranks = run_ranks(2, "tests.rank_fns:round0_scores_each",
+                      {"cfgs": [cfg("all"), cfg("m8", candidates=8),
+                                cfg("m8s1", seed=1, candidates=8)]})
+    (everything, sample, other), (_, sample1, _) = ranks
+    assert everything["index"] == list(range(20))
+    idx = sample["index"]
+    assert len(idx) == len(set(idx)) == 8 and idx == sorted(idx) and set(idx) <= set(range(20))
+    assert sample1["index"] == idx and other["index"] != idx
+    torch.testing.assert_close(sample["scores"], everything["scores"][idx], rtol=1e-3, atol=1e-6)
+    top3 = sorted(idx[p] for p in sample["scores"].argsort(descending=True)[:3].tolist())
+    assert sorted(sample["support"]) == top3 and sorted(sample1["support"]) == top3
+    assert sample["stats"]["selector/pool@harmful"] == 8
+    w = sample["weights"]
+    assert int((w > 0).sum()) == 3 and torch.equal(w[top3], torch.full((3,), 1 / 3,
+                                                                       dtype=w.dtype))
+
+
 @pytest.mark.slow
 def test_round0_ranks_harmful_above_benign_and_the_top_group_lowers_j_more(tmp_path):
     """Issue 22's check on the tiny model: negatives of both kinds from prompts J's pairs do not

@@ -54,12 +54,24 @@ class BatchSampler:
         self._order = self._permutation()
 
 
-def outer_sample_indices(n: int, m: int, seed: int, round_: int) -> list[int]:
-    """Round ``round_``'s pairs of J: all n when m is 0 or ≥ n, else a seeded sample of m."""
+def seeded_subset(n: int, m: int, generator_seed: int) -> list[int]:
+    """All of range(n) when m is 0 or ≥ n, else m of them drawn by ``generator_seed``, sorted:
+    the same on every rank."""
     if m == 0 or m >= n:
         return list(range(n))
-    g = torch.Generator().manual_seed(seed * 104729 + 31 * round_ + 1)
+    g = torch.Generator().manual_seed(generator_seed)
     return sorted(int(i) for i in torch.randperm(n, generator=g)[:m])
+
+
+def outer_sample_indices(n: int, m: int, seed: int, round_: int) -> list[int]:
+    """Round ``round_``'s pairs of J: all n when m is 0 or ≥ n, else a seeded sample of m."""
+    return seeded_subset(n, m, seed * 104729 + 31 * round_ + 1)
+
+
+def candidate_indices(n: int, m: int, seed: int) -> list[int]:
+    """Round 0's candidates (``selector.candidates``): all n negatives when m is 0 or ≥ n,
+    else a seeded sample of m — what a very large pool is scored and ranked on."""
+    return seeded_subset(n, m, seed * 7919 + 17)
 
 
 def outer_pairs_used(n: int, cfg) -> list[int]:

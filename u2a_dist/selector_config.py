@@ -46,6 +46,9 @@ class SelectorConfig:
                 "not rank high for the size of its gradient alone; one backward pass per scored "
                 "negative."})
     top_k: int = 64
+    candidates: int = field(default=0, metadata={"help": "Round 0 scores a seeded sample of "
+        "this many negatives and keeps its top_k (0 = all N): selection's cost capped for a "
+        "very large pool (each scored negative costs two forward passes)."})
     eta: float = 1.0
     eta_scale: str = field(default="raw", metadata={
         "help": "raw: the reweighting step is eta·g | max_abs: (eta/max|g|)·g, so no log-weight "

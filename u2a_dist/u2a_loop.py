@@ -16,6 +16,7 @@ import torch
 
 from u2a_dist import progress
 from u2a_dist.fsio import atomic_write
+from u2a_dist.sampling import candidate_indices
 from u2a_dist.selection_labels import grounded_shares, grounded_warning, label_stats
 from u2a_dist.selector import (
     Hypergradient,
@@ -78,33 +79,36 @@ def _random(idx: list[int], seed: int) -> Hypergradient:
 
 
 def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
-    """Round 0: score all N with w uniform, keep the top-k as the support, w uniform on it."""
+    """Round 0: score all N (or ``selector.candidates`` of them, a seeded sample) with w
+    uniform, keep the top-k as the support, w uniform on it."""
     cfg = trainer.cfg.selector
-    everything = list(range(len(trainer.forget)))
+    seed = trainer.cfg.runtime.seed
+    scored = candidate_indices(len(trainer.forget), cfg.candidates, seed)
     if cfg.score == "random":
-        hg = _random(everything, trainer.cfg.runtime.seed)
+        hg = _random(scored, seed)
     else:
         problem = TrainerProblem(trainer, hessian_batch or cfg.hessian_batch)
-        hg = hypergradients(problem, cfg, everything, seed=trainer.cfg.runtime.seed)
-    support = select_top_k(ranking_scores(trainer, hg), cfg.top_k)
+        hg = hypergradients(problem, cfg, scored, seed=seed)
+    top = select_top_k(ranking_scores(trainer, hg), cfg.top_k)  # positions into `scored`
+    support = [scored[p] for p in top]
     weights = torch.zeros(len(trainer.forget), dtype=torch.float64)
     weights[support] = 1.0 / len(support)
     trainer.set_support(support, weights)
-    # a pool with ground-truth labels: how well the scores separate them (reports only);
-    # round 0 scores every negative in order, so support positions are indices
-    labels = [e.attrs.get("label") for e in trainer.forget.examples]
+    # a pool with ground-truth labels: how well the scores separate them (reports only)
+    labels = [trainer.forget.examples[i].attrs.get("label") for i in scored]
     # AUC of the total only where the scores are the total (not one part of it alone)
-    hg.stats.update({k: v for k, v in label_stats(hg.scores.tolist(), labels, support).items()
+    hg.stats.update({k: v for k, v in label_stats(hg.scores.tolist(), labels, top).items()
                      if hg.part == "total" or not k.startswith("selector/auc@")})
     parts = term_scores(trainer, hg)
     if hg.grad_norms is not None or cfg.score_on != "total":  # and what the top-k ranked by
         parts["ranking"] = ranking_scores(trainer, hg)
     for name, part in parts.items():  # how well each term alone separates
         hg.stats.update({f"{k}/{name}": v for k, v in label_stats(part.tolist(), labels,
-                                                                     support).items()
+                                                                     top).items()
                          if k.startswith("selector/auc@")})
     if trainer.objective.uses_mismatch:  # a label leak through the targets, named
-        hg.stats.update(grounded_shares(labels, trainer.forget.grounded))
+        grounded = trainer.forget.grounded
+        hg.stats.update(grounded_shares(labels, grounded and [grounded[i] for i in scored]))
         if (warning := grounded_warning(hg.stats)) and trainer.rank == 0:
             log.warning("%s", warning)
     _log_scores(trainer, hg, weights)
