@@ -360,11 +360,33 @@ def test_unreadable_inputs_name_their_file(tmp_path):
 # ----------------------------------------------------------------------------- 8. resume
 
 @pytest.mark.slow
+def test_a_log_line_cut_by_a_crash_is_skipped_and_resume_drops_it(tmp_path):
+    """metrics.jsonl and scores.jsonl as a SIGKILL mid-append leaves them: reading skips the
+    cut line, and the resume's truncation keeps the whole lines of the steps and rounds the
+    checkpoint holds, byte for byte, and drops the rest."""
+    from u2a_dist.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    metrics = [json.dumps({"step": k, "loss": 1.0 / (k + 1)}) for k in range(4)]
+    scores = [json.dumps({"round": r, "index": i, "score": 0.5 * i}) for r in (0, 1)
+              for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics) + '\n{"step": 4, "lo')
+    (tmp_path / "scores.jsonl").write_text("\n".join(scores) + '\n{"round": 1, "ind')
+    assert [m["step"] for m in run.read_metrics()] == [0, 1, 2, 3]
+    assert len(run.read_scores()) == 6
+    run.truncate_metrics_after(2)
+    run.drop_scores_from_round(1)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(f"{m}\n" for m in metrics[:3])
+    assert (tmp_path / "scores.jsonl").read_text() == "".join(f"{s}\n" for s in scores[:3])
+
+
 def test_a_run_can_be_extended_and_reports_theta0_as_before(finished, tmp_path):
     run, cfg = copy_run(finished, tmp_path)
     res = u2a("run", "--config", cfg, "unlearn.lr=0.5")
     assert res.returncode == 2 and "differs in unlearn.lr (0.001 -> 0.5)" in res.stderr
     before = json.loads((run / "before.json").read_text())["metrics"]
+    with open(run / "metrics.jsonl", "a") as fh:  # a rank killed while appending a line
+        fh.write('{"step": 5, "loss": 0.12')
     # more passes a step (less memory) may be chosen when resuming: the same gradient
     res = u2a("run", "--config", cfg, "unlearn.steps=6", "runtime.micro_batches=2")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -118,32 +118,37 @@ class RunDir:
             fh.write(line + "\n")
             fh.flush()
 
-    def truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop log lines from steps after the checkpoint (they will be redone)."""
-        for name in ("metrics.jsonl",):
-            path = self.path / name
-            if not path.is_file():
-                continue
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            atomic_write(path, "".join(f"{line}\n" for line in keep))
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def read_scores(self) -> list[dict[str, Any]]:
-        """scores.jsonl's rows; a last line a crash cut short is skipped."""
-        path = self.path / "scores.jsonl"
-        rows = []
+    def _rows(self, name: str) -> list[tuple[str, dict[str, Any]]]:
+        """(line, row) of a JSON-lines log; a line a crash cut short (a rank killed while
+        appending) does not parse and is skipped, so a killed run still resumes."""
+        path = self.path / name
+        out = []
         for line in path.read_text().splitlines() if path.is_file() else []:
             try:
-                rows.append(json.loads(line))
+                out.append((line, json.loads(line)))
             except json.JSONDecodeError:
                 continue
-        return rows
+        return out
+
+    def _keep_rows(self, name: str, keep) -> None:
+        if (self.path / name).is_file():
+            atomic_write(self.path / name,
+                         "".join(f"{line}\n" for line, row in self._rows(name) if keep(row)))
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume, drop log lines from steps after the checkpoint (they will be redone)."""
+        self._keep_rows("metrics.jsonl", lambda row: row.get("step", 0) <= step)
+
+    def drop_scores_from_round(self, first_round: int) -> None:
+        """On resume: forget scores.jsonl rows of rounds the restored state has not reached."""
+        self._keep_rows("scores.jsonl", lambda row: row["round"] < first_round)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return [row for _, row in self._rows("metrics.jsonl")]
+
+    def read_scores(self) -> list[dict[str, Any]]:
+        """scores.jsonl's rows (a line a crash cut short skipped)."""
+        return [row for _, row in self._rows("scores.jsonl")]
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write(self.path / name, json.dumps(obj, indent=2, default=str) + "\n")

@@ -7,7 +7,6 @@ mathematics is :mod:`u2a_dist.selector`, the model side :mod:`u2a_dist.trainer_p
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import torch
 
 from u2a_dist import progress
-from u2a_dist.fsio import atomic_write
 from u2a_dist.sampling import candidate_indices
 from u2a_dist.selection_labels import grounded_shares, grounded_warning, label_stats
 from u2a_dist.selector import (
@@ -162,8 +160,8 @@ def run_u2a(trainer, at_step=None) -> dict[str, Any]:
             at_step(record)
         return hg
 
-    if trainer.resumed_from is not None:
-        _drop_scores_from_round(trainer, trainer.round)
+    if trainer.resumed_from is not None and trainer.rank == 0 and trainer.run_dir is not None:
+        trainer.run_dir.drop_scores_from_round(trainer.round)
     if trainer.step == 0 and trainer.round == 0:
         timed(select_round0)
         trainer.round = 1
@@ -191,18 +189,6 @@ def run_u2a(trainer, at_step=None) -> dict[str, Any]:
                   "eval_time_s": trainer.eval_time}
     result["rounds"] = trainer.round
     return result
-
-
-def _drop_scores_from_round(trainer, first_round: int) -> None:
-    """On resume: forget scores.jsonl rows of rounds the restored state has not reached."""
-    if trainer.rank != 0 or trainer.run_dir is None:
-        return
-    path = trainer.run_dir.path / "scores.jsonl"
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["round"] < first_round]
-    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def _entropy(w: torch.Tensor) -> float:
