@@ -309,7 +309,8 @@ def half_precision_rounds(cfg: dict) -> dict[str, Any]:
     losses: list[float] = []
     run_u2a(trainer, at_step=lambda m: losses.append(m["loss"]) if "loss" in m else None)
     return {"loads": loads, "losses": losses, "weights": trainer.weights,
-            "support": trainer.sampler.support, "round": trainer.round}
+            "support": trainer.sampler.support, "round": trainer.round,
+            "state": trainer.engine.full_state_dict()}
 
 
 def retain_contrast(cfg: dict, idx: list[int]) -> dict[str, Any]:

@@ -210,3 +210,30 @@ def test_adapter_space_round0_scores_match_an_exact_solve(tmp_path) -> None:
     fd = r["scores_directional"]
     rel_fd = float((fd - exact).norm() / exact.norm())
     assert rel_fd <= 1e-2, rel_fd
+
+
+def test_a_bf16_lora_run_selects_on_the_fp32_twin_and_trains_only_the_adapters(tmp_path):
+    """LoRA in bf16 (model.dtype) with the selector on, 2 ZeRO-3 ranks: round 0 and a
+    reweighting round run (on the fp32 twin, docs/design.md §3) and agree on both ranks, every
+    adapter moves and the base stays θ0 rounded to bf16, bit for bit."""
+    cfg = tiny_config(tmp_path / "run", model={**LORA, "dtype": "bfloat16"},
+                      unlearn={**SGD, "steps": 4},
+                      selector={"enabled": True, "top_k": 4, "ihvp": "identity", "rounds": 1,
+                                "steps_per_round": 2, "hessian_batch": 8, "outer_sample": 8},
+                      runtime={"checkpoint_every": 0})
+    a, b = run_ranks(2, "tests.rank_fns:half_precision_rounds", {"cfg": cfg})
+    for r in (a, b):  # each selection on the fp32 twin holding the adapters' master weights
+        assert [x["step"] for x in r["loads"]] == [0, 2]
+        assert all(x["equal"] and not x["run"] and x["dtypes"] == ["torch.float32"]
+                   for x in r["loads"])
+    assert a["round"] == b["round"] == 2 and len(a["losses"]) == 4
+    assert list(a["support"]) == list(b["support"]) and len(a["support"]) == 4
+    assert torch.equal(a["weights"], b["weights"])
+    assert torch.isfinite(torch.tensor(a["losses"])).all()
+    theta0 = _theta0()
+    for key, value in theta0.items():
+        after = a["state"][key]
+        if "lora_" in key:
+            assert not torch.equal(after, value.to(torch.bfloat16).float()), key
+        else:
+            assert torch.equal(after, value.to(torch.bfloat16).float()), key
