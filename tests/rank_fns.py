@@ -197,6 +197,22 @@ def round0_scores_each(cfgs: list[dict]) -> list[dict[str, Any]]:
     return [round0_scores(cfg) for cfg in cfgs]
 
 
+def score_check(cfg: dict) -> dict[str, Any]:
+    """Round 0 then the product's score check (u2a_dist.score_check), in a run directory."""
+    from u2a_dist.score_check import THETA0_DIR, check_groups
+    from u2a_dist.u2a_loop import ranking_scores, select_round0
+
+    trainer = _trainer_in_run_dir(cfg, prepare=True)
+    theta0 = trainer.engine.full_state_dict()
+    hg = select_round0(trainer)
+    support = list(trainer.sampler.support)
+    check = check_groups(trainer, hg, ranking_scores(trainer, hg))
+    return {"check": check, "theta0": theta0, "state": trainer.engine.full_state_dict(),
+            "scores": hg.scores, "index": hg.index, "support": support,
+            "support_after": list(trainer.sampler.support), "step": trainer.step,
+            "left": (trainer.run_dir.path / THETA0_DIR).exists()}
+
+
 def group_delta_j(cfg: dict, group: list[int], steps: int) -> dict[str, float]:
     """J (the selector's outer objective) at θ0 and after ``steps`` steps on ``group`` alone
     (uniform weights on it): the measured effect a group's scores predict."""

@@ -182,6 +182,42 @@ def test_round0_ranks_harmful_above_benign_and_the_top_group_lowers_j_more(tmp_p
     assert torch.isfinite(scores).all()
 
 
+def test_the_score_check_measures_each_group_from_theta0(tmp_path):
+    """selector.check_steps (u2a_dist.score_check), 2 ZeRO-3 ranks: T steps on the top, bottom
+    and a random k by round-0 score, each from θ0 with a fresh optimizer — each group's ΔJ equals
+    that of a fresh run training the group alone (rank_fns.group_delta_j); the top group lowers
+    J more than the bottom one; the trainer ends at θ0 on the round-0 support, nothing left."""
+    import torch
+
+    pool = [{"path": "builtin:harmful", "schema": "completions", "split": "eval",
+             "label": "harmful"},
+            {"path": "builtin:harmless", "schema": "completions", "split": "eval",
+             "label": "benign"}]
+    cfg = tiny_config(tmp_path / "run", data={"forget": pool},
+                      selector={"enabled": True, "top_k": 8, "ihvp": "identity",
+                                "hessian_batch": 16, "check_steps": 3, "check_k": 6})
+    ranks = run_ranks(2, "tests.rank_fns:score_check", {"cfg": cfg})
+    r = ranks[0]
+    check = r["check"]
+    assert ranks[1]["check"] == check and check["steps"] == 3 and check["k"] == 6
+    order = r["scores"].argsort(descending=True).tolist()
+    groups = check["groups"]
+    assert groups["top"]["index"] == sorted(r["index"][p] for p in order[:6])
+    assert groups["bottom"]["index"] == sorted(r["index"][p] for p in order[-6:])
+    assert len(set(groups["random"]["index"])) == 6
+    for name in ("top", "bottom"):
+        fresh = run_ranks(2, "tests.rank_fns:group_delta_j",
+                          {"cfg": {**cfg, "out": str(tmp_path / name)},
+                           "group": groups[name]["index"], "steps": 3})[0]
+        assert fresh["before"] == pytest.approx(check["j_before"], rel=1e-6)
+        assert groups[name]["delta_j"] == pytest.approx(fresh["after"] - fresh["before"],
+                                                        rel=1e-4, abs=1e-6), name
+    assert groups["top"]["delta_j"] < groups["bottom"]["delta_j"], groups
+    assert r["step"] == 0 and r["support_after"] == r["support"] and not r["left"]
+    for key, value in r["theta0"].items():
+        assert torch.equal(r["state"][key], value), key
+
+
 @pytest.mark.slow
 def test_the_terms_parts_of_a_score_are_what_each_term_alone_scores(tmp_path):
     """s_i = c_f⟨v, ∇ℓ_i⟩ + c_m⟨v, ∇m_i⟩ split from one scoring's passes (u2a_loop.term_scores)
@@ -370,6 +406,14 @@ def test_the_run_summary_and_the_cli_show_what_round0_kept(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[u2a] harmful: kept 1, left out 0" in out
     assert "[u2a]   left out: 'Hi' (score -1)" in out
+    from u2a_dist.cli import _print_check
+
+    _print_check({"check": {"steps": 3, "k": 6, "j_before": 0.693, "groups": {
+        "top": {"delta_j": -0.2, "mean_score": 4.5}, "bottom": {"delta_j": 0.01,
+                                                                 "mean_score": -3.0}}}})
+    assert ("[u2a] score check, 3 steps on 6 negatives from θ0, J 0.6930 before: top ΔJ "
+            "-0.2000 (mean score 4.5); bottom ΔJ +0.0100 (mean score -3)") in \
+        capsys.readouterr().out
 
 
 def test_mismatch_targets_that_differ_by_label_are_reported():

@@ -199,8 +199,18 @@ def cmd_select(args: argparse.Namespace) -> int:
     if warning := grounded_warning(summary["stats"]):
         print(f"[u2a] warning: {warning}")
     _print_selection(summary)
+    _print_check(summary)
     print(json.dumps(summary["stats"], default=str))
     return 0
+
+
+def _print_check(summary: dict[str, Any]) -> None:
+    """The score check's ΔJ per group (u2a_dist.score_check), where `u2a select` made one."""
+    if check := summary.get("check"):
+        print(f"[u2a] score check, {check['steps']} steps on {check['k']} negatives from θ0, "
+              f"J {check['j_before']:.4f} before: " + "; ".join(
+                  f"{name} ΔJ {g['delta_j']:+.4f} (mean score {g['mean_score']:.4g})"
+                  for name, g in check["groups"].items()))
 
 
 def _print_selection(summary: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ MARKER = ".u2a"
 RUN_ENTRIES = frozenset({
     MARKER, "config.yaml", "job.json", "metrics.jsonl", "scores.jsonl", "checkpoints", "model",
     "report.md", "summary.json", "best.json", "error.json", "before.json", "logs", "select",
-    ".prepared", "eval.json", "generations.jsonl", "tensorboard", "plots",
+    ".prepared", "eval.json", "generations.jsonl", "tensorboard", "plots", "check-theta0",
 })
 
 

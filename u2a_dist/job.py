@@ -21,10 +21,11 @@ from u2a_dist.fsio import atomic_write
 from u2a_dist.model_card import metric_table
 from u2a_dist.plots import write_plots
 from u2a_dist.rundir import RunDir
+from u2a_dist.score_check import check_groups
 from u2a_dist.selection_labels import kept_and_left_out
 from u2a_dist.sharded import peak_memory_gb
 from u2a_dist.trainer import Trainer
-from u2a_dist.u2a_loop import run_u2a, select_round0
+from u2a_dist.u2a_loop import ranking_scores, run_u2a, select_round0
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,14 @@ def _select_only(trainer, run_dir: RunDir) -> dict[str, Any]:
         (run_dir.path / "scores.jsonl").unlink(missing_ok=True)
     with progress.phase("selection", what="round 0"):
         hg = select_round0(trainer)
+    check = {}
+    if trainer.cfg.selector.check_steps:
+        check = {"check": check_groups(trainer, hg, ranking_scores(trainer, hg))}
     summary = {"mode": "select", "world_size": trainer.world_size, "n": len(hg.index),
                "support": trainer.sampler.support, "stats": hg.stats, "step": 0,
                "stopped": "select", "train_time_s": 0.0, "eval_time_s": 0.0,
                "memory": peak_memory_gb(),
-               "before": {}, "after": {}, **_selection(trainer, run_dir)}
+               "before": {}, "after": {}, **check, **_selection(trainer, run_dir)}
     if trainer.rank == 0:
         run_dir.write_json("summary.json", summary)
     return summary

@@ -46,6 +46,10 @@ class SelectorConfig:
                 "not rank high for the size of its gradient alone; one backward pass per scored "
                 "negative."})
     top_k: int = 64
+    check_steps: int = field(default=0, metadata={"help": "`u2a select`: after round 0, this "
+        "many steps on each of the top, bottom and a random check_k negatives alone, each from "
+        "θ0, and ΔJ of each (u2a_dist/score_check.py); 0 = no check."})
+    check_k: int = field(default=0, metadata={"help": "Negatives per checked group; 0 = top_k"})
     candidates: int = field(default=0, metadata={"help": "Round 0 scores a seeded sample of "
         "this many negatives and keeps its top_k (0 = all N): selection's cost capped for a "
         "very large pool (each scored negative costs two forward passes)."})
