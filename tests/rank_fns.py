@@ -208,7 +208,7 @@ def score_check(cfg: dict) -> dict[str, Any]:
     support = list(trainer.sampler.support)
     check = check_groups(trainer, hg, ranking_scores(trainer, hg))
     return {"check": check, "theta0": theta0, "state": trainer.engine.full_state_dict(),
-            "scores": hg.scores, "index": hg.index, "support": support,
+            "scores": hg.scores, "index": hg.index, "stats": hg.stats, "support": support,
             "support_after": list(trainer.sampler.support), "step": trainer.step,
             "left": (trainer.run_dir.path / THETA0_DIR).exists()}
 

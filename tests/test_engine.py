@@ -39,47 +39,39 @@ def test_two_ranks_partition_and_match_one_rank(tmp_path):
         torch.testing.assert_close(two[0]["state"][key], value, rtol=1e-4, atol=1e-5)
 
 
+#: A decaying lr (unlearn.lr_scheduler_type) with a warm-up, so that resuming must restore it.
+SCHEDULE = {"lr": 1e-3, "lr_scheduler_type": "linear", "warmup_steps": 2}
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """6 uninterrupted steps on 2 ranks, exported: the reference of two tests."""
     root = tmp_path_factory.mktemp("full")
     out = run_ranks(2, "tests.rank_fns:train_report",
-                    {"cfg": tiny_config(root / "run"), "steps": 6, "export": str(root / "model")})
+                    {"cfg": tiny_config(root / "run", unlearn=SCHEDULE), "steps": 6,
+                     "export": str(root / "model")})
     return out, root / "model"
 
 
-def test_resume_continues_the_same_trajectory(tmp_path, full):
+def test_resume_continues_the_same_trajectory_and_lr_schedule(tmp_path, full):
+    """Each step logs the lr AdamW ran it at: transformers' linear warm-up-then-decay written
+    out by hand; a run stopped after 3 of 6 steps resumes the schedule (DeepSpeed checkpoints
+    the scheduler) and the trajectory."""
     full, _ = full
-    cfg = tiny_config(tmp_path / "split")
+    # warm-up k/2 for k < 2, then (6 - k)/(6 - 2): get_linear_schedule_with_warmup
+    assert full[0]["lrs"] == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4], abs=1e-12)
+    cfg = tiny_config(tmp_path / "split", unlearn=SCHEDULE)
     first = run_ranks(2, "tests.rank_fns:train_report", {"cfg": cfg, "steps": 3, "save": True})
     assert first[0]["resumed_from"] is None
     second = run_ranks(2, "tests.rank_fns:train_report",
                        {"cfg": cfg, "steps": 3, "prepare": False})
     assert second[0]["resumed_from"] == 3
+    assert first[0]["lrs"] + second[0]["lrs"] == pytest.approx(full[0]["lrs"], abs=1e-12)
     resumed = first[0]["losses"] + second[0]["losses"]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[0]["losses"]),
                                rtol=1e-6, atol=1e-6)
     for key, value in full[0]["state"].items():
         torch.testing.assert_close(second[0]["state"][key], value, rtol=1e-6, atol=1e-6)
-
-
-def test_a_decaying_lr_follows_transformers_schedule_and_resumes_where_it_stopped(tmp_path):
-    """unlearn.lr_scheduler_type: each step's logged lr is the one AdamW used, equal to the
-    linear warm-up-then-decay written out by hand, and a run stopped after 3 of 6 steps resumes
-    the schedule (DeepSpeed checkpoints the scheduler) and the trajectory."""
-    sched = {"lr": 1e-3, "lr_scheduler_type": "linear", "warmup_steps": 2}
-    whole = run_ranks(2, "tests.rank_fns:train_report",
-                      {"cfg": tiny_config(tmp_path / "whole", unlearn=sched), "steps": 6})[0]
-    # warm-up k/2 for k < 2, then (6 - k)/(6 - 2): transformers' get_linear_schedule_with_warmup
-    assert whole["lrs"] == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4], abs=1e-12)
-    cfg = tiny_config(tmp_path / "split", unlearn=sched)
-    first = run_ranks(2, "tests.rank_fns:train_report", {"cfg": cfg, "steps": 3, "save": True})
-    second = run_ranks(2, "tests.rank_fns:train_report",
-                       {"cfg": cfg, "steps": 3, "prepare": False})
-    assert second[0]["resumed_from"] == 3
-    assert first[0]["lrs"] + second[0]["lrs"] == pytest.approx(whole["lrs"], abs=1e-12)
-    torch.testing.assert_close(torch.tensor(first[0]["losses"] + second[0]["losses"]),
-                               torch.tensor(whole["losses"]), rtol=1e-6, atol=1e-6)
 
 
 def test_export_loads_with_from_pretrained_and_matches(full):

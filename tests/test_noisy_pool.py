@@ -151,7 +151,9 @@ def test_round0_ranks_harmful_above_benign_and_the_top_group_lowers_j_more(tmp_p
     cfg = tiny_config(tmp_path / "run", data={"forget": pool},
                       selector={"enabled": True, "top_k": 8, "ihvp": "identity",
                                 "hessian_batch": 16}, runtime={"world_size": 1})
-    r0 = run_ranks(1, "tests.rank_fns:round0_scores", {"cfg": cfg})[0]
+    # round 0 and the product's score check (selector.check_steps, u2a_dist.score_check)
+    checked = {**cfg, "selector": {**cfg["selector"], "check_steps": 3, "check_k": 8}}
+    r0 = run_ranks(1, "tests.rank_fns:score_check", {"cfg": checked})[0]
     scores, stats = r0["scores"], r0["stats"]
     # the labels reach the report only: the same pool unlabelled gets the very same scores
     plain = tiny_config(tmp_path / "plain", data={"forget": [
@@ -175,47 +177,22 @@ def test_round0_ranks_harmful_above_benign_and_the_top_group_lowers_j_more(tmp_p
     delta = {}
     for name, group in (("top", top), ("bottom", bottom)):
         j = run_ranks(1, "tests.rank_fns:group_delta_j",
-                      {"cfg": cfg, "group": group, "steps": 3})[0]
+                      {"cfg": {**cfg, "out": str(tmp_path / name)}, "group": group,
+                       "steps": 3})[0]
         delta[name] = j["after"] - j["before"]
     # measured: top −0.20, bottom −0.01 (GA on any text moves J a little)
     assert delta["top"] < min(0.0, delta["bottom"]), delta
     assert torch.isfinite(scores).all()
-
-
-def test_the_score_check_measures_each_group_from_theta0(tmp_path):
-    """selector.check_steps (u2a_dist.score_check), 2 ZeRO-3 ranks: T steps on the top, bottom
-    and a random k by round-0 score, each from θ0 with a fresh optimizer — each group's ΔJ equals
-    that of a fresh run training the group alone (rank_fns.group_delta_j); the top group lowers
-    J more than the bottom one; the trainer ends at θ0 on the round-0 support, nothing left."""
-    import torch
-
-    pool = [{"path": "builtin:harmful", "schema": "completions", "split": "eval",
-             "label": "harmful"},
-            {"path": "builtin:harmless", "schema": "completions", "split": "eval",
-             "label": "benign"}]
-    cfg = tiny_config(tmp_path / "run", data={"forget": pool},
-                      selector={"enabled": True, "top_k": 8, "ihvp": "identity",
-                                "hessian_batch": 16, "check_steps": 3, "check_k": 6})
-    ranks = run_ranks(2, "tests.rank_fns:score_check", {"cfg": cfg})
-    r = ranks[0]
-    check = r["check"]
-    assert ranks[1]["check"] == check and check["steps"] == 3 and check["k"] == 6
-    order = r["scores"].argsort(descending=True).tolist()
-    groups = check["groups"]
-    assert groups["top"]["index"] == sorted(r["index"][p] for p in order[:6])
-    assert groups["bottom"]["index"] == sorted(r["index"][p] for p in order[-6:])
-    assert len(set(groups["random"]["index"])) == 6
+    # the score check measured the same groups, each from θ0 with a fresh optimizer, as these
+    # fresh runs did, and left the trainer at θ0 on the round-0 support with nothing on disk
+    check = r0["check"]["groups"]
+    assert check["top"]["index"] == top and check["bottom"]["index"] == bottom
+    assert len(set(check["random"]["index"])) == 8
     for name in ("top", "bottom"):
-        fresh = run_ranks(2, "tests.rank_fns:group_delta_j",
-                          {"cfg": {**cfg, "out": str(tmp_path / name)},
-                           "group": groups[name]["index"], "steps": 3})[0]
-        assert fresh["before"] == pytest.approx(check["j_before"], rel=1e-6)
-        assert groups[name]["delta_j"] == pytest.approx(fresh["after"] - fresh["before"],
-                                                        rel=1e-4, abs=1e-6), name
-    assert groups["top"]["delta_j"] < groups["bottom"]["delta_j"], groups
-    assert r["step"] == 0 and r["support_after"] == r["support"] and not r["left"]
-    for key, value in r["theta0"].items():
-        assert torch.equal(r["state"][key], value), key
+        assert check[name]["delta_j"] == pytest.approx(delta[name], rel=1e-4, abs=1e-6), name
+    assert r0["step"] == 0 and r0["support_after"] == r0["support"] and not r0["left"]
+    for key, value in r0["theta0"].items():
+        assert torch.equal(r0["state"][key], value), key
 
 
 @pytest.mark.slow
