@@ -12,6 +12,7 @@ there are any (``target_value``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class EvalSource:
     prompts: list[Prompt]
     read_by_training: bool  # a training spec has the same source name
     in_training: int  # how many of its prompts the training data contains
+    repeats: int = 0  # rows dropped as repeats of an earlier prompt of this source
 
     @property
     def held_out(self) -> bool:
@@ -79,16 +81,31 @@ class EvalSource:
 
 def load_eval_sources(cfg: RunConfig, kind: str, training_keys: set[str],
                       drop: set[str]) -> list[EvalSource]:
-    """The sources of ``eval.<kind>_prompts``, in config order, without their prompts whose
-    key is in ``drop``; a prompt in ``training_keys`` counts against held-out either way."""
+    """The sources of ``eval.<kind>_prompts``, in config order, each prompt once (a file
+    holding several models' answers per prompt repeats it: greedy decoding would count the
+    same answer that many times), without the prompts whose key is in ``drop``; a prompt in
+    ``training_keys`` counts against held-out either way."""
     trained = training_source_names(cfg)
     out = []
     for spec in as_list(getattr(cfg.eval, f"{kind}_prompts")):
-        prompts = load_prompts(spec)
+        rows = load_prompts(spec)
+        prompts = _distinct(rows)
         in_training = sum(prompt_key(p.prompt) in training_keys for p in prompts)
-        prompts = [p for p in prompts if prompt_key(p.prompt) not in drop]
-        out.append(EvalSource(source_name(spec), kind, prompts, source_name(spec) in trained,
-                              in_training))
+        kept = [p for p in prompts if prompt_key(p.prompt) not in drop]
+        out.append(EvalSource(source_name(spec), kind, kept, source_name(spec) in trained,
+                              in_training, repeats=len(rows) - len(prompts)))
+    return out
+
+
+def _distinct(prompts: list[Prompt]) -> list[Prompt]:
+    """The first row of each (history, prompt): the rest ask the model the same thing."""
+    seen: set[tuple] = set()
+    out = []
+    for p in prompts:
+        key = (json.dumps(p.history, sort_keys=True), prompt_key(p.prompt))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
     return out
 
 
