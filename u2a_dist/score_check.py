@@ -10,7 +10,7 @@ top group's ΔJ should be the lowest.
 
 from __future__ import annotations
 
-import random
+import copy
 import shutil
 from typing import Any
 
@@ -49,7 +49,7 @@ def check_groups(trainer, hg: Hypergradient, scores: torch.Tensor) -> dict[str, 
     groups = score_groups(list(hg.index), scores, k, cfg.runtime.seed)
     position = {i: p for p, i in enumerate(hg.index)}
     support, weights = list(trainer.sampler.support), trainer.weights.clone()
-    state = _host_state(trainer)  # every group draws the same retain batches
+    state = copy.deepcopy(trainer.trainer_state())  # every group: the same retain batches
     problem = TrainerProblem(trainer, cfg.selector.hessian_batch)
     directory = trainer.run_dir.path / THETA0_DIR
     if trainer.rank == 0:
@@ -83,20 +83,9 @@ def check_groups(trainer, hg: Hypergradient, scores: torch.Tensor) -> dict[str, 
     return out
 
 
-def _host_state(trainer) -> dict[str, Any]:
-    retain = trainer.retain_sampler
-    return {"retain": retain.state_dict() if retain is not None else None,
-            "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
-            "train_time": trainer.train_time}
-
-
-def _restore(trainer, directory, state: dict[str, Any]) -> None:
-    """θ0 with a fresh optimizer (DeepSpeed's own checkpoint of it), step 0, the same retain
-    batches and random state."""
+def _restore(trainer, directory, state: tuple[dict, dict]) -> None:
+    """θ0 with a fresh optimizer (DeepSpeed's own checkpoint of it) and the trainer's state as
+    it was at θ0: step 0, the same retain batches and random state."""
     with safe_torch_load():
         trainer.engine.load(directory, "theta0")
-    trainer.step, trainer.train_time = 0, state["train_time"]
-    if state["retain"] is not None:
-        trainer.retain_sampler.load_state_dict(state["retain"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["py_rng"])
+    trainer.restore_state(*state)

@@ -465,25 +465,25 @@ class Trainer:
         return tag
 
     def load_checkpoint(self, tag: str) -> None:
-        assert self.run_dir is not None
         root = self.run_dir.checkpoints
         with safe_torch_load():
             self.engine.load(root, tag)
-        tensors, state = load_trainer_state(root / tag)
-        self.step = int(state["step"])
-        self.round = int(state["round"])
-        self.train_time = float(state["train_time"])
-        self.eval_time = float(state["eval_time"])
-        self.weights = tensors["weights"]
+        self.restore_state(*load_trainer_state(root / tag))
+        self.resumed_from = self.step
+        if self.rank == 0:
+            self.run_dir.truncate_metrics_after(self.step)
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """The inverse of :meth:`trainer_state` (DeepSpeed's state apart)."""
+        self.step, self.round = int(state["step"]), int(state["round"])
+        self.train_time, self.eval_time = float(state["train_time"]), float(state["eval_time"])
+        self.weights = tensors["weights"].clone()
         self.sampler.load_state_dict(state["sampler"])
         if self.retain_sampler is not None and state["retain_sampler"] is not None:
             self.retain_sampler.load_state_dict(state["retain_sampler"])
         torch.set_rng_state(tensors["torch_rng"])
         version, internal, gauss = state["py_rng"]
         random.setstate((version, tuple(internal), gauss))
-        self.resumed_from = self.step
-        if self.rank == 0:
-            self.run_dir.truncate_metrics_after(self.step)
 
     # ------------------------------------------------------------------ export
 
