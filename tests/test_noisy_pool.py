@@ -129,6 +129,10 @@ def test_a_candidate_sample_scores_only_its_negatives_and_keeps_its_top_k(tmp_pa
     top3 = sorted(idx[p] for p in sample["scores"].argsort(descending=True)[:3].tolist())
     assert sorted(sample["support"]) == top3 and sorted(sample1["support"]) == top3
     assert sample["stats"]["selector/pool@harmful"] == 8
+    assert sample["stats"]["selector/unscored@harmful"] == 12  # and said so, not dropped
+    assert "selector/unscored@harmful" not in everything["stats"]
+    assert label_line(sample["stats"]).startswith(
+        "[u2a] by ground-truth label: harmful: 3 of 8 selected (12 more not scored")
     w = sample["weights"]
     assert int((w > 0).sum()) == 3 and torch.equal(w[top3], torch.full((3,), 1 / 3,
                                                                        dtype=w.dtype))

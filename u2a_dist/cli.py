@@ -226,7 +226,8 @@ def _print_selection(summary: dict[str, Any]) -> None:
 def label_line(stats: dict[str, Any]) -> str | None:
     """What the selection did with each ground-truth label of the pool (DataSpec.label), or
     None for a pool without labels."""
-    labels = sorted(k.partition("@")[2] for k in stats if k.startswith("selector/pool@"))
+    labels = sorted({k.partition("@")[2] for k in stats
+                     if k.startswith(("selector/pool@", "selector/unscored@"))})
     if not labels:
         return None
 
@@ -236,9 +237,14 @@ def label_line(stats: dict[str, Any]) -> str | None:
         return (f", ROC AUC {stats[f'selector/auc@{lab}']:.3f}" if f"selector/auc@{lab}" in stats
                 else "") + (f" ({', '.join(terms)})" if terms else "")
 
+    def unscored(lab: str) -> str:
+        n = stats.get(f"selector/unscored@{lab}")
+        return f" ({n:g} more not scored: outside selector.candidates' sample)" if n else ""
+
     return "[u2a] by ground-truth label: " + "; ".join(
-        f"{lab}: {stats[f'selector/support@{lab}']} of {stats[f'selector/pool@{lab}']} selected"
-        + auc(lab) for lab in labels)
+        f"{lab}: {stats.get(f'selector/support@{lab}', 0):g} of "
+        f"{stats.get(f'selector/pool@{lab}', 0):g} selected" + unscored(lab) + auc(lab)
+        for lab in labels)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -32,6 +32,15 @@ def label_stats(scores: Sequence[float], labels: Sequence[str | None],
     return out
 
 
+def unscored_counts(examples: Sequence, scored: Sequence[int]) -> dict[str, float]:
+    """``selector/unscored@L``: rows labelled L that round 0 did not score (outside a
+    ``selector.candidates`` sample); empty when it scored them all or the pool has no labels."""
+    left = set(range(len(examples))) - set(scored)
+    counts = Counter(str(examples[i].attrs.get("label")) for i in left
+                     if examples[i].attrs.get("label") is not None)
+    return {f"selector/unscored@{label}": n for label, n in sorted(counts.items())}
+
+
 def grounded_shares(labels: Sequence[str | None], grounded: Sequence[bool] | None
                     ) -> dict[str, float]:
     """``selector/grounded@L``: the share of label L's rows whose mismatch target is their own

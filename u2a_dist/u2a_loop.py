@@ -15,7 +15,12 @@ import torch
 
 from u2a_dist import progress
 from u2a_dist.sampling import candidate_indices
-from u2a_dist.selection_labels import grounded_shares, grounded_warning, label_stats
+from u2a_dist.selection_labels import (
+    grounded_shares,
+    grounded_warning,
+    label_stats,
+    unscored_counts,
+)
 from u2a_dist.selector import (
     Hypergradient,
     cosine,
@@ -97,6 +102,7 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     # AUC of the total only where the scores are the total (not one part of it alone)
     hg.stats.update({k: v for k, v in label_stats(hg.scores.tolist(), labels, top).items()
                      if hg.part == "total" or not k.startswith("selector/auc@")})
+    hg.stats.update(unscored_counts(trainer.forget.examples, scored))
     parts = term_scores(trainer, hg)
     if hg.grad_norms is not None or cfg.score_on != "total":  # and what the top-k ranked by
         parts["ranking"] = ranking_scores(trainer, hg)
