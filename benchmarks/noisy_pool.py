@@ -126,6 +126,11 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
     support = [r for r in last if r["weight"] > 0]
     mass = sum(r["weight"] for r in support)
     fp = [r for r in support if r.get("label") not in (None, HARMFUL)]
+    # each round's share (a reweighting round can move mass toward the false positives)
+    by_round = [sum(r["weight"] for r in rows if r["round"] == k and r["weight"] > 0
+                    and r.get("label") not in (None, HARMFUL))
+                / (sum(r["weight"] for r in rows if r["round"] == k) or 1.0)
+                for k in sorted({r["round"] for r in rows})]
     return {"auc_harmful": stats.get(f"selector/auc@{HARMFUL}"),
             # each term alone (u2a_loop.term_scores), and the ranking where it is not the total
             **{f"auc_harmful_{t}": stats[key] for t in ("forget", "mismatch", "ranking")
@@ -133,7 +138,8 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
             **{k[7:]: stats[k] for k in ("timing/ihvp_s", "timing/score_s") if k in stats},
             "support": len(support),
             "fp_share_support": len(fp) / len(support) if support else None,
-            "fp_share_weight": sum(r["weight"] for r in fp) / mass if mass else None}
+            "fp_share_weight": sum(r["weight"] for r in fp) / mass if mass else None,
+            "fp_share_weight_by_round": by_round}
 
 
 def select_only(config: str, method: str, runs: Path, overrides: list[str]) -> dict[str, Any]:

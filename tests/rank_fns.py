@@ -123,6 +123,10 @@ def selector_checks(cfg: dict, per_example: bool = True,
     hv = finite_difference_hvp(problem.parts(), problem.inner_grad, v,
                                extra_diag=problem.analytic_curvature())
     restored = all(torch.equal(a, b) for a, b in zip(before, problem.parts()))
+    exact_hv = None
+    if config.runtime.zero_stage == 0:  # selector.hvp: exact, with the prox term's λI added
+        exact_hv = _full_from_parts(problem.exact_hvp(v).axpy(problem.analytic_curvature(),
+                                                              v).parts, params)
     if eps_sweep:
         sweep = {}
         for eps in eps_sweep:
@@ -145,7 +149,7 @@ def selector_checks(cfg: dict, per_example: bool = True,
         "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "state_bytes": NEUMANN_STATE_VECTORS * zeros.nbytes_local(), "j": j_value,
         "param_names": names,
-        "half": half,
+        "half": half, "exact_hv": exact_hv,
     }
     if per_example:
         out["per_example"], _ = per_example_scores(problem, ihvp, idx)

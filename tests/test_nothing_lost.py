@@ -317,6 +317,8 @@ def test_a_blown_up_update_is_never_kept_nor_checkpointed_nor_exported(tmp_path)
     ("selector.cg_iters=0", "selector.cg_iters must be > 0"),
     ("selector.ihvp=lbfgs", "selector.ihvp must be one of"),
     ("selector.score_on=prompt", "selector.score_on must be one of"),
+    ("selector.hvp=exact", "selector.hvp: exact needs runtime.zero_stage 0"),
+    ("selector.hvp=autograd", "selector.hvp must be one of"),
     ("unlearn.lr_scheduler_type=step", "unlearn.lr_scheduler_type must be one of"),
     ("unlearn.warmup_steps=-3", "unlearn.warmup_steps must be >= 0, got -3"),
     ("runtime.timeout_s=-5", "runtime.timeout_s must be > 0, got -5"),

@@ -46,9 +46,10 @@ def two_rank(tmp_path_factory):
     return run_ranks(2, "tests.rank_fns:selector_checks", {"cfg": cfg}), cfg
 
 
-def _fd_hvp_error(r: dict, cfg: dict) -> float:
+def _fd_hvp_error(r: dict, cfg: dict, key: str = "hv") -> float:
     """‖FD-HVP − exact HVP‖/‖exact‖ at the θ a rank reported, the exact one by double backward
-    through an unpartitioned fp32 copy of the tiny model (independent of linalg and ZeRO)."""
+    through an unpartitioned fp32 copy of the tiny model (independent of linalg and ZeRO);
+    ``key="exact_hv"``: the product's own double-backward HVP (``selector.hvp: exact``)."""
     from u2a_dist.data.tokenize import collate
     from u2a_dist.losses import ga_loss, sequence_logps
     from u2a_dist.models import build_tiny_model
@@ -68,7 +69,7 @@ def _fd_hvp_error(r: dict, cfg: dict) -> float:
     assert names == r["param_names"]
     exact = exact_hvp(model, loss_fn, r["v"])
     num = sum(float((a - (b + lam * v)).pow(2).sum())
-              for a, b, v in zip(r["hv"], exact, r["v"]))
+              for a, b, v in zip(r[key], exact, r["v"]))
     den = sum(float((b + lam * v).pow(2).sum()) for b, v in zip(exact, r["v"]))
     return math.sqrt(num / den)
 
@@ -110,6 +111,11 @@ def test_bf16_run_gives_the_selector_its_fp32_master_weights(tmp_path, stage):
     rel = _fd_hvp_error(r0, cfg)
     assert rel <= 1e-3, rel
     assert torch.equal(r0["directional"], r1["directional"])
+    if stage == 0:  # selector.hvp: exact, on the twin, each rank's half of the batch reduced
+        assert _fd_hvp_error(r0, cfg, "exact_hv") <= 1e-5
+        assert all(torch.equal(a, b) for a, b in zip(r0["exact_hv"], r1["exact_hv"]))
+    else:
+        assert r0["exact_hv"] is None
     if stage == 3:
         d, p = r0["directional"], r0["per_example"]
         assert _spearman(d, p) >= 0.99

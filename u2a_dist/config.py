@@ -240,6 +240,10 @@ class RunConfig:
         _choice("unlearn.lr_scheduler_type", self.unlearn.lr_scheduler_type,
                 ("constant", "linear", "cosine"))
         _choice("selector.ihvp", self.selector.ihvp, ("neumann", "cg", "identity"))
+        _choice("selector.hvp", self.selector.hvp, ("fd", "exact"))
+        if self.selector.hvp == "exact" and self.runtime.zero_stage != 0:
+            raise ConfigError("selector.hvp: exact needs runtime.zero_stage 0 (whole parameters "
+                              f"on every rank), got {self.runtime.zero_stage}; or use fd")
         _choice("selector.score_on", self.selector.score_on, ("total", "forget", "mismatch"))
         _choice("selector.normalize", self.selector.normalize, ("none", "cosine"))
         if self.selector.score_on != "total" and self.selector.score != "directional":

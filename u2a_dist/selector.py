@@ -131,6 +131,8 @@ def _solve(problem: HyperProblem, cfg: SelectorConfig, b: ShardedVector, seed: i
     def matvec(x: ShardedVector) -> ShardedVector:
         cache["hvps"] = cache.get("hvps", 0) + 1
         ph.advance()
+        if cfg.hvp == "exact":
+            return problem.exact_hvp(x).axpy(lam, x)
         return finite_difference_hvp(problem.parts(), grad_fn, x, eps=cfg.fd_eps,
                                      extra_diag=lam, rel_step=fd_rel_step(problem, cfg))
 

@@ -19,6 +19,10 @@ class SelectorConfig:
     cg_iters: int = field(default=20, metadata={"help": "CG: at most this many HVPs; it stops "
                                                 "at ‖r‖/‖∇J‖ ≤ cg_tol"})
     cg_tol: float = 1e-3
+    hvp: str = field(default="fd", metadata={
+        "help": "fd: Hessian-vector products by central differences of gradients (any ZeRO "
+                "stage) | exact: by double backward (runtime.zero_stage 0 only: whole "
+                "parameters on every rank, e.g. LoRA adapters on one node)"})
     identity_gamma: float = 1.0
     alpha: Union[float, str] = "auto"
     damping: Union[float, str] = "auto"

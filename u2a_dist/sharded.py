@@ -34,6 +34,16 @@ def all_reduce_sum(value: float | torch.Tensor) -> float:
     return float(t)
 
 
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor of the same shape on every rank (a new tensor)."""
+    rank_size = world()[1]
+    if rank_size == 1:
+        return t.clone()
+    out = t.detach().to(comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.div_(rank_size).to(t.device)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's object on every rank (identity on one process)."""
     rank, size = world()

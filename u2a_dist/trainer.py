@@ -177,11 +177,6 @@ class Trainer:
         norm = norm or self.retain_terms.norm([retain_idx])
         return (total, loss, *self.retain_terms.loss(logits[cut:], tail, retain_idx, norm))
 
-    def retain_term(self, local_idx: list[int], engine: Engine | None = None) -> torch.Tensor:
-        """The retain terms of retain examples ``local_idx`` alone (their own forward pass, on
-        ``engine``: the run's by default), as this rank's loss to backward. Collective."""
-        return self.per_example_inner((engine or self.engine).ds, [], local_idx)[2]
-
     def selector_engine(self) -> Engine:
         """The engine the selector's passes run on, holding the current θ (collective).
 

@@ -22,6 +22,7 @@ from u2a_dist.sampling import outer_sample_indices
 from u2a_dist.selector import gradient_norms
 from u2a_dist.sharded import (
     all_gather_rows,
+    all_reduce_mean,
     all_reduce_sum,
     dataset_logps,
     padded_shares,
@@ -55,14 +56,17 @@ class TrainerProblem:
         engine = self.engine
         parts = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
                  for t in engine.local_parts()]
+        # below ZeRO-3 every rank holds the whole vector: its group is still the default one
+        # (ShardedVector's None), so each part is marked replicated and counted once, not W
+        # times, by every inner product; random_like draws it the same on every rank
+        replicated = None if engine.partitioned else [True] * len(parts)
         return ShardedVector(parts, group=engine.partition_group(),
-                             valid_numel=engine.local_valid_numels())
+                             valid_numel=engine.local_valid_numels(), replicated=replicated)
 
     def _as_vector(self, grads: list[torch.Tensor]) -> ShardedVector:
         like = self.zeros()
-        return ShardedVector([g.reshape(q.shape).float().to(q.device)
-                              for g, q in zip(grads, like.parts)],
-                             group=like.group, valid_numel=like.valid_numel)
+        return _with_layout(like, [g.reshape(q.shape).float().to(q.device)
+                                   for g, q in zip(grads, like.parts)])
 
     # ---- gradients
 
@@ -136,7 +140,35 @@ class TrainerProblem:
         return sorted(support[int(i)] for i in pick)
 
     def inner_grad(self) -> list[torch.Tensor]:
+        return self._accumulated_grad(self._inner_closures())
+
+    def exact_hvp(self, v: ShardedVector) -> ShardedVector:
+        """H v of the closures :meth:`inner_grad` differentiates (the prox term's λI apart, as
+        there), by double backward (Pearlmutter): exact up to rounding, one forward and two
+        backward passes per closure. Needs ZeRO stage 0 (whole parameters on every rank and no
+        gradient hooks: e.g. a LoRA run on one node); other stages get the finite differences."""
+        engine = self.engine
+        if engine.stage != 0:
+            raise ValueError(f"selector.hvp: exact needs runtime.zero_stage 0 (got {engine.stage}:"
+                             " ZeRO-3 partitions the parameters); use selector.hvp: fd")
+        params, acc = engine.params, [torch.zeros_like(q) for q in v.parts]
+        # on the module itself: DeepSpeed's stage-0 engine refuses any backward but its own
+        for closure in self._inner_closures(engine.module):
+            grads = torch.autograd.grad(closure(), params, create_graph=True, allow_unused=True)
+            dot = sum((g.float() * q.view_as(g)).sum() for g, q in zip(grads, v.parts)
+                      if g is not None)
+            if not torch.is_tensor(dot) or not dot.requires_grad:
+                continue  # the closure does not depend on the parameters (padding only)
+            hv = torch.autograd.grad(dot, params, allow_unused=True)
+            acc = [a if h is None else a.add_(h.float().view_as(a)) for a, h in zip(acc, hv)]
+        # each closure is scaled by W for DeepSpeed's mean over ranks: the same mean here
+        return _with_layout(v, [all_reduce_mean(a) for a in acc])
+
+    def _inner_closures(self, model=None) -> list[Callable[[], torch.Tensor]]:
+        """L_in's data terms on the Hessian batch as loss closures, forward on ``model`` (the
+        selector engine's DeepSpeed engine unless given)."""
         t = self.trainer
+        model = model if model is not None else self.engine.ds
         idx = self._hessian_indices()
         support_size = len(t.sampler.support)
         scale = support_size / len(idx)
@@ -147,17 +179,17 @@ class TrainerProblem:
             def closure() -> torch.Tensor:
                 real = [idx[i] if i >= 0 else idx[0] for i in chunk]
                 mask = torch.tensor([1.0 if i >= 0 else 0.0 for i in chunk], device=t.device)
-                total = t.per_example_inner(self.engine.ds, real)[0]
+                total = t.per_example_inner(model, real)[0]
                 w = t.weights[real].float().to(t.device) * mask
                 return world * scale * (w * total).sum()
             return closure
 
         closures = [closure_for(c) for c in chunks]
         if t.retain_terms.active:
-            closures.append(self._retain_closure())
-        return self._accumulated_grad(closures)
+            closures.append(self._retain_closure(model))
+        return closures
 
-    def _retain_closure(self):
+    def _retain_closure(self, model):
         """The retain terms (KL, over-refusal contrast) on a fixed retain batch, an equal share
         per rank."""
         t = self.trainer
@@ -166,7 +198,7 @@ class TrainerProblem:
         local = shard(list(range(max(n, t.world_size))), t.rank, t.world_size)
 
         def closure() -> torch.Tensor:
-            return t.retain_term(local, self.engine)
+            return t.per_example_inner(model, [], local)[2]
         return closure
 
     def analytic_curvature(self) -> float:
@@ -251,3 +283,9 @@ class TrainerProblem:
             return self._term(t.per_example_inner(self.engine.ds, [i]), term).sum()
 
         return self._as_vector(self._accumulated_grad([closure]))
+
+
+def _with_layout(like: ShardedVector, parts: list[torch.Tensor]) -> ShardedVector:
+    """``parts`` as a vector with ``like``'s group and layout (padding, replicated parts)."""
+    return ShardedVector(parts, group=like.group, valid_numel=like.valid_numel,
+                         replicated=like.replicated)
