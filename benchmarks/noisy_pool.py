@@ -111,8 +111,7 @@ def _raw(spec) -> dict[str, Any]:
 
 def selection_row(run_dir: Path) -> dict[str, Any]:
     """Round 0's label statistics (metrics.jsonl, or a select summary) and the false-positive
-    share of the last round's support and weight mass (``scores.jsonl``)."""
-    stats: dict[str, Any] = {}
+    share of the last round's support and of each round's weight mass (``scores.jsonl``)."""
     summary = run_dir / "summary.json"
     if summary.is_file() and "stats" in (doc := json.loads(summary.read_text())):
         stats = doc["stats"]
@@ -122,24 +121,20 @@ def selection_row(run_dir: Path) -> dict[str, Any]:
                      {})
     scores = run_dir / "scores.jsonl"
     rows = [json.loads(x) for x in scores.read_text().splitlines()] if scores.is_file() else []
-    last = [r for r in rows if r["round"] == max((r["round"] for r in rows), default=0)]
-    support = [r for r in last if r["weight"] > 0]
-    mass = sum(r["weight"] for r in support)
-    fp = [r for r in support if r.get("label") not in (None, HARMFUL)]
-    # each round's share (a reweighting round can move mass toward the false positives)
-    by_round = [sum(r["weight"] for r in rows if r["round"] == k and r["weight"] > 0
-                    and r.get("label") not in (None, HARMFUL))
-                / (sum(r["weight"] for r in rows if r["round"] == k) or 1.0)
-                for k in sorted({r["round"] for r in rows})]
+    rounds = [[r for r in rows if r["round"] == k] for k in sorted({r["round"] for r in rows})]
+    fp_mass = [sum(r["weight"] for r in rd if r.get("label") not in (None, HARMFUL))
+               / (sum(r["weight"] for r in rd) or 1.0) for rd in rounds]
+    support = [r.get("label") not in (None, HARMFUL) for r in (rounds or [[]])[-1]
+               if r["weight"] > 0]  # each kept negative: a false positive or not
     return {"auc_harmful": stats.get(f"selector/auc@{HARMFUL}"),
             # each term alone (u2a_loop.term_scores), and the ranking where it is not the total
             **{f"auc_harmful_{t}": stats[key] for t in ("forget", "mismatch", "ranking")
                if (key := f"selector/auc@{HARMFUL}/{t}") in stats},
             **{k[7:]: stats[k] for k in ("timing/ihvp_s", "timing/score_s") if k in stats},
             "support": len(support),
-            "fp_share_support": len(fp) / len(support) if support else None,
-            "fp_share_weight": sum(r["weight"] for r in fp) / mass if mass else None,
-            "fp_share_weight_by_round": by_round}
+            "fp_share_support": sum(support) / len(support) if support else None,
+            "fp_share_weight": fp_mass[-1] if support else None,
+            "fp_share_weight_by_round": fp_mass}  # reweighting can move mass toward them
 
 
 def select_only(config: str, method: str, runs: Path, overrides: list[str]) -> dict[str, Any]:
@@ -168,11 +163,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                       "" if "target_met" not in r else "yes" if r["target_met"] else "no",
                       fmt(r.get("time_to_target_s"), 0), r.get("steps", "–"),
                       fmt(r.get("train_time_s"), 0), fmt(r.get("auc_harmful"), 3),
-                      r.get("support") or "–", fmt(r.get("fp_share_support")),
-                      fmt(r.get("fp_share_weight")),
+                      r.get("support") or "–",
+                      *(fmt(r.get(k)) for k in ("fp_share_support", "fp_share_weight")),
                       *(fmt(after.get(k)) for k in ("eval/harmful_rate", "eval/harmful_no_refusal",
-                                                    "eval/over_refusal",
-                                                    "eval/retain_ppl_ratio"))])
+                                                    "eval/over_refusal", "eval/retain_ppl_ratio"))])
     notes = ["", f"P = {result['pairs']} curated pairs; ρ = the false positives' share of the "
              "pool. Methods: " + "; ".join(f"`{m}` {w}" for m, (w, _) in METHODS.items())]
     path.write_text("\n".join([*table(head, cells), *notes]) + "\n")

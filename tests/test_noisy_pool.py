@@ -14,7 +14,7 @@ from u2a_dist.cli import label_line
 from u2a_dist.config import ConfigError, config_from_dict
 from u2a_dist.data.examples import load_completions
 from u2a_dist.data_spec import DataSpec
-from u2a_dist.selection_labels import label_stats
+from u2a_dist.selection_labels import label_stats, weight_shares
 
 POOL = [DataSpec(path="builtin:harmful", schema="completions", split="train", limit=10,
                  label="harmful", near_duplicates=3),
@@ -78,6 +78,15 @@ def test_label_stats_against_a_hand_count():
     assert label_line(stats).startswith("[u2a] by ground-truth label: benign: 1 of 2 selected, "
                                         "ROC AUC 0.562 (forget alone 0.500, mismatch alone "
                                         "0.250); harmful")
+
+
+def test_weight_shares_by_label_against_a_hand_count():
+    w = [0.5, 0.25, 0.125, 0.125]
+    assert weight_shares(w, ["harmful", "benign", None, "benign"]) == {
+        "selector/weight@benign": 0.375, "selector/weight@harmful": 0.5}
+    assert weight_shares([2.0, 6.0], ["a", "b"]) == {"selector/weight@a": 0.25,
+                                                      "selector/weight@b": 0.75}
+    assert weight_shares(w, [None] * 4) == {} and weight_shares([0.0, 0.0], ["a", "b"]) == {}
 
 
 @pytest.mark.slow

@@ -17,10 +17,13 @@ N, K, ETA = 20, 6, 50.0
 
 
 def _u2a_config(out, **unlearn) -> dict:
+    # a labelled pool (ground truth for the reports only): each round says where the mass went
     return tiny_config(
         out,
-        data={"forget": {"path": "builtin:harmful", "schema": "completions", "split": "train",
-                         "limit": N}},
+        data={"forget": [{"path": "builtin:harmful", "schema": "completions", "split": "train",
+                          "limit": N - 6, "label": "harmful"},
+                         {"path": "builtin:harmless", "schema": "completions", "split": "eval",
+                          "limit": 6, "label": "benign"}]},
         unlearn={"steps": 6, "batch_size": 4, **unlearn},
         selector={"enabled": True, "top_k": K, "rounds": 2, "steps_per_round": 2, "eta": ETA,
                   "hessian_batch": 16, "neumann_terms": 8, "power_iters": 8},
@@ -88,6 +91,13 @@ def test_u2a_run_selects_top_k_then_reweights_by_exponentiated_gradient(full_run
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     selector = [m for m in metrics if "timing/select_s" in m]
     assert [m["round"] for m in selector] == [0, 1, 2]
+    for m in selector:  # each round's weight mass by label, from its own scores.jsonl rows
+        rows = rounds[m["round"]]
+        for label in ("harmful", "benign"):
+            mass = sum(r["weight"] for r in rows if r["label"] == label)
+            assert m.get(f"selector/weight@{label}", 0.0) == pytest.approx(mass, abs=1e-12)
+        if m["round"] > 0 and len({r["label"] for r in rows}) == 2:  # AUC over the support
+            assert 0.0 <= m["selector/auc@harmful"] <= 1.0
     assert all(m["selector/ihvp_residual"] < 1.0 and m["selector/damping"] >= 0 for m in selector)
     assert max(m["step"] for m in metrics) == 6
     summary = json.loads((run / "summary.json").read_text())

@@ -32,6 +32,21 @@ def label_stats(scores: Sequence[float], labels: Sequence[str | None],
     return out
 
 
+def weight_shares(weights: Sequence[float], labels: Sequence[str | None]) -> dict[str, float]:
+    """``selector/weight@L``: label L's share of the weight mass (``weights`` and ``labels``
+    aligned, e.g. over the support); empty when no row has a label or there is no mass. A
+    reweighting round can move mass toward one label: this is how much it holds."""
+    total = float(sum(weights))
+    if total <= 0 or all(label is None for label in labels):
+        return {}
+    out: dict[str, float] = {}
+    for w, label in zip(weights, labels):
+        if label is not None:
+            key = f"selector/weight@{label}"
+            out[key] = out.get(key, 0.0) + float(w) / total
+    return dict(sorted(out.items()))
+
+
 def unscored_counts(examples: Sequence, scored: Sequence[int]) -> dict[str, float]:
     """``selector/unscored@L``: rows labelled L that round 0 did not score (outside a
     ``selector.candidates`` sample); empty when it scored them all or the pool has no labels."""

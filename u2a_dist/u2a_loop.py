@@ -20,6 +20,7 @@ from u2a_dist.selection_labels import (
     grounded_warning,
     label_stats,
     unscored_counts,
+    weight_shares,
 )
 from u2a_dist.selector import (
     Hypergradient,
@@ -103,6 +104,9 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
     hg.stats.update({k: v for k, v in label_stats(hg.scores.tolist(), labels, top).items()
                      if hg.part == "total" or not k.startswith("selector/auc@")})
     hg.stats.update(unscored_counts(trainer.forget.examples, scored))
+    hg.stats.update(weight_shares([float(weights[i]) for i in support],
+                                  [trainer.forget.examples[i].attrs.get("label")
+                                   for i in support]))
     parts = term_scores(trainer, hg)
     if hg.grad_norms is not None or cfg.score_on != "total":  # and what the top-k ranked by
         parts["ranking"] = ranking_scores(trainer, hg)
@@ -134,6 +138,12 @@ def reweight(trainer) -> Hypergradient:
     weights = torch.zeros_like(trainer.weights)
     weights[support] = new
     trainer.set_support(support, weights)
+    # a labelled pool: how the rescored support ranks the labels, where the mass moved
+    labels = [trainer.forget.examples[i].attrs.get("label") for i in support]
+    hg.stats.update({k: v for k, v in label_stats((-grads).tolist(), labels,
+                                                  range(len(support))).items()
+                     if k.startswith("selector/auc@")})
+    hg.stats.update(weight_shares(new.tolist(), labels))
     _log_scores(trainer, hg, weights)
     return hg
 
