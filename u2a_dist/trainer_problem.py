@@ -65,8 +65,8 @@ class TrainerProblem:
 
     def _as_vector(self, grads: list[torch.Tensor]) -> ShardedVector:
         like = self.zeros()
-        return _with_layout(like, [g.reshape(q.shape).float().to(q.device)
-                                   for g, q in zip(grads, like.parts)])
+        return like.with_parts([g.reshape(q.shape).float().to(q.device)
+                                for g, q in zip(grads, like.parts)])
 
     # ---- gradients
 
@@ -162,7 +162,7 @@ class TrainerProblem:
             hv = torch.autograd.grad(dot, params, allow_unused=True)
             acc = [a if h is None else a.add_(h.float().view_as(a)) for a, h in zip(acc, hv)]
         # each closure is scaled by W for DeepSpeed's mean over ranks: the same mean here
-        return _with_layout(v, [all_reduce_mean(a) for a in acc])
+        return v.with_parts([all_reduce_mean(a) for a in acc])
 
     def _inner_closures(self, model=None) -> list[Callable[[], torch.Tensor]]:
         """L_in's data terms on the Hessian batch as loss closures, forward on ``model`` (the
@@ -284,8 +284,3 @@ class TrainerProblem:
 
         return self._as_vector(self._accumulated_grad([closure]))
 
-
-def _with_layout(like: ShardedVector, parts: list[torch.Tensor]) -> ShardedVector:
-    """``parts`` as a vector with ``like``'s group and layout (padding, replicated parts)."""
-    return ShardedVector(parts, group=like.group, valid_numel=like.valid_numel,
-                         replicated=like.replicated)

@@ -105,8 +105,7 @@ def select_round0(trainer, hessian_batch: int | None = None) -> Hypergradient:
                      if hg.part == "total" or not k.startswith("selector/auc@")})
     hg.stats.update(unscored_counts(trainer.forget.examples, scored))
     hg.stats.update(weight_shares([float(weights[i]) for i in support],
-                                  [trainer.forget.examples[i].attrs.get("label")
-                                   for i in support]))
+                                  [labels[p] for p in top]))
     parts = term_scores(trainer, hg)
     if hg.grad_norms is not None or cfg.score_on != "total":  # and what the top-k ranked by
         parts["ranking"] = ranking_scores(trainer, hg)
@@ -131,7 +130,8 @@ def reweight(trainer) -> Hypergradient:
     problem = TrainerProblem(trainer, cfg.hessian_batch)
     support = list(trainer.sampler.support)
     hg = hypergradients(problem, cfg, support, seed=trainer.cfg.runtime.seed + trainer.round)
-    grads = -ranking_scores(trainer, hg)
+    ranked = ranking_scores(trainer, hg)
+    grads = -ranked
     eta = effective_eta(grads, cfg.eta, cfg.eta_scale)
     hg.stats["selector/eta"] = eta
     new = exponentiated_gradient(trainer.weights[support], grads, eta)
@@ -140,7 +140,7 @@ def reweight(trainer) -> Hypergradient:
     trainer.set_support(support, weights)
     # a labelled pool: how the rescored support ranks the labels, where the mass moved
     labels = [trainer.forget.examples[i].attrs.get("label") for i in support]
-    hg.stats.update({k: v for k, v in label_stats((-grads).tolist(), labels,
+    hg.stats.update({k: v for k, v in label_stats(ranked.tolist(), labels,
                                                   range(len(support))).items()
                      if k.startswith("selector/auc@")})
     hg.stats.update(weight_shares(new.tolist(), labels))

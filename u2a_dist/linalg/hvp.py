@@ -177,7 +177,7 @@ def _wrap_grads(grads: Sequence[Tensor], like: ShardedVector, which: str) -> Sha
                 f"grad_fn part {i} has shape {tuple(g.shape)}, expected {tuple(q.shape)}"
             )
         parts.append(g.detach().float())
-    return like._new(parts)
+    return like.with_parts(parts)
 
 
 def exact_hvp(

@@ -164,7 +164,9 @@ class ShardedVector:
 
     # ---- construction ------------------------------------------------------------------------
 
-    def _new(self, parts: list[Tensor]) -> ShardedVector:
+    def with_parts(self, parts: list[Tensor]) -> ShardedVector:
+        """``parts`` (this vector's shapes, fp32, not copied) as a vector with this one's group
+        and layout (padding, replicated parts)."""
         out = ShardedVector.__new__(ShardedVector)
         out.parts = parts
         out.group = self.group
@@ -187,7 +189,7 @@ class ShardedVector:
     @classmethod
     def zeros_like(cls, other: ShardedVector) -> ShardedVector:
         """A zero vector with ``other``'s shapes, devices, group and layout."""
-        return other._new([torch.zeros_like(p) for p in other.parts])
+        return other.with_parts([torch.zeros_like(p) for p in other.parts])
 
     @classmethod
     def random_like(
@@ -218,10 +220,10 @@ class ShardedVector:
             rep = other.replicated is not None and other.replicated[i]
             g = shared_gen if rep else local_gen
             parts.append(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device))
-        return other._new(parts).zero_padding_()
+        return other.with_parts(parts).zero_padding_()
 
     def clone(self) -> ShardedVector:
-        return self._new([p.clone() for p in self.parts])
+        return self.with_parts([p.clone() for p in self.parts])
 
     # ---- in-place algebra --------------------------------------------------------------------
 
