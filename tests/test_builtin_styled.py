@@ -131,3 +131,42 @@ def test_the_demo_is_judged_on_the_styles_it_never_trains_on():
     metric = cfg.eval.target.metric
     value, scope = target_value({metric: 0.5, f"{metric}@held_out": 0.1}, metric)
     assert (value, scope) == (0.1, "held-out sources")
+
+
+# The demo's extra retain prompts (builtin:harmless_tasks): varied harmless requests it trains on,
+# so they must never take the held-out styled files' first-person phrasing or prompts.
+TASKS = "harmless_tasks"
+FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|i'll|my|me|mine|we|we're|our|us)\b", re.IGNORECASE)
+
+
+def test_harmless_tasks_rows_and_fields():
+    rows = _rows(TASKS)
+    assert len(rows) == 240
+    for row in rows:
+        assert set(row) == {"category", "prompt"}, row
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", row["category"]), row["category"]
+        assert row["prompt"] == row["prompt"].strip() and 4 <= len(row["prompt"].split()) <= 40
+    assert min(Counter(row["category"] for row in rows).values()) >= 10
+
+
+def test_harmless_tasks_are_never_in_the_held_out_first_person_style():
+    assert not [p for p in _prompts(TASKS) if FIRST_PERSON.search(p.replace("\u2019", "'"))]
+
+
+def test_harmless_tasks_share_no_prompt_with_any_other_builtin_file():
+    keys = [prompt_key(p) for p in _prompts(TASKS)]
+    assert len(set(keys)) == len(keys)
+    for other in ("harmful", "harmless", *NAMES):
+        assert not set(keys) & {prompt_key(p) for p in _prompts(other)}, other
+
+
+def test_harmless_tasks_have_edgy_sounding_requests():
+    edgy = [p for p in _prompts(TASKS) if EDGY.search(p.lower())]
+    assert len(edgy) >= 30, len(edgy)
+
+
+def test_harmless_tasks_load_as_a_builtin_prompt_set():
+    items = load_prompts(DataSpec(path=f"builtin:{TASKS}", schema="prompts"))
+    assert [q.prompt for q in items] == _prompts(TASKS)
+    assert {q.attrs["kind"] for q in items} == {"harmless"}
+    assert items[3].id == f"builtin:{TASKS}:3"

@@ -17,6 +17,10 @@ as package data in ``u2a_dist/data/builtin/`` and used through ``DataSpec(path="
   (prompts only) in a phrasing the files above do not use: a first-person situation, indirect,
   conversational (a third of the harmless ones use words like kill, attack or poison in a
   harmless sense). Evaluation sources the demo never trains on (docs/design.md §5).
+- ``harmless_tasks.jsonl``: 240 harmless requests (prompts only) in the phrasings the styled files
+  do not use and never in the first person: imperative tasks, "Explain ..." requests, short
+  questions, third-person scenarios; over a third use words like kill, execute or crack in a
+  harmless sense. Retain prompts for the demo: varied harmless requests it keeps answering.
 
 Sets:
 
@@ -25,7 +29,8 @@ Sets:
   -> its refusing answer), ``refusal_templates`` (empty prompt -> each templated refusal).
 - ``builtin_pairs``: ``refusal`` (harmful request: refusal > compliance), ``over_refusal``
   (harmless request: helpful > refusal), ``all`` (both, refusal pairs first).
-- ``builtin_prompts``: ``harmful``, ``harmless``, ``harmful_styled``, ``harmless_styled``.
+- ``builtin_prompts``: ``harmful``, ``harmless``, ``harmful_styled``, ``harmless_styled``,
+  ``harmless_tasks``.
 
 Ids are stable (``builtin:<set>:<index>``); index ``i`` is row ``i`` (from 0) of the file the set
 is built from, so ``builtin:harmful:7``, ``builtin:refusals:7`` and ``builtin:refusal:7`` share one
@@ -43,7 +48,7 @@ from u2a_dist.data.records import Completion, Pair, Prompt, need_text
 
 COMPLETION_SETS = ("harmful", "harmless", "refusals", "refusal_templates")
 PAIR_SETS = ("refusal", "over_refusal", "all")
-PROMPT_SETS = ("harmful", "harmless", "harmful_styled", "harmless_styled")
+PROMPT_SETS = ("harmful", "harmless", "harmful_styled", "harmless_styled", "harmless_tasks")
 
 DATA_DIR = Path(__file__).with_name("builtin")
 
@@ -54,6 +59,7 @@ _COLUMNS = {
     "refusal_templates": ("response",),
     "harmful_styled": ("category", "prompt"),
     "harmless_styled": ("category", "prompt"),
+    "harmless_tasks": ("category", "prompt"),
 }
 
 
@@ -117,8 +123,8 @@ def builtin_prompts(name: str) -> list[Prompt]:
     if name == "harmless":
         return [Prompt(f"builtin:harmless:{i}", prompt, attrs=_attrs(cat, "harmless"))
                 for i, (cat, prompt, _, _) in enumerate(_table("harmless"))]
-    if name in ("harmful_styled", "harmless_styled"):
-        kind = name.removesuffix("_styled")
+    if name in ("harmful_styled", "harmless_styled", "harmless_tasks"):
+        kind = name.split("_")[0]
         return [Prompt(f"builtin:{name}:{i}", prompt, attrs=_attrs(cat, kind))
                 for i, (cat, prompt) in enumerate(_table(name))]
     raise _unknown("prompt", name, PROMPT_SETS)
