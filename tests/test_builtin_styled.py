@@ -1,7 +1,8 @@
-"""The styled built-in prompt files (u2a_dist/data/builtin/harmful_styled.jsonl and
+"""The built-in prompt-only files: the styled ones (u2a_dist/data/builtin/harmful_styled.jsonl and
 harmless_styled.jsonl): requests in a phrasing the training data does not use (a first-person
 situation, conversational, often indirect), for telling "refuse harmful requests" apart from
-"refuse this phrasing". Prompts only: no answers, no model needed."""
+"refuse this phrasing"; and harmless_tasks.jsonl, varied retain prompts never in that style.
+Prompts only: no answers, no model needed."""
 
 from __future__ import annotations
 

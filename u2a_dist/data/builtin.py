@@ -116,15 +116,10 @@ def builtin_pairs(name: str) -> list[Pair]:
 
 
 def builtin_prompts(name: str) -> list[Prompt]:
-    """Requests of the built-in set ``name`` (for generation-based evaluation)."""
-    if name == "harmful":
-        return [Prompt(f"builtin:harmful:{i}", prompt, attrs=_attrs(cat, "harmful"))
-                for i, (cat, prompt, _, _) in enumerate(_table("harmful"))]
-    if name == "harmless":
-        return [Prompt(f"builtin:harmless:{i}", prompt, attrs=_attrs(cat, "harmless"))
-                for i, (cat, prompt, _, _) in enumerate(_table("harmless"))]
-    if name in ("harmful_styled", "harmless_styled", "harmless_tasks"):
-        kind = name.split("_")[0]
-        return [Prompt(f"builtin:{name}:{i}", prompt, attrs=_attrs(cat, kind))
-                for i, (cat, prompt) in enumerate(_table(name))]
-    raise _unknown("prompt", name, PROMPT_SETS)
+    """Requests of the built-in set ``name`` (for generation-based evaluation). Every file
+    starts with (category, prompt), and a set's name starts with its kind."""
+    if name not in PROMPT_SETS:
+        raise _unknown("prompt", name, PROMPT_SETS)
+    kind = name.partition("_")[0]
+    return [Prompt(f"builtin:{name}:{i}", row[1], attrs=_attrs(row[0], kind))
+            for i, row in enumerate(_table(name))]
