@@ -1,14 +1,12 @@
 """Leave-one-source-out generalization: each harmful evaluation source held out in turn (issue 21).
 
-    python benchmarks/generalization.py [--config configs/refusal_smollm2_sources.yaml]
-        [--methods recipe,dpo_sft] [--sources harmbench,tdc2023,advbench]
+    python benchmarks/generalization.py [--config C] [--methods recipe,dpo_sft] [--sources S,..]
         [--runs-dir runs/generalization] [--reuse] [--out FILE] [section.key=value ...]
 
 A fold holds one harmful source S (default: each of eval.harmful_prompts) out of training and
 judges the joint target on it; each method runs via time_to_target's ``run_one`` into RUNS/S/M.
-A fold takes over an hour on CPU: with ``runtime.checkpoint_every=N``, ``--reuse`` after an
-interruption resumes the fold that was running and skips the finished ones.
-"""
+A fold takes an hour on CPU: ``--reuse`` resumes the fold that was running (given
+``runtime.checkpoint_every=N``), skips finished ones and keeps the wall time --out has for them."""
 
 from __future__ import annotations
 
@@ -36,8 +34,7 @@ def fold_overrides(cfg, src: str) -> list[str]:
     from u2a_dist.eval_sources import KIND_OF
 
     def on_src(m: str) -> str:
-        base = m.partition("@")[0]
-        return f"{base}@{src}" if KIND_OF.get(base) == "harmful" else m
+        return f"{base}@{src}" if KIND_OF.get(base := m.partition("@")[0]) == "harmful" else m
 
     metric, require = on_src(cfg.eval.target.metric), {}
     for m, bound in cfg.eval.target.require.items():
@@ -153,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     (path := Path(args.out)).parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"stamp": stamp(), "config": args.config, "overrides": args.overrides,
                               "folds": folds, "rows": []}
+    before = {(r["fold"], r["method"]): r.get("wall_s") for r in  # a reused run's wall time
+              (json.loads(path.read_text())["rows"] if args.reuse and path.is_file() else [])}
     for s in folds:
         for m in methods:
             row = {"fold": s, **run_one(args.config, m, METHODS[m], runs / s, extra[s], args.reuse)}
+            row |= {"wall_s": before[(s, m)]} if "reused" in row and before.get((s, m)) else {}
             row = row if "error" in row else fold_row(row, runs / s / m, s, harmless)
             result["rows"].append(row)
             path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
