@@ -12,12 +12,8 @@ on the chosen answers (1:1, as RPO). ``kto``: KTOTrainer (β = ``selector.dpo_be
 unpaired rows: each negative of ``data.forget`` undesirable, its ``data.mismatch`` answer (a
 refusal on the same prompt) desirable, as many of each in every batch. ``rlhf``: RLOOTrainer (2
 samples per prompt, KL β = 0.05 against θ0) on as many harmful as harmless training prompts,
-rewarded by ``harm_help_reward``: −P(harm) by the judge of ``eval.judge`` on a harmful prompt (no
-judge: 1 unless a refusal; −1 for degenerate text), +1 on a harmless one for an answer neither a
-refusal nor degenerate, else 0: degenerate text, which a judge may find harmless (gradient
-ascent's failure mode), never pays. RLHF so optimises the judge that scores the evaluation (on
-other prompts): it favours RLHF.
-"""
+rewarded by ``harm_help_reward`` (see there); it optimises the judge that scores the evaluation
+(on other prompts), which favours RLHF. ``runtime.theta0_cache`` serves θ0's evaluation."""
 
 from __future__ import annotations
 
@@ -33,12 +29,14 @@ from transformers import PreTrainedModel, TrainerCallback
 from u2a_dist.config import ConfigError, RunConfig, load_config
 from u2a_dist.data.examples import Prompt, load_completions, load_pairs, load_prompts
 from u2a_dist.data.tokenize import IGNORE, encode_prompt
+from u2a_dist.device import model_device
 from u2a_dist.evaluate import broken_floors, check_eval_inputs, prompt_key, target_holds
 from u2a_dist.judges import is_degenerate, is_refusal
 from u2a_dist.models import load_model
 from u2a_dist.run_eval import RunEvaluation
 from u2a_dist.run_inputs import RunInputs
 from u2a_dist.rundir import RunDir
+from u2a_dist.theta0_cache import for_run
 
 #: RLOO samples per prompt (TRL's default; RLOO needs at least 2 for its baseline).
 RLOO_GENERATIONS = 2
@@ -178,7 +176,9 @@ def rl_prompts(cfg: RunConfig) -> list[tuple[Prompt, str]]:
 
 
 def harm_help_reward(judge=None) -> Callable[..., list[float]]:
-    """RLOO's reward function (module docstring)."""
+    """RLOO's reward: −P(harm) by ``judge`` on a harmful prompt (no judge: 1 unless a refusal;
+    −1 for degenerate text), on a harmless one 1 for an answer neither a refusal nor degenerate,
+    else 0: degenerate text, which a judge may find harmless (GA's failure mode), never pays."""
 
     def reward(prompts: Sequence[str], completions: Sequence[str], kind: Sequence[str],
                **_: Any) -> list[float]:
@@ -283,14 +283,13 @@ def run_trl(method: str, cfg: RunConfig) -> TrlRun:
     ``unlearn.time_budget_s``."""
     t_setup = time.perf_counter()
     judge = check_eval_inputs(cfg)  # every input read once; a missing judge names eval.judge
-    out = Path(cfg.out)
-    run_dir = RunDir(out)
-    # as the CLI's --overwrite: a u2a run directory's own entries only, never a user's files
-    run_dir.prepare(cfg, overwrite=True)
+    run_dir = RunDir(out := Path(cfg.out))
+    run_dir.prepare(cfg, overwrite=True)  # as --overwrite: a run dir's own entries, never a user's
     inputs = RunInputs(cfg)
     model = load_model(cfg.model, inputs.resolved, seed=cfg.runtime.seed)
+    cache = for_run(cfg, inputs.resolved, 1, model_device(model))  # as `u2a eval` keeps θ0's
     evaluation = RunEvaluation(cfg, inputs.tokenizer, inputs.pad_id, 0, run_dir, inputs.pa_eval,
-                               inputs.reference_logps(model, forget=False))
+                               inputs.reference_logps(model, False, cache), theta0_cache=cache)
     callback = TimeToTargetCallback(evaluation)
     trainer = build_trainer(method, cfg, inputs, model, out, callback, judge)
     setup_s = time.perf_counter() - t_setup
@@ -302,7 +301,7 @@ def run_trl(method: str, cfg: RunConfig) -> TrlRun:
     summary = {
         "method": method, "step": step, "stopped": callback.stopped or "budget",
         "train_time_s": callback.train_time, "eval_time_s": callback.eval_time,
-        "setup_s": setup_s, "best": evaluation.best,
+        "setup_s": setup_s, "best": evaluation.best, "theta0_cached": cache.hits,
         "examples_used": step * cfg.unlearn.batch_size, "example_unit": unit,
         "before": callback.before, "after": after}
     run_dir.write_json("summary.json", summary)
