@@ -71,20 +71,17 @@ def test_dpo_trains_every_parameter_and_logs_like_a_u2a_run(
 
     monkeypatch.setattr(RunEvaluation, "evaluate", delayed)
     t0 = time.perf_counter()
-    run = trl_baselines.run_trl("dpo", cfg)
-    wall = time.perf_counter() - t0
+    run, wall = trl_baselines.run_trl("dpo", cfg), time.perf_counter() - t0
     assert_every_parameter_changed(before, run.model)
 
-    out = Path(cfg.out)
-    records = read_metrics(out)
+    records = read_metrics(out := Path(cfg.out))
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     evaluated = [r["step"] for r in records if "eval/over_refusal" in r]
     assert evaluated == [0, 2, 4] == [r["step"] for r in records if "pa/accuracy" in r]
     by_step = {r["step"]: r for r in records}
     assert all("loss" in by_step[s] and "train/rewards/margins" in by_step[s] for s in (1, 2, 3, 4))
     # The clock stops during evaluation: the step after an evaluated step does not carry it.
-    times = [r["time_s"] for r in records]
-    assert times == sorted(times) and times[0] == 0.0
+    assert (times := [r["time_s"] for r in records]) == sorted(times) and times[0] == 0.0
     assert by_step[3]["time_s"] - by_step[2]["time_s"] < EVAL_DELAY_S
     assert by_step[3]["timing/step_s"] < EVAL_DELAY_S
     summary = json.loads((out / "summary.json").read_text())
@@ -217,13 +214,17 @@ def test_rlhf_reward_and_prompts_come_from_training_data(tmp_path: Path) -> None
 
 
 def test_time_budget_stops_a_trl_run_and_its_final_model_is_evaluated(tmp_path: Path) -> None:
-    config = write_config(tmp_path, steps=50)
-    cfg = load_config(config, ["unlearn.time_budget_s=1e-6", f"out={tmp_path / 'runs' / 'dpo'}"])
-    run = trl_baselines.run_trl("dpo", cfg)
-    assert run.summary["step"] == 1 and run.summary["stopped"] == "time_budget"
-    # step 1 is no evaluation step: the final model is evaluated after training
-    assert "eval/over_refusal" in run.summary["after"]
-    assert run.summary["after"]["pa/margin"] != 0.0 == run.summary["before"]["pa/margin"]
+    config, cache = write_config(tmp_path, steps=50), f"runtime.theta0_cache={tmp_path}"
+    runs = [trl_baselines.run_trl("dpo", load_config(config, [
+        "unlearn.time_budget_s=1e-6", cache, f"out={tmp_path / 'runs' / name}"])).summary
+        for name in ("dpo", "again")]
+    assert runs[0]["step"] == 1 and runs[0]["stopped"] == "time_budget"
+    assert "eval/over_refusal" in runs[0]["after"]  # the final model, evaluated after step 1
+    assert runs[0]["after"]["pa/margin"] != 0.0 == runs[0]["before"]["pa/margin"]
+    # the second run reads θ0's evaluation from runtime.theta0_cache, as the first made it
+    assert runs[0]["theta0_cached"] == [] and len(runs[1]["theta0_cached"]) == 3
+    first, again = ({k: v for k, v in r["before"].items() if "timing" not in k} for r in runs)
+    assert first == again
 
 
 def test_a_missing_judge_names_the_key_and_the_command(
