@@ -9,6 +9,7 @@ it kills every Ray process on the machine, other people's included.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -32,10 +33,15 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 WILDCARD = {"0.0.0.0", "::"}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked (one picked and
+    closed at a time, the kernel handed the same port out twice and `ray start` refused it)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                 for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def base_env(multinode: bool = False, **extra: str) -> dict[str, str]:
@@ -272,10 +278,9 @@ class Cluster:
 def start_loopback_head(num_cpus: int = 2) -> Cluster:
     """`ray start --head` on 127.0.0.1 with every port pinned, dashboard on 127.0.0.1."""
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=new_token())
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port", "metrics-export-port")}
+    names = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+    ports = dict(zip(names, free_ports(len(names))))
     cluster = Cluster(env=env, gcs=f"127.0.0.1:{ports['port']}",
                       dashboard=f"http://127.0.0.1:{ports['dashboard-port']}")
     try:
