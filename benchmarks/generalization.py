@@ -25,7 +25,7 @@ from benchmarks.time_to_target import METHODS as TTT  # noqa: E402
 from benchmarks.time_to_target import fmt, run_one  # noqa: E402
 
 METHODS = {"recipe": ("the config's u2a recipe as configured (python -m u2a_dist run)",
-                      ["runtime.launcher=local"]), "dpo_sft": TTT["dpo_sft"]}
+                      ["runtime.launcher=local"]), **TTT}  # every time_to_target peer too
 
 
 def fold_overrides(cfg, src: str) -> list[str]:
@@ -74,7 +74,8 @@ def write_markdown(rows: list[dict[str, Any]], harmless: list[str], path: Path) 
               fmt(r["train_time_s"], 1), "yes" if r["final_target_met"] else "no",
               ", ".join(r["crossing"]) or "no"] for r in rows]
     notes = ["", "Final model; the target re-scoped to each fold's source (the JSON has every "
-             "bound). Methods: " + "; ".join(f"`{m}` {w}" for m, (w, _) in METHODS.items())]
+             "bound). Methods: " + "; ".join(f"`{m}` {METHODS[m][0]}"
+                                           for m in dict.fromkeys(r["method"] for r in rows))]
     path.write_text("\n".join([*table(head, cells), *notes]) + "\n")
 
 
@@ -82,7 +83,6 @@ def plot(rows: list[dict[str, Any]], folds: list[str], harmless: list[str], path
     """Per fold and method: harmful rate on the held-out source (judge, else matcher) and
     over-refusal per harmless source, with Wilson 95% error bars."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/refusal_smollm2_sources.yaml")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default="recipe,dpo_sft", help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--sources", default=None, help="folds (default: every harmful source)")
     ap.add_argument("--runs-dir", default="runs/generalization")
     ap.add_argument("--out", default=str(RESULTS / "generalization.json"))

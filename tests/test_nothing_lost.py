@@ -197,21 +197,10 @@ def test_a_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path
     assert CheckpointStore(tmp_path / "none").resume_tag() is None
 
 
-@pytest.mark.slow
-def test_a_crash_at_every_point_of_a_checkpoint_save_loses_nothing(finished, tmp_path):
-    """One run killed (SIGKILL) at each point of the checkpoint write in turn, each rerun
-    resuming: the last one ends with the uninterrupted run's weights, each step logged once."""
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", run_config(run))
-    crashes = [  # (where it is killed, what the launch resumed from)
-        ("1:write:1", None),                # rank 1, its partition written, nothing sealed
-        ("0:before_swap:2", None),          # sealed, not moved into place
-        ("0:during_swap:3", "step1"),       # in place, `latest` still names step 2
-        ("0:after_swap:4", "step3"),        # swapped, not pruned
-        ("0:final_during_swap:4", "step4"),  # the end-of-run re-save: in place, not swapped
-        ("0:final_after_swap:4", "step4.1"),  # ... swapped, not pruned
-    ]
-    for spec, resumed in crashes:
+def _crash_each_then_finish(run: Path, cfg: str, crashes: list[tuple[str, str | None]]) -> str:
+    """Launch the run killed (SIGKILL) at each point in turn, each launch resuming what the one
+    before left; then once more to the end, which resumes from step 4. Returns its stdout."""
+    for spec, resumed in crashes:  # (where it is killed, what the launch resumed from)
         res = u2a("run", "--config", cfg, env={"U2A_CRASH_AT": spec})
         assert res.returncode == 1, (spec, res.stdout[-2000:], res.stderr[-3000:])
         rank = spec.split(":")[0]
@@ -221,7 +210,7 @@ def test_a_crash_at_every_point_of_a_checkpoint_save_loses_nothing(finished, tmp
         assert error["error"] == "RankFailure" and "SIGKILL" in error["message"]
         if resumed is not None:
             assert f"resumed from step {resumed[4]}" in res.stdout
-        if resumed in ("step3", "step4.1"):  # `latest` named the one before: said, not silent
+        if resumed == "step3":  # `latest` named the one before: said, not silent
             assert f"resuming from the newest complete checkpoint {resumed}" in res.stdout
         if spec == "0:during_swap:3":
             assert (run / "checkpoints" / "latest").read_text().strip() == "step2"
@@ -229,11 +218,47 @@ def test_a_crash_at_every_point_of_a_checkpoint_save_loses_nothing(finished, tmp
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from step 4" in res.stdout
     assert steps_logged(run) == [0, 1, 2, 3, 4]
-    reference = model_state(finished[0])
-    for key, value in model_state(run).items():
-        torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-6)
     assert not (run / "error.json").exists()  # the earlier attempts' went to logs/
     assert len(list((run / "logs").glob("error-*.json"))) >= 1
+    return res.stdout
+
+
+def assert_same_weights(run: Path, reference_run: Path) -> None:
+    reference = model_state(reference_run)
+    for key, value in model_state(run).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_crash_at_every_point_of_a_checkpoint_save_loses_nothing(finished, tmp_path):
+    """A run killed at each point of the checkpoint write in turn ends with the uninterrupted
+    run's weights, each step logged once; its last step, saved, is not saved twice."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", run_config(run))
+    _crash_each_then_finish(run, cfg, [
+        ("1:write:1", None),                # rank 1, its partition written, nothing sealed
+        ("0:before_swap:2", None),          # sealed, not moved into place
+        ("0:during_swap:3", "step1"),       # in place, `latest` still names step 2
+        ("0:after_swap:4", "step3"),        # swapped, not pruned
+    ])
+    assert_same_weights(run, finished[0])
+    for done in (run, finished[0]):  # a second copy of step 4 would have pruned step 3
+        assert {p.name for p in (done / "checkpoints").glob("step*")} >= {"step3", "step4"}
+        assert not (done / "checkpoints" / "step4.1").exists()
+
+
+@pytest.mark.slow
+def test_the_end_of_run_save_of_an_unsaved_last_step_loses_nothing(finished, tmp_path):
+    """checkpoint_every 3 of 4 steps: the end-of-run save writes step 4; killed in its swap (in
+    place, `latest` still naming step 3), the next launch resumes from step 4, not step 3."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(
+        run, unlearn={"steps": STEPS}, runtime={"checkpoint_every": 3},
+        eval={"every": 2, "target": None}))
+    out = _crash_each_then_finish(run, cfg, [("0:final_during_swap:4", None)])
+    assert "resuming from the newest complete checkpoint step4" in out
+    assert_same_weights(run, finished[0])
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step3", "step4"]
 
 
 # ----------------------------------------------------------------------------- 5. pickle

@@ -1,8 +1,8 @@
 """Checkpoints that survive a crash at any point, and loading them without executing code.
 
 Layout under ``<run>/checkpoints``: one directory per checkpoint, named ``step{k}`` (or
-``step{k}.{n}`` when a later save at the same step, the end-of-run one, must not replace a
-tag that ``latest`` names), plus the ``latest`` pointer. A save writes everything under
+``step{k}.{n}`` when a later save at the same step must not replace a tag that ``latest``
+may name), plus the ``latest`` pointer. A save writes everything under
 ``tmp-step{k}``, fsyncs it, writes :data:`COMPLETE` (the list of files and their sizes) last,
 renames the directory into place and only then swaps ``latest`` atomically; older checkpoints
 are pruned after that, never the one ``latest`` names. So at every instant the newest

@@ -55,8 +55,10 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
         trainer.close_log()  # the trackers' files are complete: training logs no more
         with progress.phase("evaluation", what="after"):
             after = _snapshot(trainer)
-        if cfg.runtime.checkpoint_every:
-            trainer.save_checkpoint(final=True)  # under a new tag if this step has one
+        # The last step, unless a checkpoint of it exists: a second copy would prune the one before
+        if cfg.runtime.checkpoint_every and trainer.step not in (trainer.saved_step,
+                                                                  trainer.resumed_from):
+            trainer.save_checkpoint(final=True)
         with progress.phase("export"):
             trainer.export(run_dir.path / "model")
         summary = {**result, "world_size": world_size, "resumed_from": trainer.resumed_from,

@@ -129,6 +129,7 @@ class Trainer:
                                if self.retain else None)
         self.step, self.train_time, self.round = 0, 0.0, 0
         self.resumed_from: int | None = None
+        self.saved_step: int | None = None  # the step of this launch's newest checkpoint
         self.evaluation = RunEvaluation(cfg, self.tokenizer, self.pad_id, self.rank, run_dir,
                                         self.pa_eval, self.ref_cache, self.theta0_cache)
         resume = run_dir.latest_checkpoint() if run_dir is not None else None
@@ -457,6 +458,7 @@ class Trainer:
             save_trainer_state(store.root / tmp, *self.trainer_state())
             tag = store.commit(tmp, self.step, self.rank, "final_" if final else "")
         barrier()
+        self.saved_step = self.step
         return tag
 
     def load_checkpoint(self, tag: str) -> None:
