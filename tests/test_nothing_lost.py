@@ -261,6 +261,48 @@ def test_the_end_of_run_save_of_an_unsaved_last_step_loses_nothing(finished, tmp
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step3", "step4"]
 
 
+def _rank_pids(run: Path) -> list[int]:
+    """Live rank processes (``u2a_dist.runtime.worker --run-dir RUN``), from /proc."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if b"u2a_dist.runtime.worker" in args and str(run).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_terminated_launch_stops_its_ranks_and_the_next_one_resumes(finished, tmp_path):
+    """SIGTERM to `u2a run` (a scheduler's stop, `timeout`, `kill`) stops its ranks too — none
+    runs on orphaned — and the next launch resumes and ends with the uninterrupted weights."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", run_config(run))
+    proc = subprocess.Popen([sys.executable, "-m", "u2a_dist", "run", "--config", cfg], cwd=REPO,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "latest").is_file():  # running, one step saved
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    ranks = _rank_pids(run)
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM: stopping the ranks" in err
+    assert _rank_pids(run) == []
+    res = u2a("run", "--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from step" in res.stdout
+    assert steps_logged(run) == [0, 1, 2, 3, 4]
+    assert_same_weights(run, finished[0])
+
+
 # ----------------------------------------------------------------------------- 5. pickle
 
 class _Payload:

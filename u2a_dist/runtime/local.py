@@ -2,7 +2,8 @@
 
 Every rank's full output goes to ``<run>/logs/rank<r>.log``; the launcher follows rank 0's,
 draws its progress events (``u2a_dist.progress``) on the console and echoes its ``[u2a]``
-messages. If one rank fails the others are stopped, so nothing hangs.
+messages. If one rank fails the others are stopped, so nothing hangs; so are all of them when
+the launcher is stopped (Ctrl-C, or SIGTERM from a scheduler, ``timeout`` or ``kill``).
 
 Nothing listens beyond loopback: ``init_process_group`` would make rank 0 host the rendezvous
 store on every interface (``::``), so the launcher hosts it instead, on a socket it bound to
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,11 +99,23 @@ def launch_local(run_dir: RunDir, world_size: int, view: ProgressView | None = N
     Progress is drawn by ``view`` (made here, and closed, when not given); the ranks run on
     ``allocator`` (runtime.allocator, u2a_dist.allocator)."""
     display = view or ProgressView()
+    # SIGTERM would end this process without running its `finally`, and the ranks would run on,
+    # orphaned; raised as SystemExit it stops them as Ctrl-C does (the main thread only may).
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         _launch(run_dir, world_size, display, allocator_env(allocator))
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if view is None:
             display.close()
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    print(f"[u2a] {signal.Signals(signum).name}: stopping the ranks (`u2a run` with the same "
+          "config resumes from the newest checkpoint)", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def _launch(run_dir: RunDir, world_size: int, view: ProgressView, extra: dict[str, str]
