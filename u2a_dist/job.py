@@ -56,8 +56,7 @@ def run_rank(cfg: RunConfig, run_dir: RunDir, at_step=None) -> dict[str, Any]:
         with progress.phase("evaluation", what="after"):
             after = _snapshot(trainer)
         # The last step, unless a checkpoint of it exists: a second copy would prune the one before
-        if cfg.runtime.checkpoint_every and trainer.step not in (trainer.saved_step,
-                                                                  trainer.resumed_from):
+        if cfg.runtime.checkpoint_every and trainer.step != trainer.saved_step:
             trainer.save_checkpoint(final=True)
         with progress.phase("export"):
             trainer.export(run_dir.path / "model")

@@ -129,7 +129,7 @@ class Trainer:
                                if self.retain else None)
         self.step, self.train_time, self.round = 0, 0.0, 0
         self.resumed_from: int | None = None
-        self.saved_step: int | None = None  # the step of this launch's newest checkpoint
+        self.saved_step: int | None = None  # the newest checkpoint saved or resumed from
         self.evaluation = RunEvaluation(cfg, self.tokenizer, self.pad_id, self.rank, run_dir,
                                         self.pa_eval, self.ref_cache, self.theta0_cache)
         resume = run_dir.latest_checkpoint() if run_dir is not None else None
@@ -467,6 +467,7 @@ class Trainer:
             self.engine.load(root, tag)
         self.restore_state(*load_trainer_state(root / tag))
         self.resumed_from = self.step
+        self.saved_step = self.step
         if self.rank == 0:
             self.run_dir.truncate_metrics_after(self.step)
 
